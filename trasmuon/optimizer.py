@@ -1,0 +1,642 @@
+"""TrasMuon, NorMuon, Muon and AdamW: one ``torch.optim.Optimizer`` pipeline, four rules.
+
+Every param group may name its ``rule``; a group that names none sends 2D params to the
+optimizer's matrix rule and all others to AdamW (SPEC, "Parameters that are not matrices").
+Each group holds every hyperparameter of every rule (the union schema below), so a group
+may switch rule and pick up the optimizer's defaults for the keys it does not set.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import reference as ref
+
+RULES = ("trasmuon", "normuon", "muon", "adamw")
+MATRIX_RULES = ("trasmuon", "normuon", "muon")
+BACKENDS = ("eager", "triton", "auto")
+
+# The union of all rules' hyperparameters, with TrasMuon's defaults (SPEC "Defaults").
+GROUP_DEFAULTS: dict[str, Any] = {
+    "rule": None,
+    "lr": 1e-3,
+    "betas": (0.95, 0.95),
+    "eps": 1e-8,
+    "weight_decay": 0.0,
+    "nesterov": False,
+    "ns_coefficients": ref.TRASMUON_NS_COEFFICIENTS,
+    "ns_steps": 5,
+    "ns_dtype": torch.bfloat16,
+    "scale": 0.2,
+    "adjust_lr_fn": None,
+    "clip": True,
+    "clip_alpha": 1.0,
+    "clip_min": 0.7,
+    "clip_trigger": 3.0,
+    "clip_period": 4,
+    "clip_min_cols": 8,
+    "clip_beta": 0.9,
+    "energy_beta": 0.99,
+    "energy_quantile": 0.5,
+    "energy_eps": 1e-12,
+    "energy_source": "momentum",
+    "warmup_steps": 0,
+    "schedule_free": True,
+    "sf_mix": 0.3,
+}
+
+# Keys of the union schema that gate_stage_ takes as keyword arguments.
+_GATE_KEYS = (
+    "warmup_steps",
+    "clip_period",
+    "clip_alpha",
+    "clip_min",
+    "clip_trigger",
+    "clip_beta",
+    "energy_beta",
+    "energy_quantile",
+    "energy_eps",
+    "schedule_free",
+    "sf_mix",
+)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _in_range(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
+    def check(v: object) -> bool:
+        if not _is_real(v):
+            return False
+        above = v > lo if lo_open else v >= lo
+        below = v < hi if hi_open else v <= hi
+        return above and below
+
+    return check
+
+
+def _valid_betas(v: object) -> bool:
+    return (
+        isinstance(v, (tuple, list))
+        and len(v) == 2
+        and all(_in_range(0.0, 1.0, hi_open=True)(b) for b in v)
+    )
+
+
+def _valid_ns_coefficients(v: object) -> bool:
+    if ref.is_ns_triple(v):
+        return all(math.isfinite(x) for x in v)
+    return (
+        isinstance(v, (tuple, list))
+        and len(v) > 0
+        and all(ref.is_ns_triple(t) and all(math.isfinite(x) for x in t) for t in v)
+    )
+
+
+# (key, check, what a valid value is): checked for every group at construction, when a
+# group is added, and again at every step (schedulers and users edit groups in place).
+_CHECKS: tuple[tuple[str, Callable[[object], bool], str], ...] = (
+    ("rule", lambda v: v is None or v in RULES, f"None or one of {RULES}"),
+    ("betas", _valid_betas, "a pair (beta1, beta2) with each in [0, 1)"),
+    ("eps", _in_range(0.0, math.inf, lo_open=True), "a finite float > 0"),
+    ("weight_decay", _in_range(0.0, math.inf), "a finite float >= 0"),
+    ("nesterov", lambda v: isinstance(v, bool), "a bool"),
+    ("ns_coefficients", _valid_ns_coefficients, "one (a, b, c) triple or a sequence of them"),
+    ("ns_steps", lambda v: _is_int(v) and 1 <= v <= 100, "an int in [1, 100]"),
+    ("ns_dtype", lambda v: v in ref.NS_DTYPES, f"one of {ref.NS_DTYPES}"),
+    ("scale", _in_range(0.0, math.inf, lo_open=True), "a finite float > 0"),
+    ("adjust_lr_fn", lambda v: v in ref.MUON_LR_ADJUSTMENTS, f"one of {ref.MUON_LR_ADJUSTMENTS}"),
+    ("clip", lambda v: isinstance(v, bool), "a bool"),
+    ("clip_alpha", _in_range(0.0, math.inf), "a finite float >= 0"),
+    ("clip_min", _in_range(0.0, 1.0, lo_open=True), "a float in (0, 1]"),
+    ("clip_trigger", lambda v: v is None or _in_range(0.0, math.inf)(v), "None or a float >= 0"),
+    ("clip_period", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("clip_min_cols", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    ("clip_beta", _in_range(0.0, 1.0, hi_open=True), "a float in [0, 1)"),
+    ("energy_beta", _in_range(0.0, 1.0, hi_open=True), "a float in [0, 1)"),
+    ("energy_quantile", _in_range(0.0, 1.0, lo_open=True), "a float in (0, 1]"),
+    ("energy_eps", _in_range(0.0, math.inf, lo_open=True), "a finite float > 0"),
+    ("energy_source", lambda v: v in ref.ENERGY_SOURCES, f"one of {ref.ENERGY_SOURCES}"),
+    ("warmup_steps", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    ("schedule_free", lambda v: isinstance(v, bool), "a bool"),
+    ("sf_mix", _in_range(0.0, 1.0), "a float in [0, 1]"),
+)
+
+
+class MatrixOptimizer(Optimizer):
+    """The shared pipeline of :class:`TrasMuon`, :class:`NorMuon`, :class:`Muon` and
+    :class:`AdamW`. Subclasses set ``matrix_rule`` (the rule of 2D params in groups that
+    name none) and their constructor defaults; everything else lives here."""
+
+    matrix_rule: ClassVar[str] = "trasmuon"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        *,
+        backend: str = "auto",
+        check_finite: bool = False,
+        diagnostics: bool = False,
+    ) -> None:
+        name = type(self).__name__
+        if backend not in BACKENDS:
+            raise ValueError(f"{name}: backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "triton":
+            raise NotImplementedError(
+                f"{name}: backend='triton' is not available yet (the fused kernels are not "
+                "wired into the optimizer); use backend='eager' or 'auto'"
+            )
+        if not isinstance(check_finite, bool):
+            raise ValueError(f"{name}: check_finite must be a bool, got {check_finite!r}")
+        if not isinstance(diagnostics, bool):
+            raise ValueError(f"{name}: diagnostics must be a bool, got {diagnostics!r}")
+        unknown = set(defaults) - set(GROUP_DEFAULTS)
+        if unknown:
+            raise TypeError(f"{name}: unknown hyperparameters {sorted(unknown)}")
+        self.backend = backend
+        self.check_finite = check_finite
+        self.diagnostics_enabled = diagnostics
+        self._diagnostics: dict[Tensor, dict[str, Tensor]] = {}
+        lr = defaults.get("lr", GROUP_DEFAULTS["lr"])
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        super().__init__(params, {**GROUP_DEFAULTS, **defaults})
+
+    # ----------------------------------------------------------------------------------
+    # torch.optim.Optimizer plumbing
+    # ----------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(
+            backend=self.backend,
+            check_finite=self.check_finite,
+            diagnostics_enabled=self.diagnostics_enabled,
+            _diagnostics=self._diagnostics,
+        )
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("backend", "auto")
+        state.setdefault("check_finite", False)
+        state.setdefault("diagnostics_enabled", False)
+        state.setdefault("_diagnostics", {})
+        super().__setstate__(state)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        index = len(self.param_groups) - 1
+        try:
+            self._check_group(index, self.param_groups[index], check_lr_value=True)
+            rule = self.param_groups[index]["rule"]
+            if rule in MATRIX_RULES:
+                for i, p in enumerate(self.param_groups[index]["params"]):
+                    if p.ndim != 2:
+                        raise ValueError(
+                            f"{type(self).__name__}: {self._label(index, i)} has shape "
+                            f"{tuple(p.shape)}, but rule {rule!r} needs a 2D parameter"
+                        )
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, keeping each state tensor's saved dtype.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter's
+        dtype; for a bf16 parameter that would turn the float32 momentum into bf16. The
+        pre-hooks and post-hooks run here around the base implementation so that post-hooks
+        see the restored state.
+        """
+        pre_hooks = self._optimizer_load_state_dict_pre_hooks
+        post_hooks = self._optimizer_load_state_dict_post_hooks
+        for hook in pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._optimizer_load_state_dict_post_hooks = post_hooks
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        id_to_param = dict(zip(saved_ids, params, strict=True))
+        for pid, saved in state_dict["state"].items():
+            param = id_to_param[pid]
+            for key, value in saved.items():
+                if isinstance(value, Tensor):
+                    device = value.device if key == "step" else param.device
+                    self.state[param][key] = value.detach().to(device=device, copy=True)
+        for group in self.param_groups:
+            for key, default in self.defaults.items():
+                group.setdefault(key, default)
+        self._diagnostics.clear()
+        for hook in post_hooks.values():
+            hook(self)
+
+    # ----------------------------------------------------------------------------------
+    # Checks
+    # ----------------------------------------------------------------------------------
+    def _label(self, group_index: int, param_index: int) -> str:
+        group = self.param_groups[group_index]
+        names = group.get("param_names")
+        if names is not None:
+            return f"parameter {names[param_index]!r} (group {group_index})"
+        return f"parameter {param_index} of param group {group_index}"
+
+    def _check_group(self, index: int, group: dict[str, Any], check_lr_value: bool) -> None:
+        name = type(self).__name__
+        for key, check, expected in _CHECKS:
+            value = group[key]
+            if not check(value):
+                raise ValueError(
+                    f"{name}: param group {index}: {key} must be {expected}, got {value!r}"
+                )
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            if lr.numel() != 1:
+                raise ValueError(f"{name}: param group {index}: Tensor lr must be 1-element")
+            if check_lr_value and not (lr.detach().cpu().item() >= 0.0):
+                raise ValueError(f"{name}: param group {index}: lr must be >= 0, got {lr}")
+        elif not _in_range(0.0, math.inf)(lr):
+            raise ValueError(
+                f"{name}: param group {index}: lr must be a finite float >= 0, got {lr!r}"
+            )
+
+    def rule_of(self, group: dict[str, Any], param: Tensor) -> str:
+        """The rule that updates ``param`` in ``group``."""
+        if group["rule"] is not None:
+            return group["rule"]
+        return self.matrix_rule if param.ndim == 2 else "adamw"
+
+    def _collect(self) -> list[tuple[int, dict[str, Any], list[tuple[int, Tensor, Tensor, str]]]]:
+        """Check every group and gradient before anything is changed (a bad input found
+        half way through a step must not leave some params updated and others not)."""
+        name = type(self).__name__
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(gi, group, check_lr_value=False)
+            items = []
+            for pi, p in enumerate(group["params"]):
+                grad = p.grad
+                if grad is None or p.numel() == 0:
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError(
+                        f"{name}: {self._label(gi, pi)} has a sparse gradient; "
+                        "sparse gradients are not supported"
+                    )
+                if torch.is_complex(p) or torch.is_complex(grad):
+                    raise RuntimeError(
+                        f"{name}: {self._label(gi, pi)} is complex; complex parameters "
+                        "and gradients are not supported"
+                    )
+                if not p.is_floating_point():
+                    raise RuntimeError(
+                        f"{name}: {self._label(gi, pi)} has dtype {p.dtype}; only floating "
+                        "point parameters are supported"
+                    )
+                rule = self.rule_of(group, p)
+                if rule in MATRIX_RULES and p.ndim != 2:
+                    raise ValueError(
+                        f"{name}: {self._label(gi, pi)} has shape {tuple(p.shape)}, but "
+                        f"rule {rule!r} needs a 2D parameter"
+                    )
+                items.append((pi, p, grad, rule))
+            work.append((gi, group, items))
+        return work
+
+    def _check_finite_grads(self, work) -> None:
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for _, _, items in work:
+            for _, _, grad, _ in items:
+                by_device.setdefault(grad.device, []).append(torch.isfinite(grad).all())
+        # One host sync per device when every gradient is finite.
+        if all(bool(torch.stack(flags).all()) for flags in by_device.values()):
+            return
+        for gi, _, items in work:
+            for pi, _, grad, _ in items:
+                if not bool(torch.isfinite(grad).all()):
+                    raise RuntimeError(
+                        f"{type(self).__name__}: {self._label(gi, pi)} has a non-finite "
+                        "gradient (NaN or Inf); the step was not taken and no weight or "
+                        "optimizer state was changed"
+                    )
+
+    # ----------------------------------------------------------------------------------
+    # The step
+    # ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Take one optimization step. ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self._collect()
+        if self.check_finite:
+            self._check_finite_grads(work)
+        for _, group, items in work:
+            for _, p, grad, rule in items:
+                self._step_eager(p, grad, group, rule)
+        return loss
+
+    def _init_state(self, p: Tensor, group: dict[str, Any], rule: str) -> dict[str, Tensor]:
+        state = self.state[p]
+        sdt = ref.state_dtype(p.dtype)
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        if rule == "adamw":
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
+            return state
+        if "momentum" not in state:
+            state["momentum"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
+        if rule == "muon":
+            return state
+        d_out, d_in = p.shape
+        if "row_v" not in state:
+            state["row_v"] = torch.zeros(d_out, dtype=sdt, device=p.device)
+        if rule == "trasmuon" and ref.gate_is_on(group["clip"], d_in, group["clip_min_cols"]):
+            ref.init_gate_state(state, (), d_in, group["schedule_free"], p.device, sdt)
+        return state
+
+    @staticmethod
+    def _lr_for(group: dict[str, Any], p: Tensor) -> float | Tensor:
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            return lr.detach().reshape(()).to(device=p.device, dtype=ref.state_dtype(p.dtype))
+        return float(lr)
+
+    def _step_eager(self, p: Tensor, grad: Tensor, group: dict[str, Any], rule: str) -> None:
+        state = self._init_state(p, group, rule)
+        state["step"] += 1
+        step = int(state["step"].item())  # a CPU tensor: no device sync
+        lr = self._lr_for(group, p)
+        if rule == "adamw":
+            ref.adamw_step_(
+                p, grad, state, step, lr,
+                betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+            )
+            return
+        schedule = ref.ns_schedule(group["ns_coefficients"], group["ns_steps"])
+        if rule == "muon":
+            ref.muon_matrix_step_(
+                p, grad, state, lr,
+                momentum_beta=group["betas"][0], eps=group["eps"],
+                weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+                ns_schedule_=schedule, ns_dtype=group["ns_dtype"],
+                adjust_lr_fn=group["adjust_lr_fn"],
+            )
+            if self.diagnostics_enabled:
+                d_out, d_in = p.shape
+                step_size = ref.muon_lr(lr, group["adjust_lr_fn"], d_out, d_in)
+                self._diagnostics[p] = {"step_size": torch.as_tensor(step_size)}
+            return
+        gate_on = rule == "trasmuon" and ref.gate_is_on(group["clip"], p.shape[1], group["clip_min_cols"])
+        out = ref.trasmuon_matrix_step_(
+            p, grad, state, step, lr,
+            betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+            nesterov=group["nesterov"], ns_schedule_=schedule, ns_dtype=group["ns_dtype"],
+            scale=group["scale"], gate_on=gate_on,
+            gate_kwargs={k: group[k] for k in _GATE_KEYS},
+            energy_source=group["energy_source"],
+        )
+        if self.diagnostics_enabled:
+            self._diagnostics[p] = _matrix_diagnostics(out, state, group, gate_on)
+
+    # ----------------------------------------------------------------------------------
+    # Diagnostics
+    # ----------------------------------------------------------------------------------
+    def diagnostics(self) -> dict[str, dict[str, float]]:
+        """Per-parameter observables of the last step (paper Appendix G), as floats.
+
+        Needs ``diagnostics=True`` at construction. The step itself stores device tensors
+        and never syncs; this method reads them all back at once. Keys of a gated matrix:
+        ``eta_hat``, ``energy_cur`` and ``energy_ref`` (E_cur, E_ref), ``r_q95`` and
+        ``r_max`` (of r_j = E_j / (E_ref + energy_eps)), ``c_min`` and ``c_mean`` (the
+        applied gate), ``triggered_frac`` (share of columns with r_j > clip_trigger, or
+        with c_j < 1 when the gate is continuous), ``c_ema_min``, and ``c_avg_mean`` with
+        ``schedule_free``. An ungated matrix (NorMuon, too few columns) has ``eta_hat``;
+        a Muon matrix has ``step_size``. AdamW params have no entry.
+        """
+        if not self.diagnostics_enabled:
+            raise RuntimeError(
+                f"{type(self).__name__}: diagnostics are off; construct the optimizer "
+                "with diagnostics=True"
+            )
+        out: dict[str, dict[str, float]] = {}
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                values = self._diagnostics.get(p)
+                if values is None:
+                    continue
+                names = group.get("param_names")
+                label = names[pi] if names is not None else f"group{gi}.param{pi}"
+                keys = list(values)
+                floats = torch.stack([values[k].detach().double().cpu() for k in keys]).tolist()
+                out[label] = dict(zip(keys, floats, strict=True))
+        return out
+
+
+def _matrix_diagnostics(
+    out: dict[str, Tensor | None], state: dict[str, Tensor], group: dict[str, Any], gate_on: bool
+) -> dict[str, Tensor]:
+    values = {"eta_hat": out["eta_hat"].reshape(())}
+    if not gate_on:
+        return values
+    energy, gate = out["energy"], out["gate"]
+    d_in = energy.shape[-1]
+    energy_ref = state["energy_ref"]
+    ratio = ref.energy_ratio(energy, energy_ref, group["energy_eps"])
+    trigger = group["clip_trigger"]
+    triggered = ratio > trigger if trigger is not None else gate < 1.0
+    values.update(
+        energy_cur=ref.kth_smallest(energy, ref.quantile_rank(d_in, group["energy_quantile"])),
+        energy_ref=energy_ref.clone(),
+        r_q95=ref.kth_smallest(ratio, ref.quantile_rank(d_in, 0.95)),
+        r_max=ratio.max(),
+        c_min=gate.min(),
+        c_mean=gate.mean(),
+        triggered_frac=triggered.to(ratio.dtype).mean(),
+        c_ema_min=state["c_ema"].min(),
+    )
+    if group["schedule_free"]:
+        values["c_avg_mean"] = ref.schedule_free_average(
+            state["sf_lr2_sum"], state["sf_c_lr2_sum"]
+        ).mean()
+    return values
+
+
+def _backend_kwargs(backend: str, check_finite: bool, diagnostics: bool) -> dict[str, Any]:
+    return {"backend": backend, "check_finite": check_finite, "diagnostics": diagnostics}
+
+
+class TrasMuon(MatrixOptimizer):
+    """TrasMuon (arXiv 2602.13498): NorMuon-style orthogonalized momentum with a global
+    RMS-calibrated step size and an energy-based column gate that damps bursty columns.
+
+    2D params take the TrasMuon rule and all others AdamW (with the group's lr, betas, eps,
+    weight_decay), unless their param group names a ``rule``. Arguments and defaults follow
+    SPEC.md; see docs/ for each one and the paper equation it maps to.
+    """
+
+    matrix_rule = "trasmuon"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.95, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        nesterov: bool = False,
+        ns_coefficients: Any = ref.TRASMUON_NS_COEFFICIENTS,
+        ns_steps: int = 5,
+        ns_dtype: torch.dtype = torch.bfloat16,
+        scale: float = 0.2,
+        clip: bool = True,
+        clip_alpha: float = 1.0,
+        clip_min: float = 0.7,
+        clip_trigger: float | None = 3.0,
+        clip_period: int = 4,
+        clip_min_cols: int = 8,
+        clip_beta: float = 0.9,
+        energy_beta: float = 0.99,
+        energy_quantile: float = 0.5,
+        energy_eps: float = 1e-12,
+        energy_source: str = "momentum",
+        warmup_steps: int = 0,
+        schedule_free: bool = True,
+        sf_mix: float = 0.3,
+        backend: str = "auto",
+        check_finite: bool = False,
+        diagnostics: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, nesterov=nesterov,
+            ns_coefficients=ns_coefficients, ns_steps=ns_steps, ns_dtype=ns_dtype,
+            scale=scale, clip=clip, clip_alpha=clip_alpha, clip_min=clip_min,
+            clip_trigger=clip_trigger, clip_period=clip_period, clip_min_cols=clip_min_cols,
+            clip_beta=clip_beta, energy_beta=energy_beta, energy_quantile=energy_quantile,
+            energy_eps=energy_eps, energy_source=energy_source, warmup_steps=warmup_steps,
+            schedule_free=schedule_free, sf_mix=sf_mix,
+        )
+        super().__init__(params, defaults, **_backend_kwargs(backend, check_finite, diagnostics))
+
+
+class NorMuon(MatrixOptimizer):
+    """NorMuon: TrasMuon's pipeline with the column gate off (row-normalized orthogonal
+    momentum with the global RMS step size ``scale * lr``). 2D params take this rule and
+    all others AdamW, unless their param group names a ``rule``."""
+
+    matrix_rule = "normuon"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.95, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        nesterov: bool = False,
+        ns_coefficients: Any = ref.TRASMUON_NS_COEFFICIENTS,
+        ns_steps: int = 5,
+        ns_dtype: torch.dtype = torch.bfloat16,
+        scale: float = 0.2,
+        backend: str = "auto",
+        check_finite: bool = False,
+        diagnostics: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, nesterov=nesterov,
+            ns_coefficients=ns_coefficients, ns_steps=ns_steps, ns_dtype=ns_dtype, scale=scale,
+        )
+        super().__init__(params, defaults, **_backend_kwargs(backend, check_finite, diagnostics))
+
+
+class Muon(MatrixOptimizer):
+    """Muon with torch.optim.Muon's defaults and update (EMA momentum, Nesterov, Newton-Schulz,
+    ``adjust_lr_fn`` shape scaling, decoupled weight decay), on the shared pipeline.
+
+    Unlike torch.optim.Muon it also takes non-2D params, which go to AdamW with betas
+    ``(momentum, adamw_beta2)``. A param group may set ``momentum`` (it becomes
+    ``betas[0]``). Newton-Schulz normalizes by ``||X||_F + eps`` (SPEC step 3) where
+    torch.optim.Muon uses ``max(||X||_F, eps)``; the two agree to bf16 rounding.
+    """
+
+    matrix_rule = "muon"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: Any = ref.MUON_NS_COEFFICIENTS,
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = None,
+        *,
+        adamw_beta2: float = 0.95,
+        ns_dtype: torch.dtype = torch.bfloat16,
+        backend: str = "auto",
+        check_finite: bool = False,
+        diagnostics: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=(momentum, adamw_beta2), eps=eps, weight_decay=weight_decay,
+            nesterov=nesterov, ns_coefficients=ns_coefficients, ns_steps=ns_steps,
+            ns_dtype=ns_dtype, adjust_lr_fn=adjust_lr_fn,
+        )
+        super().__init__(params, defaults, **_backend_kwargs(backend, check_finite, diagnostics))
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "momentum" in param_group:
+            param_group = dict(param_group)
+            momentum = param_group.pop("momentum")
+            beta2 = param_group.get("betas", self.defaults["betas"])[1]
+            param_group["betas"] = (momentum, beta2)
+        super().add_param_group(param_group)
+
+
+class AdamW(MatrixOptimizer):
+    """AdamW (decoupled weight decay, bias correction) with torch.optim.AdamW's defaults,
+    on the shared pipeline: every param takes the AdamW rule unless its group names
+    another. State is float32 for low-precision params."""
+
+    matrix_rule = "adamw"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        backend: str = "auto",
+        check_finite: bool = False,
+        diagnostics: bool = False,
+    ) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults, **_backend_kwargs(backend, check_finite, diagnostics))

@@ -1,0 +1,89 @@
+"""Split a model's parameters the way Muon-family practice recommends.
+
+Orthogonalized updates suit the *hidden* weight matrices of a network: their inputs and
+outputs are activations, and a spectral-norm step bounds how much each layer's output can
+move. Three kinds of parameters do not fit that picture and go to AdamW instead:
+
+- embeddings: a lookup table whose rows are read one token at a time, so a row receives a
+  gradient only when its token occurs; orthogonalizing the whole table mixes the rare rows'
+  updates with the frequent ones (Muon, Moonlight and NorMuon all keep them on AdamW);
+- the output head (``lm_head``, a classifier): its outputs are logits, where per-coordinate
+  (Adam) scaling has been found to train better than a spectral step;
+- every parameter that is not 2D: biases, norm gains, scalars (no matrix to orthogonalize),
+  and conv kernels (which the matrix rules would need flattened first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from .optimizer import MATRIX_RULES
+
+# Module names (last component of the qualified name) taken as output heads by default.
+HEAD_NAMES = ("lm_head", "head", "classifier", "output_head")
+_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+
+
+def split_params(
+    model: nn.Module,
+    *,
+    matrix_rule: str | None = None,
+    head: str | Iterable[str] | None = "auto",
+    matrix_options: dict[str, Any] | None = None,
+    adamw_options: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Two param groups for a Muon-family optimizer: hidden matrices, and the rest on AdamW.
+
+    Args:
+        model: the module whose trainable parameters (``requires_grad``) are split.
+        matrix_rule: rule of the matrix group (``"trasmuon"``, ``"normuon"``, ``"muon"``);
+            None lets the optimizer's own matrix rule apply.
+        head: which modules are output heads. ``"auto"``: modules named one of
+            ``HEAD_NAMES``, and any module whose weight is an embedding's weight (tied).
+            Otherwise a name or names, each matched against a module's qualified name or
+            its last component. None: no head.
+        matrix_options, adamw_options: extra group keys (``lr``, ``weight_decay``, ...).
+
+    Returns a list of param groups whose params are ``(name, parameter)`` pairs, so the
+    optimizer's errors and diagnostics name them. Empty groups are left out.
+    """
+    if matrix_rule is not None and matrix_rule not in MATRIX_RULES:
+        raise ValueError(f"matrix_rule must be None or one of {MATRIX_RULES}, got {matrix_rule!r}")
+    if head == "auto":
+        head_names: tuple[str, ...] = HEAD_NAMES
+    elif head is None:
+        head_names = ()
+    elif isinstance(head, str):
+        head_names = (head,)
+    else:
+        head_names = tuple(head)
+
+    embedding_weights = {
+        id(m.weight) for m in model.modules() if isinstance(m, _EMBEDDINGS)
+    }
+    to_adamw: set[int] = set(embedding_weights)
+    for name, module in model.named_modules():
+        is_head = name in head_names or name.rsplit(".", 1)[-1] in head_names
+        if is_head:
+            to_adamw.update(id(p) for p in module.parameters())
+        elif head == "auto" and id(getattr(module, "weight", None)) in embedding_weights:
+            to_adamw.add(id(module.weight))
+
+    matrix, other = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim == 2 and id(p) not in to_adamw:
+            matrix.append((name, p))
+        else:
+            other.append((name, p))
+
+    groups = []
+    if matrix:
+        groups.append({"params": matrix, "rule": matrix_rule, **(matrix_options or {})})
+    if other:
+        groups.append({"params": other, "rule": "adamw", **(adamw_options or {})})
+    return groups

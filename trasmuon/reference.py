@@ -1,0 +1,445 @@
+"""Eager reference math for TrasMuon, NorMuon, Muon and AdamW.
+
+This module is the one place where the update rule of ``shared/SPEC.md`` is written down
+as code. The eager backend of the optimizers calls these functions, the Triton kernels in
+``trasmuon_kernels`` are tested against them, and the benchmarks import them. Every
+function accepts leading batch dimensions (a stack of same-shape matrices) so that a
+bucketed kernel can be compared with one call.
+
+Conventions: ``d_out`` is ``size(-2)``, ``d_in`` is ``size(-1)``. Optimizer state is held
+in ``state_dtype(param.dtype)`` (float32, or float64 for float64 params). Functions whose
+name ends in ``_`` update their first arguments in place.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import MutableMapping, Sequence
+
+import torch
+from torch import Tensor
+
+NSTriple = tuple[float, float, float]
+
+# SPEC step 3: the released TrasMuon schedule, one (a, b, c) triple per Newton-Schulz step.
+TRASMUON_NS_COEFFICIENTS: tuple[NSTriple, ...] = (
+    (4.0848, -6.8946, 2.9270),
+    (3.9505, -6.3029, 2.6377),
+    (3.7418, -5.5913, 2.3037),
+    (2.8769, -3.1427, 1.2046),
+    (2.8366, -3.0525, 1.2012),
+)
+# Keller Jordan's quintic, used every step by Muon (and by torch.optim.Muon).
+MUON_NS_COEFFICIENTS: NSTriple = (3.4445, -4.7750, 2.0315)
+
+# SPEC step 6: added to ||O_base||_F before dividing.
+ETA_HAT_EPS = 1e-12
+# SPEC step 9: added to S before dividing C by it.
+SCHEDULE_FREE_EPS = 1e-12
+
+ENERGY_SOURCES = ("momentum", "grad", "update")
+MUON_LR_ADJUSTMENTS = (None, "original", "match_rms_adamw")
+NS_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """Dtype of optimizer state for a parameter: float32, or float64 for float64 params."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------
+# Newton-Schulz (SPEC step 3)
+# --------------------------------------------------------------------------------------
+def is_ns_triple(value: object) -> bool:
+    return (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and len(value) == 3
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    )
+
+
+def ns_schedule(
+    coefficients: NSTriple | Sequence[NSTriple], steps: int
+) -> tuple[NSTriple, ...]:
+    """The (a, b, c) triple of each of ``steps`` Newton-Schulz iterations.
+
+    ``coefficients`` is one triple (used every step) or a schedule of triples. A schedule
+    shorter than ``steps`` repeats its last triple; a longer one is cut to ``steps``.
+    """
+    if is_ns_triple(coefficients):
+        triples = (tuple(float(v) for v in coefficients),)
+    else:
+        triples = tuple(tuple(float(v) for v in triple) for triple in coefficients)
+    if not triples:
+        raise ValueError("ns_coefficients must hold at least one (a, b, c) triple")
+    if steps <= len(triples):
+        return triples[:steps]
+    return triples + (triples[-1],) * (steps - len(triples))
+
+
+def newton_schulz(
+    matrix: Tensor,
+    schedule: Sequence[NSTriple],
+    eps: float,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:
+    """Approximate the orthogonal polar factor of ``matrix`` (shape ``(..., d_out, d_in)``).
+
+    X = dtype(M), transposed when d_out > d_in so the Gram matrix is the small side;
+    X <- X / (||X||_F + eps) (norm accumulated in float32, or float64 for float64);
+    then per (a, b, c): A = X X^T, B = b A + c A A, X = a X + B X. Each product rounds
+    once to ``dtype`` (``baddbmm`` fuses the b A and a X terms, as the kernels do).
+    Returns a tensor of ``dtype`` and the shape of ``matrix``.
+    """
+    if matrix.ndim < 2:
+        raise ValueError(f"newton_schulz needs a matrix, got shape {tuple(matrix.shape)}")
+    d_out, d_in = matrix.shape[-2:]
+    transpose = d_out > d_in
+    x = matrix.to(dtype)
+    if transpose:
+        x = x.mT
+    x = x.reshape(-1, *x.shape[-2:])
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    norm = torch.linalg.vector_norm(x.to(acc), dim=(-2, -1), keepdim=True)
+    x = (x.to(acc) / (norm + eps)).to(dtype)
+    for a, b, c in schedule:
+        gram = torch.bmm(x, x.mT)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, poly, x, beta=a, alpha=1.0)
+    if transpose:
+        x = x.mT
+    return x.reshape(matrix.shape)
+
+
+# --------------------------------------------------------------------------------------
+# Momentum (SPEC step 2)
+# --------------------------------------------------------------------------------------
+def momentum_update_(momentum: Tensor, grad: Tensor, beta: float) -> None:
+    """M <- beta*M + (1-beta)*G, as M + (1-beta)*(G - M) (``lerp``, like torch.optim.Muon)."""
+    momentum.lerp_(grad.to(momentum.dtype), 1.0 - beta)
+
+
+def nesterov_input(momentum: Tensor, grad: Tensor, beta: float) -> Tensor:
+    """(1-beta)*G + beta*M: what Newton-Schulz sees when ``nesterov=True``."""
+    return grad.to(momentum.dtype).lerp(momentum, beta)
+
+
+# --------------------------------------------------------------------------------------
+# Row scaling and step size (SPEC steps 4-6)
+# --------------------------------------------------------------------------------------
+def row_sumsq(ortho: Tensor, acc_dtype: torch.dtype = torch.float32) -> Tensor:
+    """sum_j O_ij^2 per row, accumulated in ``acc_dtype``: shape ``(..., d_out)``."""
+    o = ortho.to(acc_dtype)
+    return (o * o).sum(dim=-1)
+
+
+def row_second_moment_update_(row_v: Tensor, rowsumsq: Tensor, d_in: int, beta2: float) -> None:
+    """v <- beta2*v + (1-beta2) * mean_j O_ij^2."""
+    row_v.mul_(beta2).add_(rowsumsq / d_in, alpha=1.0 - beta2)
+
+
+def row_scale(row_v: Tensor, eps: float) -> Tensor:
+    """1 / (sqrt(v) + eps): O_base = O * row_scale[:, None]."""
+    return 1.0 / (row_v.sqrt() + eps)
+
+
+def eta_hat(
+    scale: float,
+    lr: float | Tensor,
+    d_out: int,
+    d_in: int,
+    rowsumsq: Tensor,
+    rowscale: Tensor,
+) -> Tensor:
+    """scale * lr * sqrt(d_out*d_in) / (||O_base||_F + 1e-12), shape ``(...)``.
+
+    ||O_base||_F^2 = sum_i rowsumsq_i * rowscale_i^2, so no second pass over O is needed.
+    """
+    fro = (rowsumsq * rowscale * rowscale).sum(dim=-1).sqrt()
+    return (scale * math.sqrt(d_out * d_in)) * lr / (fro + ETA_HAT_EPS)
+
+
+# --------------------------------------------------------------------------------------
+# Column energies and the robust reference (SPEC steps 7-8)
+# --------------------------------------------------------------------------------------
+def column_energy(source: Tensor, acc_dtype: torch.dtype = torch.float32) -> Tensor:
+    """E_j = sum_i S_ij^2, accumulated in ``acc_dtype``: shape ``(..., d_in)``."""
+    s = source.to(acc_dtype)
+    return (s * s).sum(dim=-2)
+
+
+def quantile_rank(n: int, q: float) -> int:
+    """k = clamp(floor(q*n + 0.5), 1, n): the 1-based rank of the q-quantile of n values."""
+    return min(max(int(math.floor(q * n + 0.5)), 1), n)
+
+
+def kth_smallest(values: Tensor, k: int) -> Tensor:
+    """The k-th smallest (1-based) entry along the last dim: shape ``values.shape[:-1]``."""
+    return torch.kthvalue(values, k, dim=-1).values
+
+
+def energy_ref_update_(energy_ref: Tensor, energy_cur: Tensor, beta: float) -> None:
+    """E_ref <- beta*E_ref + (1-beta)*E_cur (after E_ref was set to E_cur at its first step)."""
+    energy_ref.mul_(beta).add_(energy_cur, alpha=1.0 - beta)
+
+
+def energy_ratio(energy: Tensor, energy_ref: Tensor, energy_eps: float) -> Tensor:
+    """r_j = E_j / (E_ref + energy_eps)."""
+    return energy / (energy_ref.unsqueeze(-1) + energy_eps)
+
+
+def gate_from_ratio(ratio: Tensor, alpha: float, c_min: float, trigger: float | None) -> Tensor:
+    """c_j = clamp(1 / (1 + alpha*ln(1 + r_j)), c_min, 1); c_j = 1 where r_j <= trigger."""
+    gate = (1.0 / (1.0 + alpha * torch.log(1.0 + ratio))).clamp(c_min, 1.0)
+    if trigger is not None:
+        gate = torch.where(ratio <= trigger, torch.ones_like(gate), gate)
+    return gate
+
+
+def gate_is_on(clip: bool, d_in: int, clip_min_cols: int) -> bool:
+    """Whether a matrix has a column gate at all (SPEC step 10)."""
+    return bool(clip) and d_in >= clip_min_cols
+
+
+def gate_updates_at(step: int, warmup_steps: int, clip_period: int) -> bool:
+    """SPEC step 10: the gate EMA moves at t > warmup and (t mod period == 0 or t == 1)."""
+    return step > warmup_steps and (step % clip_period == 0 or step == 1)
+
+
+def init_gate_state(
+    state: MutableMapping[str, Tensor],
+    batch_shape: tuple[int, ...],
+    d_in: int,
+    schedule_free: bool,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """Create the per-matrix gate state that ``gate_stage_`` needs, where it is missing.
+
+    ``energy_ref`` is created by the first ``gate_stage_`` call (E_ref = E_cur there).
+    """
+    if "c_ema" not in state:
+        state["c_ema"] = torch.ones(*batch_shape, d_in, device=device, dtype=dtype)
+    if schedule_free and "sf_lr2_sum" not in state:
+        state["sf_lr2_sum"] = torch.zeros(batch_shape, device=device, dtype=dtype)
+        state["sf_c_lr2_sum"] = torch.zeros(*batch_shape, d_in, device=device, dtype=dtype)
+        state["c_last"] = torch.ones(*batch_shape, d_in, device=device, dtype=dtype)
+
+
+def schedule_free_average(sf_lr2_sum: Tensor, sf_c_lr2_sum: Tensor) -> Tensor:
+    """c_avg = C / (S + 1e-12) once S > 0, else 1."""
+    avg = sf_c_lr2_sum / (sf_lr2_sum.unsqueeze(-1) + SCHEDULE_FREE_EPS)
+    return torch.where(sf_lr2_sum.unsqueeze(-1) > 0, avg, torch.ones_like(avg))
+
+
+def gate_stage_(
+    state: MutableMapping[str, Tensor],
+    energy: Tensor,
+    step: int,
+    lr: float | Tensor,
+    *,
+    warmup_steps: int,
+    clip_period: int,
+    clip_alpha: float,
+    clip_min: float,
+    clip_trigger: float | None,
+    clip_beta: float,
+    energy_beta: float,
+    energy_quantile: float,
+    energy_eps: float,
+    schedule_free: bool,
+    sf_mix: float,
+) -> Tensor:
+    """SPEC steps 8-11 for a gated matrix (or a stack): returns the applied gate c.
+
+    ``energy`` has shape ``(..., d_in)``; ``state`` holds ``c_ema`` (and ``sf_lr2_sum``,
+    ``sf_c_lr2_sum``, ``c_last`` with ``schedule_free``) from ``init_gate_state`` and gets
+    ``energy_ref`` here. ``step`` is the 1-based step t of this update.
+    """
+    d_in = energy.shape[-1]
+    energy_cur = kth_smallest(energy, quantile_rank(d_in, energy_quantile))
+    if "energy_ref" not in state:
+        state["energy_ref"] = energy_cur.clone()
+    else:
+        energy_ref_update_(state["energy_ref"], energy_cur, energy_beta)
+
+    post_warmup = step > warmup_steps
+    if schedule_free and post_warmup:
+        lr2 = lr * lr
+        state["sf_lr2_sum"].add_(lr2)
+        state["sf_c_lr2_sum"].add_(state["c_last"] * lr2)
+
+    c_ema = state["c_ema"]
+    if gate_updates_at(step, warmup_steps, clip_period):
+        ratio = energy_ratio(energy, state["energy_ref"], energy_eps)
+        gate = gate_from_ratio(ratio, clip_alpha, clip_min, clip_trigger)
+        c_ema.mul_(clip_beta).add_(gate, alpha=1.0 - clip_beta)
+
+    if not post_warmup:
+        applied = torch.ones_like(c_ema)
+    elif schedule_free:
+        c_avg = schedule_free_average(state["sf_lr2_sum"], state["sf_c_lr2_sum"])
+        applied = (1.0 - sf_mix) * c_ema + sf_mix * c_avg
+    else:
+        applied = c_ema.clone()
+    if schedule_free:
+        state["c_last"].copy_(applied)
+    return applied
+
+
+# --------------------------------------------------------------------------------------
+# The weight update (SPEC steps 1 and 12)
+# --------------------------------------------------------------------------------------
+def matrix_update(
+    ortho: Tensor, row_factor: Tensor, col_gate: Tensor | None, acc_dtype: torch.dtype
+) -> Tensor:
+    """U_ij = row_factor_i * c_j * O_ij, with row_factor = eta_hat * rowscale (or Muon's lr)."""
+    update = ortho.to(acc_dtype) * row_factor.unsqueeze(-1)
+    if col_gate is not None:
+        update = update * col_gate.unsqueeze(-2)
+    return update
+
+
+def apply_update_(param: Tensor, update: Tensor, decay: float | Tensor) -> None:
+    """W <- decay*W - U, computed in U's dtype and rounded once to W's dtype."""
+    if param.dtype == update.dtype:
+        if not (isinstance(decay, float) and decay == 1.0):
+            param.mul_(decay)
+        param.sub_(update)
+    else:
+        wide = param.to(update.dtype)
+        if not (isinstance(decay, float) and decay == 1.0):
+            wide.mul_(decay)
+        param.copy_(wide.sub_(update))
+
+
+def weight_decay_factor(lr: float | Tensor, weight_decay: float) -> float | Tensor:
+    """1 - lr*weight_decay (decoupled weight decay)."""
+    return 1.0 - lr * weight_decay
+
+
+def muon_lr(lr: float | Tensor, adjust_lr_fn: str | None, d_out: int, d_in: int) -> float | Tensor:
+    """Muon's shape-based step size, as torch.optim.Muon: "original" (or None) scales by
+    sqrt(max(1, d_out/d_in)); "match_rms_adamw" by 0.2*sqrt(max(d_out, d_in))."""
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1.0, d_out / d_in))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(d_out, d_in))
+    raise ValueError(f"unknown adjust_lr_fn {adjust_lr_fn!r}; expected one of {MUON_LR_ADJUSTMENTS}")
+
+
+# --------------------------------------------------------------------------------------
+# One eager step per rule
+# --------------------------------------------------------------------------------------
+def trasmuon_matrix_step_(
+    param: Tensor,
+    grad: Tensor,
+    state: MutableMapping[str, Tensor],
+    step: int,
+    lr: float | Tensor,
+    *,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    nesterov: bool,
+    ns_schedule_: Sequence[NSTriple],
+    ns_dtype: torch.dtype,
+    scale: float,
+    gate_on: bool,
+    gate_kwargs: dict,
+    energy_source: str,
+) -> dict[str, Tensor]:
+    """One TrasMuon (``gate_on``) or NorMuon step for one matrix, SPEC steps 1-12.
+
+    ``state`` must hold ``momentum`` and ``row_v`` (and the gate state when ``gate_on``).
+    Returns the intermediate tensors the diagnostics read (no host syncs).
+    """
+    beta1, beta2 = betas
+    momentum = state["momentum"]
+    acc = momentum.dtype
+    d_out, d_in = param.shape[-2:]
+    grad_wide = grad.to(acc)
+
+    momentum_update_(momentum, grad_wide, beta1)
+    ns_in = nesterov_input(momentum, grad_wide, beta1) if nesterov else momentum
+    ortho = newton_schulz(ns_in, ns_schedule_, eps, ns_dtype)
+
+    sumsq = row_sumsq(ortho, acc)
+    row_second_moment_update_(state["row_v"], sumsq, d_in, beta2)
+    rowscale = row_scale(state["row_v"], eps)
+    step_size = eta_hat(scale, lr, d_out, d_in, sumsq, rowscale)
+
+    gate = None
+    energy = None
+    if gate_on:
+        if energy_source == "momentum":
+            energy = column_energy(momentum, acc)
+        elif energy_source == "grad":
+            energy = column_energy(grad_wide, acc)
+        else:
+            energy = column_energy(ortho.to(acc) * rowscale.unsqueeze(-1), acc)
+        gate = gate_stage_(state, energy, step, lr, **gate_kwargs)
+
+    update = matrix_update(ortho, step_size.unsqueeze(-1) * rowscale, gate, acc)
+    apply_update_(param, update, weight_decay_factor(lr, weight_decay))
+    return {"eta_hat": step_size, "energy": energy, "gate": gate}
+
+
+def muon_matrix_step_(
+    param: Tensor,
+    grad: Tensor,
+    state: MutableMapping[str, Tensor],
+    lr: float | Tensor,
+    *,
+    momentum_beta: float,
+    eps: float,
+    weight_decay: float,
+    nesterov: bool,
+    ns_schedule_: Sequence[NSTriple],
+    ns_dtype: torch.dtype,
+    adjust_lr_fn: str | None,
+) -> None:
+    """One Muon step for one matrix: EMA momentum (optionally Nesterov), NS, shape-scaled lr."""
+    momentum = state["momentum"]
+    acc = momentum.dtype
+    grad_wide = grad.to(acc)
+    momentum_update_(momentum, grad_wide, momentum_beta)
+    ns_in = nesterov_input(momentum, grad_wide, momentum_beta) if nesterov else momentum
+    ortho = newton_schulz(ns_in, ns_schedule_, eps, ns_dtype)
+    d_out, d_in = param.shape[-2:]
+    step_size = muon_lr(lr, adjust_lr_fn, d_out, d_in)
+    row_factor = torch.as_tensor(step_size, dtype=acc, device=param.device).expand(d_out)
+    update = matrix_update(ortho, row_factor, None, acc)
+    apply_update_(param, update, weight_decay_factor(lr, weight_decay))
+
+
+def adamw_step_(
+    param: Tensor,
+    grad: Tensor,
+    state: MutableMapping[str, Tensor],
+    step: int,
+    lr: float | Tensor,
+    *,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One AdamW step with bias correction, in the same order of operations as
+    torch.optim.AdamW's single-tensor path (so fp32 results agree bit for bit)."""
+    beta1, beta2 = betas
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    grad_wide = grad.to(exp_avg.dtype)
+    decay = weight_decay_factor(lr, weight_decay)
+    exp_avg.lerp_(grad_wide, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad_wide, grad_wide, value=1.0 - beta2)
+    bias_correction1 = 1.0 - beta1**step
+    bias_correction2_sqrt = (1.0 - beta2**step) ** 0.5
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    step_size = lr / bias_correction1
+    if param.dtype == exp_avg.dtype and not isinstance(step_size, Tensor):
+        if weight_decay != 0:
+            param.mul_(decay)
+        param.addcdiv_(exp_avg, denom, value=-step_size)
+    else:
+        apply_update_(param, exp_avg / denom * step_size, decay)
