@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -135,6 +136,20 @@ _CHECKS: tuple[tuple[str, Callable[[object], bool], str], ...] = (
 )
 
 
+@dataclass
+class MatrixJob:
+    """One matrix parameter's work in a step, between the momentum and update stages."""
+
+    param: Tensor
+    grad_wide: Tensor  # the gradient in state dtype
+    ns_input: Tensor  # what Newton-Schulz orthogonalizes (M, or the Nesterov blend)
+    group: dict[str, Any]
+    rule: str
+    state: dict[str, Tensor]
+    step: int
+    lr: float | Tensor
+
+
 class MatrixOptimizer(Optimizer):
     """The shared pipeline of :class:`TrasMuon`, :class:`NorMuon`, :class:`Muon` and
     :class:`AdamW`. Subclasses set ``matrix_rule`` (the rule of 2D params in groups that
@@ -174,6 +189,9 @@ class MatrixOptimizer(Optimizer):
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         super().__init__(params, {**GROUP_DEFAULTS, **defaults})
+        # torch.optim.Optimizer.__setstate__ adds this key; add it now so that a deepcopy
+        # or an unpickled optimizer has the same defaults as the original.
+        self.defaults.setdefault("differentiable", False)
 
     # ----------------------------------------------------------------------------------
     # torch.optim.Optimizer plumbing
@@ -242,9 +260,11 @@ class MatrixOptimizer(Optimizer):
                 if isinstance(value, Tensor):
                     device = value.device if key == "step" else param.device
                     self.state[param][key] = value.detach().to(device=device, copy=True)
-        for group in self.param_groups:
-            for key, default in self.defaults.items():
-                group.setdefault(key, default)
+                elif key == "step":  # older checkpoints may hold a plain number
+                    self.state[param][key] = torch.tensor(float(value), dtype=torch.float32)
+        for group in self.param_groups:  # checkpoints from before a key existed
+            for key in GROUP_DEFAULTS:
+                group.setdefault(key, self.defaults[key])
         self._diagnostics.clear()
         for hook in post_hooks.values():
             hook(self)
@@ -343,7 +363,13 @@ class MatrixOptimizer(Optimizer):
     # ----------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one optimization step. ``closure`` re-evaluates the model and returns the loss."""
+        """Take one optimization step. ``closure`` re-evaluates the model and returns the loss.
+
+        Stages, for all params of all groups: AdamW params are updated directly; matrix
+        params get their momentum update (SPEC step 2), then all of them are orthogonalized
+        by one ``_orthogonalize`` call (step 3: the place where a distributed or fused
+        backend takes over), then each gets the rest of its rule (steps 1, 4-12).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -351,10 +377,69 @@ class MatrixOptimizer(Optimizer):
         work = self._collect()
         if self.check_finite:
             self._check_finite_grads(work)
+        jobs: list[MatrixJob] = []
         for _, group, items in work:
             for _, p, grad, rule in items:
-                self._step_eager(p, grad, group, rule)
+                state = self._init_state(p, group, rule)
+                state["step"] += 1
+                step = int(state["step"].item())  # a CPU tensor: no device sync
+                lr = self._lr_for(group, p)
+                if rule == "adamw":
+                    ref.adamw_step_(
+                        p, grad, state, step, lr,
+                        betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+                    )
+                    continue
+                ns_input, grad_wide = ref.momentum_stage_(grad, state, group["betas"][0], group["nesterov"])
+                jobs.append(MatrixJob(p, grad_wide, ns_input, group, rule, state, step, lr))
+        for job, ortho in zip(jobs, self._orthogonalize(jobs), strict=True):
+            self._update_matrix(job, ortho)
         return loss
+
+    def _orthogonalize(self, jobs: list[MatrixJob]) -> list[Tensor]:
+        """Newton-Schulz for every matrix of this step (SPEC step 3), in job order."""
+        return [
+            ref.newton_schulz(
+                job.ns_input,
+                ref.ns_schedule(job.group["ns_coefficients"], job.group["ns_steps"]),
+                job.group["eps"],
+                job.group["ns_dtype"],
+            )
+            for job in jobs
+        ]
+
+    def _row_reduce(self, job: MatrixJob) -> ref.RowReduce:
+        """How a partial sum over this matrix's local rows becomes the full sum: nothing to
+        do here; a row-sharded (FSDP) subclass all-reduces."""
+        return ref._no_reduce
+
+    def _full_shape(self, job: MatrixJob) -> tuple[int, int]:
+        """The (d_out, d_in) of the whole matrix (a sharded subclass reports the global one)."""
+        return tuple(job.param.shape)
+
+    def _update_matrix(self, job: MatrixJob, ortho: Tensor) -> None:
+        group, p = job.group, job.param
+        if job.rule == "muon":
+            ref.muon_update_stage_(
+                p, ortho, job.lr, weight_decay=group["weight_decay"],
+                adjust_lr_fn=group["adjust_lr_fn"], shape=self._full_shape(job),
+            )
+            if self.diagnostics_enabled:
+                d_out, d_in = self._full_shape(job)
+                step_size = ref.muon_lr(job.lr, group["adjust_lr_fn"], d_out, d_in)
+                self._diagnostics[p] = {"step_size": torch.as_tensor(step_size)}
+            return
+        shape = self._full_shape(job)
+        gate_on = job.rule == "trasmuon" and ref.gate_is_on(group["clip"], shape[1], group["clip_min_cols"])
+        out = ref.trasmuon_update_stage_(
+            p, job.grad_wide, ortho, job.state, job.step, job.lr,
+            betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+            scale=group["scale"], gate_on=gate_on,
+            gate_kwargs={k: group[k] for k in _GATE_KEYS},
+            energy_source=group["energy_source"], shape=shape, row_reduce=self._row_reduce(job),
+        )
+        if self.diagnostics_enabled:
+            self._diagnostics[p] = _matrix_diagnostics(out, job.state, group, gate_on)
 
     def _init_state(self, p: Tensor, group: dict[str, Any], rule: str) -> dict[str, Tensor]:
         state = self.state[p]
@@ -383,43 +468,6 @@ class MatrixOptimizer(Optimizer):
         if isinstance(lr, Tensor):
             return lr.detach().reshape(()).to(device=p.device, dtype=ref.state_dtype(p.dtype))
         return float(lr)
-
-    def _step_eager(self, p: Tensor, grad: Tensor, group: dict[str, Any], rule: str) -> None:
-        state = self._init_state(p, group, rule)
-        state["step"] += 1
-        step = int(state["step"].item())  # a CPU tensor: no device sync
-        lr = self._lr_for(group, p)
-        if rule == "adamw":
-            ref.adamw_step_(
-                p, grad, state, step, lr,
-                betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
-            )
-            return
-        schedule = ref.ns_schedule(group["ns_coefficients"], group["ns_steps"])
-        if rule == "muon":
-            ref.muon_matrix_step_(
-                p, grad, state, lr,
-                momentum_beta=group["betas"][0], eps=group["eps"],
-                weight_decay=group["weight_decay"], nesterov=group["nesterov"],
-                ns_schedule_=schedule, ns_dtype=group["ns_dtype"],
-                adjust_lr_fn=group["adjust_lr_fn"],
-            )
-            if self.diagnostics_enabled:
-                d_out, d_in = p.shape
-                step_size = ref.muon_lr(lr, group["adjust_lr_fn"], d_out, d_in)
-                self._diagnostics[p] = {"step_size": torch.as_tensor(step_size)}
-            return
-        gate_on = rule == "trasmuon" and ref.gate_is_on(group["clip"], p.shape[1], group["clip_min_cols"])
-        out = ref.trasmuon_matrix_step_(
-            p, grad, state, step, lr,
-            betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
-            nesterov=group["nesterov"], ns_schedule_=schedule, ns_dtype=group["ns_dtype"],
-            scale=group["scale"], gate_on=gate_on,
-            gate_kwargs={k: group[k] for k in _GATE_KEYS},
-            energy_source=group["energy_source"],
-        )
-        if self.diagnostics_enabled:
-            self._diagnostics[p] = _matrix_diagnostics(out, state, group, gate_on)
 
     # ----------------------------------------------------------------------------------
     # Diagnostics

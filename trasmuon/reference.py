@@ -14,7 +14,7 @@ name ends in ``_`` update their first arguments in place.
 from __future__ import annotations
 
 import math
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 
 import torch
 from torch import Tensor
@@ -152,12 +152,20 @@ def eta_hat(
     rowsumsq: Tensor,
     rowscale: Tensor,
 ) -> Tensor:
-    """scale * lr * sqrt(d_out*d_in) / (||O_base||_F + 1e-12), shape ``(...)``.
+    """scale * lr * sqrt(d_out*d_in) / (||O_base||_F + 1e-12), shape ``(...)``."""
+    return eta_hat_from_sumsq(scale, lr, d_out, d_in, o_base_sumsq(rowsumsq, rowscale))
 
-    ||O_base||_F^2 = sum_i rowsumsq_i * rowscale_i^2, so no second pass over O is needed.
-    """
-    fro = (rowsumsq * rowscale * rowscale).sum(dim=-1).sqrt()
-    return (scale * math.sqrt(d_out * d_in)) * lr / (fro + ETA_HAT_EPS)
+
+def o_base_sumsq(rowsumsq: Tensor, rowscale: Tensor) -> Tensor:
+    """||O_base||_F^2 = sum_i rowsumsq_i * rowscale_i^2: no second pass over O."""
+    return (rowsumsq * rowscale * rowscale).sum(dim=-1)
+
+
+def eta_hat_from_sumsq(
+    scale: float, lr: float | Tensor, d_out: int, d_in: int, base_sumsq: Tensor
+) -> Tensor:
+    """eta_hat from ||O_base||_F^2 (which a row-sharded matrix sums over its shards)."""
+    return (scale * math.sqrt(d_out * d_in)) * lr / (base_sumsq.sqrt() + ETA_HAT_EPS)
 
 
 # --------------------------------------------------------------------------------------
@@ -171,7 +179,7 @@ def column_energy(source: Tensor, acc_dtype: torch.dtype = torch.float32) -> Ten
 
 def quantile_rank(n: int, q: float) -> int:
     """k = clamp(floor(q*n + 0.5), 1, n): the 1-based rank of the q-quantile of n values."""
-    return min(max(int(math.floor(q * n + 0.5)), 1), n)
+    return min(max(math.floor(q * n + 0.5), 1), n)
 
 
 def kth_smallest(values: Tensor, k: int) -> Tensor:
@@ -332,6 +340,91 @@ def muon_lr(lr: float | Tensor, adjust_lr_fn: str | None, d_out: int, d_in: int)
 # --------------------------------------------------------------------------------------
 # One eager step per rule
 # --------------------------------------------------------------------------------------
+RowReduce = Callable[[Tensor], Tensor]
+
+
+def _no_reduce(partial: Tensor) -> Tensor:
+    return partial
+
+
+def momentum_stage_(
+    grad: Tensor, state: MutableMapping[str, Tensor], beta1: float, nesterov: bool
+) -> tuple[Tensor, Tensor]:
+    """SPEC step 2 for a matrix rule: update ``state["momentum"]`` and return
+    ``(ns_input, grad_wide)``: what Newton-Schulz orthogonalizes, and G in state dtype."""
+    momentum = state["momentum"]
+    grad_wide = grad.to(momentum.dtype)
+    momentum_update_(momentum, grad_wide, beta1)
+    ns_in = nesterov_input(momentum, grad_wide, beta1) if nesterov else momentum
+    return ns_in, grad_wide
+
+
+def trasmuon_update_stage_(
+    param: Tensor,
+    grad_wide: Tensor,
+    ortho: Tensor,
+    state: MutableMapping[str, Tensor],
+    step: int,
+    lr: float | Tensor,
+    *,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    scale: float,
+    gate_on: bool,
+    gate_kwargs: dict,
+    energy_source: str,
+    shape: tuple[int, int] | None = None,
+    row_reduce: RowReduce = _no_reduce,
+) -> dict[str, Tensor | None]:
+    """SPEC steps 1 and 4-12 for one TrasMuon (``gate_on``) or NorMuon matrix, given O.
+
+    ``param``, ``grad_wide``, ``ortho`` and the state may hold a block of whole rows of the
+    matrix (a row-sharded parameter): ``shape`` is then the full (d_out, d_in), and
+    ``row_reduce`` sums a partial over the row blocks (all-reduce). Everything per row
+    stays local; the column energies and ||O_base||_F^2 are the two sums over rows.
+    Returns the intermediate tensors the diagnostics read (no host syncs).
+    """
+    acc = state["momentum"].dtype
+    d_out, d_in = shape if shape is not None else tuple(param.shape[-2:])
+    sumsq = row_sumsq(ortho, acc)
+    row_second_moment_update_(state["row_v"], sumsq, d_in, betas[1])
+    rowscale = row_scale(state["row_v"], eps)
+    step_size = eta_hat_from_sumsq(scale, lr, d_out, d_in, row_reduce(o_base_sumsq(sumsq, rowscale)))
+
+    gate = energy = None
+    if gate_on:
+        source = {
+            "momentum": lambda: state["momentum"],
+            "grad": lambda: grad_wide,
+            "update": lambda: ortho.to(acc) * rowscale.unsqueeze(-1),
+        }[energy_source]()
+        energy = row_reduce(column_energy(source, acc))
+        gate = gate_stage_(state, energy, step, lr, **gate_kwargs)
+
+    update = matrix_update(ortho, step_size.unsqueeze(-1) * rowscale, gate, acc)
+    apply_update_(param, update, weight_decay_factor(lr, weight_decay))
+    return {"eta_hat": step_size, "energy": energy, "gate": gate}
+
+
+def muon_update_stage_(
+    param: Tensor,
+    ortho: Tensor,
+    lr: float | Tensor,
+    *,
+    weight_decay: float,
+    adjust_lr_fn: str | None,
+    shape: tuple[int, int] | None = None,
+) -> None:
+    """Muon's update given O: W <- (1 - lr*wd)*W - muon_lr * O."""
+    d_out, d_in = shape if shape is not None else tuple(param.shape[-2:])
+    acc = state_dtype(param.dtype)
+    step_size = muon_lr(lr, adjust_lr_fn, d_out, d_in)
+    row_factor = torch.as_tensor(step_size, dtype=acc, device=param.device).expand(ortho.shape[-2])
+    update = matrix_update(ortho, row_factor, None, acc)
+    apply_update_(param, update, weight_decay_factor(lr, weight_decay))
+
+
 def trasmuon_matrix_step_(
     param: Tensor,
     grad: Tensor,
@@ -349,41 +442,16 @@ def trasmuon_matrix_step_(
     gate_on: bool,
     gate_kwargs: dict,
     energy_source: str,
-) -> dict[str, Tensor]:
-    """One TrasMuon (``gate_on``) or NorMuon step for one matrix, SPEC steps 1-12.
-
-    ``state`` must hold ``momentum`` and ``row_v`` (and the gate state when ``gate_on``).
-    Returns the intermediate tensors the diagnostics read (no host syncs).
-    """
-    beta1, beta2 = betas
-    momentum = state["momentum"]
-    acc = momentum.dtype
-    d_out, d_in = param.shape[-2:]
-    grad_wide = grad.to(acc)
-
-    momentum_update_(momentum, grad_wide, beta1)
-    ns_in = nesterov_input(momentum, grad_wide, beta1) if nesterov else momentum
+) -> dict[str, Tensor | None]:
+    """One whole TrasMuon/NorMuon step for one matrix (or a stack), SPEC steps 1-12:
+    ``momentum_stage_``, ``newton_schulz``, ``trasmuon_update_stage_``."""
+    ns_in, grad_wide = momentum_stage_(grad, state, betas[0], nesterov)
     ortho = newton_schulz(ns_in, ns_schedule_, eps, ns_dtype)
-
-    sumsq = row_sumsq(ortho, acc)
-    row_second_moment_update_(state["row_v"], sumsq, d_in, beta2)
-    rowscale = row_scale(state["row_v"], eps)
-    step_size = eta_hat(scale, lr, d_out, d_in, sumsq, rowscale)
-
-    gate = None
-    energy = None
-    if gate_on:
-        if energy_source == "momentum":
-            energy = column_energy(momentum, acc)
-        elif energy_source == "grad":
-            energy = column_energy(grad_wide, acc)
-        else:
-            energy = column_energy(ortho.to(acc) * rowscale.unsqueeze(-1), acc)
-        gate = gate_stage_(state, energy, step, lr, **gate_kwargs)
-
-    update = matrix_update(ortho, step_size.unsqueeze(-1) * rowscale, gate, acc)
-    apply_update_(param, update, weight_decay_factor(lr, weight_decay))
-    return {"eta_hat": step_size, "energy": energy, "gate": gate}
+    return trasmuon_update_stage_(
+        param, grad_wide, ortho, state, step, lr, betas=betas, eps=eps,
+        weight_decay=weight_decay, scale=scale, gate_on=gate_on, gate_kwargs=gate_kwargs,
+        energy_source=energy_source,
+    )
 
 
 def muon_matrix_step_(
@@ -400,18 +468,10 @@ def muon_matrix_step_(
     ns_dtype: torch.dtype,
     adjust_lr_fn: str | None,
 ) -> None:
-    """One Muon step for one matrix: EMA momentum (optionally Nesterov), NS, shape-scaled lr."""
-    momentum = state["momentum"]
-    acc = momentum.dtype
-    grad_wide = grad.to(acc)
-    momentum_update_(momentum, grad_wide, momentum_beta)
-    ns_in = nesterov_input(momentum, grad_wide, momentum_beta) if nesterov else momentum
+    """One whole Muon step for one matrix: EMA momentum (optionally Nesterov), NS, shape-scaled lr."""
+    ns_in, _ = momentum_stage_(grad, state, momentum_beta, nesterov)
     ortho = newton_schulz(ns_in, ns_schedule_, eps, ns_dtype)
-    d_out, d_in = param.shape[-2:]
-    step_size = muon_lr(lr, adjust_lr_fn, d_out, d_in)
-    row_factor = torch.as_tensor(step_size, dtype=acc, device=param.device).expand(d_out)
-    update = matrix_update(ortho, row_factor, None, acc)
-    apply_update_(param, update, weight_decay_factor(lr, weight_decay))
+    muon_update_stage_(param, ortho, lr, weight_decay=weight_decay, adjust_lr_fn=adjust_lr_fn)
 
 
 def adamw_step_(

@@ -1,0 +1,417 @@
+"""The optimizers as torch.optim optimizers: groups, dtypes, checkpoints, errors, diagnostics."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import trasmuon
+from trasmuon import AdamW, Muon, NorMuon, TrasMuon, split_params
+
+ALL = (TrasMuon, NorMuon, Muon, AdamW)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+class TinyNet(nn.Module):
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.emb = nn.Embedding(17, 12)
+        self.fc1 = nn.Linear(12, 24)
+        self.norm = nn.LayerNorm(24)
+        self.fc2 = nn.Linear(24, 9, bias=False)
+        self.lm_head = nn.Linear(9, 17)
+        self.to(dtype)
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        h = self.fc2(torch.relu(self.norm(self.fc1(h))))
+        return self.lm_head(h)
+
+
+def make_batches(n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, 17, (8, 5), generator=gen), torch.randint(0, 17, (8, 5), generator=gen))
+            for _ in range(n)]
+
+
+def train(model, opt, batches, sched=None):
+    losses = []
+    for x, y in batches:
+        def closure(x=x, y=y):
+            opt.zero_grad()
+            out = model(x.to(next(model.parameters()).device))
+            loss = nn.functional.cross_entropy(out.float().flatten(0, 1), y.flatten().to(out.device))
+            loss.backward()
+            return loss
+        losses.append(float(opt.step(closure).detach()))
+        if sched is not None:
+            sched.step()
+    return losses
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ------------------------------------------------------------------------------------------
+# Training and groups
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", ALL)
+@pytest.mark.parametrize("device", DEVICES)
+def test_loss_goes_down(cls, device):
+    torch.manual_seed(0)
+    model = TinyNet().to(device)
+    opt = cls(model.parameters(), lr=0.05)
+    batches = make_batches(1) * 25
+    losses = train(model, opt, batches)
+    assert losses[-1] < 0.75 * losses[0], losses
+
+
+def test_rules_by_default_and_by_group():
+    model = TinyNet()
+    opt = TrasMuon(model.parameters())
+    rules = {tuple(p.shape): opt.rule_of(opt.param_groups[0], p) for p in model.parameters()}
+    assert rules[(24, 12)] == "trasmuon" and rules[(24,)] == "adamw"
+    groups = [
+        {"params": [model.fc1.weight], "rule": "muon", "adjust_lr_fn": "match_rms_adamw"},
+        {"params": [model.fc2.weight], "rule": "normuon"},
+        {"params": [model.lm_head.weight, model.emb.weight], "rule": "adamw", "lr": 3e-4},
+        {"params": [model.fc1.bias, model.norm.weight, model.norm.bias, model.lm_head.bias]},
+    ]
+    opt = TrasMuon(groups, lr=0.01)
+    train(model, opt, make_batches(3))
+    assert set(opt.state[model.fc1.weight]) == {"step", "momentum"}
+    assert set(opt.state[model.fc2.weight]) == {"step", "momentum", "row_v"}
+    assert set(opt.state[model.lm_head.weight]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert set(opt.state[model.norm.weight]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_params_without_grad_are_skipped_and_unchanged():
+    model = TinyNet()
+    model.fc2.weight.requires_grad_(False)
+    before = model.fc2.weight.detach().clone()
+    opt = TrasMuon(model.parameters(), lr=0.1)
+    train(model, opt, make_batches(2))
+    assert torch.equal(model.fc2.weight, before)
+    assert len(opt.state[model.fc2.weight]) == 0
+
+
+def test_step_without_grads_is_a_noop():
+    model = TinyNet()
+    before = copy.deepcopy(model.state_dict())
+    opt = TrasMuon(model.parameters(), lr=0.1, weight_decay=0.5)
+    opt.step()
+    assert_same_tensors(before, model.state_dict())
+    assert len(opt.state) == 0
+
+
+def test_param_group_lr_and_weight_decay_apply_per_group():
+    a, b, c = (nn.Parameter(torch.randn(8, 10)) for _ in range(3))
+    a0, b0, c0 = (t.detach().clone() for t in (a, b, c))
+    opt = TrasMuon([{"params": [a]}, {"params": [b], "lr": 0.0, "weight_decay": 0.5},
+                    {"params": [c], "lr": 0.1, "weight_decay": 0.5}], lr=0.05)
+    a.grad, b.grad, c.grad = torch.randn(8, 10), torch.randn(8, 10), torch.zeros(8, 10)
+    opt.step()
+    assert not torch.equal(a, a0)
+    assert torch.equal(b, b0)  # lr = 0: no step and no decay (decay is lr * wd)
+    # A zero gradient from a fresh state orthogonalizes to zero: only the decay is left.
+    torch.testing.assert_close(c.detach(), c0 * (1 - 0.1 * 0.5), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_lr_schedulers_drive_the_group_lr(cls):
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = cls(model.parameters(), lr=0.02)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=10)
+    train(model, opt, make_batches(10), sched)
+    assert opt.param_groups[0]["lr"] != 0.02
+    opt2 = cls(model.parameters(), lr=0.02)
+    sched2 = torch.optim.lr_scheduler.CosineAnnealingLR(opt2, T_max=5)
+    train(model, opt2, make_batches(5), sched2)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_tensor_lr_matches_float_lr(cls):
+    # float64 end to end, so the only difference is where lr * (...) is rounded.
+    torch.manual_seed(0)
+    m1, m2 = TinyNet(torch.float64), TinyNet(torch.float64)
+    m2.load_state_dict(m1.state_dict())
+    kw = dict(weight_decay=0.1)
+    if cls is not AdamW:
+        kw["ns_dtype"] = torch.float64
+    o1 = cls(m1.parameters(), lr=0.01, **kw)
+    o2 = cls(m2.parameters(), lr=torch.tensor(0.01, dtype=torch.float64), **kw)
+    batches = make_batches(6)
+    train(m1, o1, batches)
+    train(m2, o2, batches)
+    for p, q in zip(m1.parameters(), m2.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_split_params_follows_muon_practice():
+    model = TinyNet()
+    groups = split_params(model)
+    names = [[n for n, _ in g["params"]] for g in groups]
+    assert names[0] == ["fc1.weight", "fc2.weight"]
+    assert groups[0]["rule"] is None and groups[1]["rule"] == "adamw"
+    assert set(names[1]) == {"emb.weight", "fc1.bias", "norm.weight", "norm.bias",
+                             "lm_head.weight", "lm_head.bias"}
+    opt = TrasMuon(groups, lr=0.01)
+    assert opt.param_groups[0]["param_names"] == ["fc1.weight", "fc2.weight"]
+    # Explicit heads, no head, a tied head, and the matrix rule option.
+    assert [n for n, _ in split_params(model, head="fc2")[0]["params"]] == ["fc1.weight",
+                                                                             "lm_head.weight"]
+    assert len(split_params(model, head=None)[0]["params"]) == 3
+    tied = TinyNet()
+    tied.out = nn.Linear(12, 17, bias=False)
+    tied.out.weight = tied.emb.weight
+    assert "emb.weight" not in [n for n, _ in split_params(tied)[0]["params"]]
+    assert split_params(model, matrix_rule="muon")[0]["rule"] == "muon"
+    with pytest.raises(ValueError, match="matrix_rule"):
+        split_params(model, matrix_rule="adamw")
+
+
+# ------------------------------------------------------------------------------------------
+# Dtypes
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", ALL)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_low_precision_params_keep_float32_state_and_track_fp32(cls, dtype, device):
+    torch.manual_seed(0)
+    ref_model = TinyNet().to(device)
+    low = TinyNet(dtype).to(device)
+    low.load_state_dict(ref_model.state_dict())
+    o_ref = cls(ref_model.parameters(), lr=0.01)
+    o_low = cls(low.parameters(), lr=0.01)
+    batches = make_batches(4)
+    train(ref_model, o_ref, batches)
+    train(low, o_low, batches)
+    for p in low.parameters():
+        assert p.dtype == dtype
+        for key, value in o_low.state[p].items():
+            assert value.dtype == torch.float32, key
+    for p, q in zip(ref_model.parameters(), low.parameters(), strict=True):
+        assert torch.isfinite(q).all()
+        rel = (p - q.float()).norm() / p.norm()
+        assert rel < 2e-2, rel
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resume_from_checkpoint_is_bit_identical(cls, dtype):
+    torch.manual_seed(0)
+    batches = make_batches(10)
+    kw = dict(lr=0.01, weight_decay=0.05)
+    straight = TinyNet(dtype)
+    init = copy.deepcopy(straight.state_dict())
+    opt = cls(straight.parameters(), **kw)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    train(straight, opt, batches, sched)
+
+    first = TinyNet(dtype)
+    first.load_state_dict(init)
+    opt1 = cls(first.parameters(), **kw)
+    sched1 = torch.optim.lr_scheduler.StepLR(opt1, step_size=3, gamma=0.5)
+    train(first, opt1, batches[:5], sched1)
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt1.state_dict(),
+                "sched": sched1.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+
+    resumed = TinyNet(dtype)
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = cls(resumed.parameters(), **kw)
+    sched2 = torch.optim.lr_scheduler.StepLR(opt2, step_size=3, gamma=0.5)
+    opt2.load_state_dict(ckpt["opt"])
+    sched2.load_state_dict(ckpt["sched"])
+    for p in resumed.parameters():
+        for key, value in opt2.state[p].items():
+            assert value.dtype == torch.float32, key
+            assert value.device == (torch.device("cpu") if key == "step" else p.device)
+    train(resumed, opt2, batches[5:], sched2)
+    assert_same_tensors(straight.state_dict(), resumed.state_dict())
+    for p, q in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert_same_tensors(opt.state[p], opt2.state[q])
+
+
+def test_state_dict_round_trip_keeps_dtypes_and_does_not_alias():
+    model = TinyNet(torch.bfloat16)
+    opt = TrasMuon(model.parameters(), lr=0.01)
+    train(model, opt, make_batches(2))
+    sd = opt.state_dict()
+    opt2 = TrasMuon(model.parameters(), lr=0.01)
+    opt2.load_state_dict(sd)
+    for p in model.parameters():
+        for key, value in opt2.state[p].items():
+            assert value.dtype == opt.state[p][key].dtype
+            assert torch.equal(value, opt.state[p][key])
+            assert value.data_ptr() != opt.state[p][key].data_ptr()
+
+
+def test_load_state_dict_hooks_see_restored_state():
+    model = TinyNet(torch.bfloat16)
+    opt = TrasMuon(model.parameters(), lr=0.01)
+    train(model, opt, make_batches(2))
+    sd = opt.state_dict()
+    seen = []
+    opt2 = TrasMuon(model.parameters(), lr=0.01)
+    opt2.register_load_state_dict_pre_hook(lambda o, s: seen.append("pre"))
+    opt2.register_load_state_dict_post_hook(
+        lambda o: seen.append(o.state[model.fc1.weight]["momentum"].dtype))
+    opt2.load_state_dict(sd)
+    assert seen == ["pre", torch.float32]
+
+
+# ------------------------------------------------------------------------------------------
+# Errors
+# ------------------------------------------------------------------------------------------
+BAD_HYPERPARAMETERS = [
+    ("lr", -1.0), ("lr", float("nan")), ("betas", (0.9, 1.0)), ("betas", (-0.1, 0.9)),
+    ("eps", 0.0), ("weight_decay", -0.1), ("ns_steps", 0), ("ns_steps", 2.5),
+    ("ns_coefficients", (1.0, 2.0)), ("ns_coefficients", ()), ("ns_dtype", torch.int32),
+    ("scale", 0.0), ("clip_alpha", -1.0), ("clip_min", 0.0), ("clip_min", 1.5),
+    ("clip_trigger", -1.0), ("clip_period", 0), ("clip_min_cols", 0), ("clip_beta", 1.0),
+    ("energy_beta", 1.0), ("energy_quantile", 0.0), ("energy_quantile", 1.5),
+    ("energy_eps", 0.0), ("energy_source", "weights"), ("warmup_steps", -1),
+    ("warmup_steps", True), ("schedule_free", 1), ("sf_mix", 1.5), ("nesterov", "yes"),
+    ("clip", None),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), BAD_HYPERPARAMETERS)
+def test_bad_hyperparameters_name_the_key(key, value):
+    p = nn.Parameter(torch.randn(4, 8))
+    with pytest.raises(ValueError, match=key):
+        TrasMuon([p], **{key: value})
+    with pytest.raises(ValueError, match=f"param group 1: {key}"):
+        TrasMuon([{"params": [nn.Parameter(torch.randn(3, 3))]}, {"params": [p], key: value}])
+
+
+def test_bad_values_set_on_a_group_later_are_caught_at_step():
+    p = nn.Parameter(torch.randn(4, 8))
+    opt = TrasMuon([p])
+    opt.param_groups[0]["clip_min"] = 2.0
+    p.grad = torch.randn(4, 8)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="clip_min"):
+        opt.step()
+    assert torch.equal(p, before) and len(opt.state) == 0
+
+
+def test_other_construction_errors():
+    p = nn.Parameter(torch.randn(4, 8))
+    with pytest.raises(ValueError, match=r"rule must be"):
+        TrasMuon([{"params": [p], "rule": "sgd"}])
+    with pytest.raises(ValueError, match="rule 'trasmuon' needs a 2D parameter"):
+        TrasMuon([{"params": [nn.Parameter(torch.randn(4))], "rule": "trasmuon"}])
+    with pytest.raises(ValueError, match="backend"):
+        TrasMuon([p], backend="cuda")
+    with pytest.raises(NotImplementedError, match="triton"):
+        TrasMuon([p], backend="triton")
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        TrasMuon([p], lr=torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match="adjust_lr_fn"):
+        Muon([p], adjust_lr_fn="sqrt")
+
+
+def test_sparse_and_complex_gradients_are_refused_by_name_before_any_change():
+    emb = nn.Embedding(10, 4, sparse=True)
+    dense = nn.Parameter(torch.randn(4, 8))
+    opt = TrasMuon([("dense", dense), ("emb.weight", emb.weight)])
+    dense.grad = torch.randn(4, 8)
+    emb(torch.tensor([1, 2])).sum().backward()
+    before = dense.detach().clone()
+    with pytest.raises(RuntimeError, match=r"'emb\.weight'.*sparse"):
+        opt.step()
+    assert torch.equal(dense, before) and len(opt.state) == 0
+    c = nn.Parameter(torch.randn(3, 3, dtype=torch.complex64))
+    opt = TrasMuon([c])
+    c.grad = torch.randn(3, 3, dtype=torch.complex64)
+    with pytest.raises(RuntimeError, match="parameter 0 of param group 0 is complex"):
+        opt.step()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_check_finite_refuses_nonfinite_grads_and_changes_nothing(bad):
+    model = TinyNet()
+    opt = TrasMuon(split_params(model), lr=0.01, check_finite=True)
+    train(model, opt, make_batches(1))
+    weights = copy.deepcopy(model.state_dict())
+    state = copy.deepcopy(opt.state_dict())
+    opt.zero_grad()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    model.fc2.weight.grad[1, 2] = bad
+    with pytest.raises(RuntimeError, match=r"'fc2\.weight'.*non-finite"):
+        opt.step()
+    assert_same_tensors(weights, model.state_dict())
+    for k, v in opt.state_dict()["state"].items():
+        assert_same_tensors(v, state["state"][k])
+
+
+def test_without_check_finite_nan_reaches_the_state_as_documented():
+    p = nn.Parameter(torch.randn(4, 8))
+    opt = TrasMuon([p])
+    p.grad = torch.full((4, 8), float("nan"))
+    opt.step()
+    assert torch.isnan(opt.state[p]["momentum"]).all()
+
+
+# ------------------------------------------------------------------------------------------
+# Diagnostics
+# ------------------------------------------------------------------------------------------
+def test_diagnostics_report_the_appendix_g_observables():
+    model = TinyNet()
+    opt = TrasMuon(split_params(model), lr=0.01, diagnostics=True, clip_min_cols=8)
+    train(model, opt, make_batches(3))
+    diag = opt.diagnostics()
+    assert set(diag) == {"fc1.weight", "fc2.weight"}
+    d = diag["fc2.weight"]  # 9 x 24: gated
+    for key in ("eta_hat", "energy_cur", "energy_ref", "r_q95", "r_max", "c_min", "c_mean",
+                "triggered_frac", "c_ema_min", "c_avg_mean"):
+        assert key in d and isinstance(d[key], float), key
+    assert 0.7 <= d["c_min"] <= d["c_mean"] <= 1.0
+    assert d["r_q95"] <= d["r_max"] and 0.0 <= d["triggered_frac"] <= 1.0
+    state = opt.state[model.fc2.weight]
+    assert d["energy_ref"] == pytest.approx(float(state["energy_ref"]))
+    with pytest.raises(RuntimeError, match="diagnostics=True"):
+        TrasMuon(model.parameters()).diagnostics()
+
+
+def test_muon_and_normuon_diagnostics():
+    p = nn.Parameter(torch.randn(6, 4))
+    for cls, key in ((Muon, "step_size"), (NorMuon, "eta_hat")):
+        opt = cls([p], lr=0.1, diagnostics=True)
+        p.grad = torch.randn(6, 4)
+        opt.step()
+        assert set(opt.diagnostics()["group0.param0"]) == {key}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-sync detection needs CUDA")
+def test_cuda_step_does_not_sync_the_host():
+    model = TinyNet().cuda()
+    opt = TrasMuon(model.parameters(), lr=0.01, diagnostics=True)
+    train(model, opt, make_batches(1))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_exports():
+    assert set(trasmuon.RULES) == {"trasmuon", "normuon", "muon", "adamw"}
+    assert trasmuon.TrasMuon.matrix_rule == "trasmuon"

@@ -1,0 +1,110 @@
+"""``@triton.jit`` device helpers shared by the Newton–Schulz kernels.
+
+Nothing here launches anything: these are inlined into the kernels of ``gram.py``,
+``ns_apply.py`` and ``fro_sumsq.py``.
+
+bf16 under the interpreter. Triton's CPU interpreter stores bf16 as raw uint16 bits and
+computes bf16 arithmetic, ``tl.dot`` and ``tl.sum`` on those bits (garbage); its fp32 -> bf16
+cast also truncates (round toward zero) instead of rounding to nearest even, and flushes fp32
+subnormals. So every kernel takes an ``UPCAST`` constexpr (set from
+``trasmuon_kernels._common.interpreting()``): when it is true, bf16 values are widened to
+fp32 by a bit shift and fp32 values are rounded to bf16 by integer round-to-nearest-even on
+the bits, so the interpreter reproduces the GPU's rounding bit for bit and the products run
+as fp32 ``tl.dot`` with ``input_precision="ieee"``. When it is false (the GPU), the same
+helpers are plain ``.to(tl.bfloat16)`` casts (``cvt.rn.bf16.f32``) and bf16 ``tl.dot`` with
+fp32 accumulation.
+
+Offsets. Matrix and tile origins are computed in int64 (``tile_offset``): ``batch * stride``
+of a stack over 2^31 elements overflows int32 even when each stride fits in int32. In-tile
+offsets (``tl.arange(0, BLOCK) * stride``) stay int32: they are bounded by BLOCK * stride,
+far below 2^31 for any matrix whose rows are shorter than 2^23 elements.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tile_offset(batch, stride_b, row0, stride_r, col0, stride_c):
+    """Element offset of entry (row0, col0) of matrix ``batch``, computed in int64."""
+    return (
+        tl.cast(batch, tl.int64) * stride_b
+        + tl.cast(row0, tl.int64) * stride_r
+        + tl.cast(col0, tl.int64) * stride_c
+    )
+
+
+@triton.jit
+def upper_tile(t):
+    """Map a linear index t in [0, T(T+1)/2) to the upper-triangle tile (ti, tj), ti <= tj.
+
+    Column-major over the upper triangle: t = tj*(tj+1)/2 + ti, so consecutive programs
+    share the column block tj (its operand tile stays hot in L2). tj is the floor of the
+    root of tj^2 + tj - 2t = 0, computed in fp32 and corrected by one step either way (exact
+    for any t < 2^31).
+    """
+    tj = ((tl.sqrt((8 * t + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
+    tj = tl.where((tj + 1) * (tj + 2) // 2 <= t, tj + 1, tj)
+    tj = tl.where(tj * (tj + 1) // 2 > t, tj - 1, tj)
+    ti = t - tj * (tj + 1) // 2
+    return ti, tj
+
+
+@triton.jit
+def round_to_bf16(x, UPCAST: tl.constexpr):
+    """fp32 (or any float) -> bf16, rounding to nearest even, on the GPU and the interpreter."""
+    if x.dtype == tl.bfloat16:
+        y = x
+    elif UPCAST:
+        xf = x.to(tl.float32)
+        bits = xf.to(tl.uint32, bitcast=True)
+        lsb = (bits >> 16) & 1
+        bits = (bits + 0x7FFF + lsb) >> 16
+        bits = tl.where(xf == xf, bits, 0x7FC0)  # keep NaN a NaN
+        y = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        y = x.to(tl.bfloat16)
+    return y
+
+
+@triton.jit
+def bf16_to_f32(x, UPCAST: tl.constexpr):
+    """bf16 -> fp32 exactly (a bit shift under the interpreter)."""
+    if UPCAST:
+        bits = x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        y = bits.to(tl.float32, bitcast=True)
+    else:
+        y = x.to(tl.float32)
+    return y
+
+
+@triton.jit
+def dot_operand(x, UPCAST: tl.constexpr):
+    """A loaded tile as a ``tl.dot`` operand: bf16(x) on the GPU; its exact fp32 value when
+    interpreting (the interpreter's bf16 ``tl.dot`` is garbage)."""
+    x16 = round_to_bf16(x, UPCAST)
+    if UPCAST:
+        y = bf16_to_f32(x16, UPCAST)
+    else:
+        y = x16
+    return y
+
+
+@triton.jit
+def mma(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b with fp32 accumulation (bf16 tensor cores on the GPU, exact fp32 products
+    of the bf16 values under the interpreter)."""
+    if UPCAST:
+        out = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
+@triton.jit
+def as_f32(x, UPCAST: tl.constexpr):
+    """The fp32 value of bf16(x): what an epilogue adds when it reads a bf16 operand (or an
+    fp32 input that the NS semantics round to bf16 first)."""
+    return bf16_to_f32(round_to_bf16(x, UPCAST), UPCAST)
