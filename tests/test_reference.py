@@ -128,3 +128,22 @@ def test_state_dtype():
     assert ref.state_dtype(torch.float16) == torch.float32
     assert ref.state_dtype(torch.float32) == torch.float32
     assert ref.state_dtype(torch.float64) == torch.float64
+
+
+def test_cpu_newton_schulz_rounds_like_a_native_bf16_chain():
+    """The CPU path computes products in fp32 on bf16 operands and rounds each result to
+    bf16; PyTorch's native bf16 bmm does the same arithmetic, up to accumulation order."""
+    torch.manual_seed(3)
+    m = torch.randn(48, 80)
+    schedule = ref.ns_schedule(ref.TRASMUON_NS_COEFFICIENTS, 5)
+    ours = ref.newton_schulz(m, schedule, 1e-8, torch.bfloat16)
+    x = m.bfloat16()
+    x = (x.float() / (x.float().norm() + 1e-8)).bfloat16().unsqueeze(0)
+    for a, b, c in schedule:
+        gram = torch.bmm(x, x.mT)
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    native = x.squeeze(0)
+    assert ours.dtype == torch.bfloat16
+    same = (ours == native).float().mean().item()
+    assert same > 0.999, same
+    assert ((ours.float() - native.float()).abs() <= 2**-7 * native.float().abs() + 1e-6).all()

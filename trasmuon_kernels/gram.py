@@ -116,8 +116,8 @@ def _sym_gram_kernel(
         dval = tl.load(d_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         acc = acc + beta * as_f32(dval, UPCAST)
     # On a diagonal tile, take the upper half and mirror it into the lower half.
-    lower = offs[:, None] > offs[None, :]
-    acc = tl.where(lower & (ti == tj), tl.trans(acc), acc)
+    if ti == tj:
+        acc = tl.where(offs[:, None] > offs[None, :], tl.trans(acc), acc)
     c16 = round_to_bf16(acc, UPCAST)
 
     c_ptrs = (
@@ -127,12 +127,13 @@ def _sym_gram_kernel(
     )
     tl.store(c_ptrs, c16, mask=row_ok[:, None] & col_ok[None, :])
     # The transposed tile at (tj, ti): the same bf16 values, so C is exactly symmetric.
-    ct_ptrs = (
-        c_ptr
-        + tile_offset(batch, stride_cb, col0, stride_cr, row0, stride_cc)
-        + (offs[:, None] * stride_cr + offs[None, :] * stride_cc)
-    )
-    tl.store(ct_ptrs, tl.trans(c16), mask=col_ok[:, None] & row_ok[None, :] & (ti != tj))
+    if ti != tj:
+        ct_ptrs = (
+            c_ptr
+            + tile_offset(batch, stride_cb, col0, stride_cr, row0, stride_cc)
+            + (offs[:, None] * stride_cr + offs[None, :] * stride_cc)
+        )
+        tl.store(ct_ptrs, tl.trans(c16), mask=col_ok[:, None] & row_ok[None, :])
 
 
 # --------------------------------------------------------------------------------------
