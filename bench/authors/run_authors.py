@@ -9,6 +9,7 @@ gate state after every step.
 import sys
 
 import torch
+
 import trasmuon.optimizer as authors  # the authors' package, in its own venv
 from trasmuon import TrasMuon
 

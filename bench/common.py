@@ -1,0 +1,64 @@
+"""What the benchmark suites share: building a model's parameter set and each optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+import trasmuon
+
+from .shapes import ParamSpec
+
+# name -> (matrix rule of ours, or None for a torch.optim baseline)
+OURS = {"trasmuon": trasmuon.TrasMuon, "normuon": trasmuon.NorMuon,
+        "muon": trasmuon.Muon, "adamw": trasmuon.AdamW}
+
+
+def make_params(specs: list[ParamSpec], device, dtype, seed: int = 0):
+    """Random parameters with random gradients: (matrices, others) lists."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    matrices, others = [], []
+    for shape, count, kind in specs:
+        for _ in range(count):
+            p = torch.nn.Parameter(
+                (torch.randn(shape, generator=gen) * 0.02).to(device=device, dtype=dtype))
+            p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(device=device, dtype=dtype)
+            (matrices if kind == "matrix" else others).append(p)
+    return matrices, others
+
+
+def make_step(impl: str, matrices, others, backend: str = "eager") -> tuple[Callable[[], None], list]:
+    """A zero-argument function taking one optimizer step, and the optimizers it steps."""
+    device = matrices[0].device
+    if impl in OURS:
+        groups = [{"params": matrices}, {"params": others, "rule": "adamw"}]
+        opts = [OURS[impl](groups, lr=1e-3, backend=backend)]
+    elif impl == "torch-muon":
+        opts = [torch.optim.Muon(matrices, lr=1e-3),
+                torch.optim.AdamW(others, lr=1e-3, fused=device.type == "cuda")]
+    elif impl == "torch-adamw":
+        opts = [torch.optim.AdamW(matrices + others, lr=1e-3, fused=device.type == "cuda")]
+    else:
+        raise ValueError(f"unknown implementation {impl!r}")
+
+    def step() -> None:
+        for opt in opts:
+            opt.step()
+
+    return step, opts
+
+
+def state_bytes(opts) -> int:
+    """Bytes of optimizer state actually allocated: the unique storages behind every state
+    tensor (views of one buffer count once)."""
+    seen, total = set(), 0
+    for opt in opts:
+        for state in opt.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    storage = value.untyped_storage()
+                    if storage.data_ptr() not in seen:
+                        seen.add(storage.data_ptr())
+                        total += storage.nbytes()
+    return total

@@ -1,0 +1,65 @@
+"""Timing that measures the device, not the launch: GPU work is timed with CUDA events via
+``triton.testing.do_bench`` (median), CPU work with a host clock; both after warm-up."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def median_ms(fn: Callable[[], object], device: torch.device | str, *, quick: bool = False) -> float:
+    """Median time of ``fn()`` in milliseconds after warm-up."""
+    if torch.device(device).type == "cuda":
+        from triton.testing import do_bench
+
+        # do_bench's warmup and rep are in milliseconds of GPU time.
+        return float(do_bench(fn, warmup=10 if quick else 50, rep=20 if quick else 200,
+                              return_mode="median"))
+    warmup, reps = (1, 3) if quick else (3, 15)
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def copy_bandwidth_gbs(device: torch.device | str, nbytes: int = 1 << 30) -> float:
+    """Achieved device-to-device copy bandwidth (bytes read + written per second, in GB/s)."""
+    n = nbytes // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device)
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device | str) -> dict[str, str]:
+    """What every results file records: device, driver, torch and triton versions."""
+    import triton
+
+    env = {"device": device_name(device), "torch": torch.__version__, "triton": triton.__version__}
+    if torch.device(device).type == "cuda":
+        env["cuda"] = str(torch.version.cuda)
+        try:
+            import subprocess
+
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            env["driver"] = "unknown"
+    return env
