@@ -60,8 +60,7 @@ def round_to_bf16(x, UPCAST: tl.constexpr):
     elif UPCAST:
         xf = x.to(tl.float32)
         bits = xf.to(tl.uint32, bitcast=True)
-        lsb = (bits >> 16) & 1
-        bits = (bits + 0x7FFF + lsb) >> 16
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         bits = tl.where(xf == xf, bits, 0x7FC0)  # keep NaN a NaN
         y = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
@@ -70,41 +69,42 @@ def round_to_bf16(x, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def bf16_to_f32(x, UPCAST: tl.constexpr):
-    """bf16 -> fp32 exactly (a bit shift under the interpreter)."""
+def dot_operand(x, UPCAST: tl.constexpr):
+    """A loaded tile as a ``tl.dot`` operand: bf16(x) on the GPU; the exact fp32 value of
+    bf16(x) when interpreting (the interpreter's bf16 ``tl.dot`` is garbage).
+
+    Written without nested helper calls: each jit call costs ~1 ms in the interpreter.
+    """
     if UPCAST:
-        bits = x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        if x.dtype == tl.bfloat16:
+            bits = x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        else:
+            xf = x.to(tl.float32)
+            bits = xf.to(tl.uint32, bitcast=True)
+            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            bits = tl.where(xf == xf, rounded, bits)  # keep NaN a NaN
         y = bits.to(tl.float32, bitcast=True)
     else:
-        y = x.to(tl.float32)
+        y = x.to(tl.bfloat16)
     return y
-
-
-@triton.jit
-def dot_operand(x, UPCAST: tl.constexpr):
-    """A loaded tile as a ``tl.dot`` operand: bf16(x) on the GPU; its exact fp32 value when
-    interpreting (the interpreter's bf16 ``tl.dot`` is garbage)."""
-    x16 = round_to_bf16(x, UPCAST)
-    if UPCAST:
-        y = bf16_to_f32(x16, UPCAST)
-    else:
-        y = x16
-    return y
-
-
-@triton.jit
-def mma(a, b, acc, UPCAST: tl.constexpr):
-    """acc + a @ b with fp32 accumulation (bf16 tensor cores on the GPU, exact fp32 products
-    of the bf16 values under the interpreter)."""
-    if UPCAST:
-        out = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        out = tl.dot(a, b, acc)
-    return out
 
 
 @triton.jit
 def as_f32(x, UPCAST: tl.constexpr):
     """The fp32 value of bf16(x): what an epilogue adds when it reads a bf16 operand (or an
     fp32 input that the NS semantics round to bf16 first)."""
-    return bf16_to_f32(round_to_bf16(x, UPCAST), UPCAST)
+    if UPCAST:
+        y = dot_operand(x, UPCAST)
+    else:
+        y = x.to(tl.bfloat16).to(tl.float32)
+    return y
+
+
+@triton.jit
+def bf16_to_f32(x, UPCAST: tl.constexpr):
+    """bf16 -> fp32 exactly (a bit shift under the interpreter)."""
+    if UPCAST:
+        y = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        y = x.to(tl.float32)
+    return y

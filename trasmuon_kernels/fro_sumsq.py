@@ -104,7 +104,11 @@ def fro_sumsq(
         need = batch * row_tiles
         if partials is None:
             partials = torch.empty(need, device=x.device, dtype=torch.float32)
-        elif partials.dtype != torch.float32 or partials.numel() < need or not partials.is_contiguous():
+        elif (
+            partials.dtype != torch.float32
+            or partials.numel() < need
+            or not partials.is_contiguous()
+        ):
             raise ValueError(f"partials must be a contiguous float32 buffer of >= {need} elements")
         target = partials[:need].view(batch, row_tiles)
     _fro_sumsq_kernel[(batch * row_tiles,)](

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_device, interpreting
-from ._ns_jit import as_f32, dot_operand, mma, round_to_bf16, tile_offset, upper_tile
+from ._ns_jit import as_f32, dot_operand, round_to_bf16, tile_offset, upper_tile
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,12 @@ def _sym_gram_kernel(
         k_ok = (k0 + offs_k) < n_inner
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(dot_operand(a, UPCAST), dot_operand(b, UPCAST), acc, UPCAST)
+        a = dot_operand(a, UPCAST)
+        b = dot_operand(b, UPCAST)
+        if UPCAST:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K * stride_zk
         b_ptrs += BLOCK_K * stride_zk
 
@@ -160,12 +165,17 @@ def default_gram_config(batch: int, d: int, k: int, device: torch.device) -> Gra
     GPU: 128x128 tiles (8 warps, 3 stages: 2 * 128*64 bf16 per stage, 96 KiB) when the
     triangle still fills the SMs, otherwise 64x64 (4 warps, 4 stages), and the smallest
     power of two >= 16 covering d for small matrices (tl.dot needs 16). BLOCK_K 64, capped
-    to the inner size. Interpreter: 16/32 tiles to keep the CPU tests fast while still
-    exercising several tiles (and the mirror) on the test shapes.
+    to the inner size. Interpreter: the smallest of 16/32/64 covering d, BLOCK_K 64. The
+    interpreter's cost is per program and per op, not per element (a 65x129 NS runs ~3x
+    faster with 64 than with 32 tiles), so its tiles are not smaller than the GPU's for
+    these shapes; tests that need several tiles (the mirror, the triangular mapping) pass
+    explicit small configs.
     """
     if device.type != "cuda":
-        block = 16 if d <= 16 else 32
-        return GramConfig(block=block, block_k=min(32, _pow2_at_least(k)), num_warps=4, num_stages=1)
+        block = 16 if d <= 16 else (32 if d <= 32 else 64)
+        return GramConfig(
+            block=block, block_k=min(64, _pow2_at_least(k)), num_warps=4, num_stages=1
+        )
     sms = _sm_count(device)
     block = min(64, _pow2_at_least(d))
     if d > 64 and batch * num_upper_tiles(d, 128) >= sms:
@@ -181,7 +191,9 @@ def default_gram_config(batch: int, d: int, k: int, device: torch.device) -> Gra
 def gram_candidates(d: int, k: int, device: torch.device) -> list[GramConfig]:
     """Configs the opt-in autotuner tries for this shape."""
     if device.type != "cuda":
-        return [GramConfig(b, bk, 4, 1) for b in (16, 32) for bk in (16, 32) if b <= _pow2_at_least(d)]
+        return [
+            GramConfig(b, bk, 4, 1) for b in (16, 32) for bk in (16, 32) if b <= _pow2_at_least(d)
+        ]
     out = []
     for block, warps in ((32, 4), (64, 4), (128, 8), (128, 4)):
         if block > _pow2_at_least(d):
@@ -223,7 +235,9 @@ def sym_gram(
     zt = z.mT if transposed else z
     batch, d, k = zt.shape
     if out.shape != (batch, d, d) or out.dtype != torch.bfloat16:
-        raise ValueError(f"out must be a bf16 tensor of shape {(batch, d, d)}, got {out.dtype} {tuple(out.shape)}")
+        raise ValueError(
+            f"out must be a bf16 tensor of shape {(batch, d, d)}, got {out.dtype} {tuple(out.shape)}"
+        )
     if bias is not None and bias.shape != (batch, d, d):
         raise ValueError(f"bias must have shape {(batch, d, d)}")
     if fro_sumsq is not None and fro_sumsq.shape != (batch,):

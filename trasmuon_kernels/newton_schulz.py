@@ -189,7 +189,7 @@ def _fastest(candidates: list, run: Callable, device: torch.device):
 
 def _tune(x3, tall, fro, eps, gram, poly, dst) -> NSConfig:
     dev = x3.device
-    batch, m, n = x3.shape
+    _, m, n = x3.shape
     d, k = min(m, n), max(m, n)
     g = _fastest(
         gram_candidates(d, k, dev),
@@ -224,7 +224,13 @@ def _partials(ws: NSWorkspace, need: int, device) -> torch.Tensor | None:
     if need == 0:
         return None
     p = ws.partials
-    if p is not None and p.dtype == torch.float32 and p.is_contiguous() and p.numel() >= need and p.device == device:
+    if (
+        p is not None
+        and p.dtype == torch.float32
+        and p.is_contiguous()
+        and p.numel() >= need
+        and p.device == device
+    ):
         return p
     return torch.empty(need, device=device, dtype=torch.float32)
 
@@ -266,10 +272,19 @@ def _newton_schulz_impl(
         fro = fro_sumsq.reshape(batch)
 
     if steps == 0:  # O = bf16(X / (||X|| + eps)): the update kernel with an empty product
-        cfg_apply = config.apply if config is not None else default_apply_config(batch, m, n, 0, dev)
+        cfg_apply = (
+            config.apply if config is not None else default_apply_config(batch, m, n, 0, dev)
+        )
         ns_apply(
-            x3[:, :, :0], x3[:, :0, :], x3, out3, alpha=1.0, fro_sumsq=fro, eps=eps,
-            row_sumsq_out=rsq, row_partials=_partials(ws, batch * row_partial_tiles(n, cfg_apply) * m, dev),
+            x3[:, :, :0],
+            x3[:, :0, :],
+            x3,
+            out3,
+            alpha=1.0,
+            fro_sumsq=fro,
+            eps=eps,
+            row_sumsq_out=rsq,
+            row_partials=_partials(ws, batch * row_partial_tiles(n, cfg_apply) * m, dev),
             config=cfg_apply,
         )
         return
@@ -296,7 +311,9 @@ def _newton_schulz_impl(
                 cfg = _TUNED[key] = _tune(x3, tall, fro, eps, gram, poly, out3)
     if cfg is None:
         cfg = default_config(batch, m, n, dev)
-    row_parts = _partials(ws, batch * row_partial_tiles(n, cfg.apply) * m, dev) if rsq is not None else None
+    row_parts = (
+        _partials(ws, batch * row_partial_tiles(n, cfg.apply) * m, dev) if rsq is not None else None
+    )
 
     cur = x3
     for t, (a, b, c) in enumerate(schedule):
@@ -308,8 +325,15 @@ def _newton_schulz_impl(
         sym_gram(gram, poly, alpha=c, bias=gram, beta=b, config=cfg.poly)
         left, right = (cur, poly) if tall else (poly, cur)
         ns_apply(
-            left, right, cur, dst, alpha=a, fro_sumsq=s, eps=eps,
-            row_sumsq_out=rsq if last else None, row_partials=row_parts if last else None,
+            left,
+            right,
+            cur,
+            dst,
+            alpha=a,
+            fro_sumsq=s,
+            eps=eps,
+            row_sumsq_out=rsq if last else None,
+            row_partials=row_parts if last else None,
             config=cfg.apply,
         )
         cur = dst
@@ -328,7 +352,9 @@ def _newton_schulz_impl(
 )
 def _newton_schulz_out_op(x, coefficients, eps, fro_sumsq, out, row_sumsq_out):
     schedule = [tuple(coefficients[i : i + 3]) for i in range(0, len(coefficients), 3)]
-    _newton_schulz_impl(x, schedule, eps, fro_sumsq, out, row_sumsq_out, None, None, _autotune_requested(None))
+    _newton_schulz_impl(
+        x, schedule, eps, fro_sumsq, out, row_sumsq_out, None, None, _autotune_requested(None)
+    )
 
 
 @_newton_schulz_out_op.register_fake
@@ -395,24 +421,41 @@ def newton_schulz(
     elif out.shape != x.shape or out.dtype != torch.bfloat16 or out.device != x.device:
         raise ValueError(f"out must be a bf16 tensor of shape {tuple(x.shape)} on {x.device}")
     if fro_sumsq is not None and (
-        fro_sumsq.dtype != torch.float32 or fro_sumsq.numel() != math.prod(batch_shape)
+        fro_sumsq.dtype != torch.float32
+        or fro_sumsq.numel() != math.prod(batch_shape)
+        or fro_sumsq.device != x.device
     ):
-        raise ValueError(f"fro_sumsq must be a float32 tensor of shape {batch_shape or (1,)}")
+        raise ValueError(
+            f"fro_sumsq must be a float32 tensor of shape {batch_shape or (1,)} on {x.device}"
+        )
     if row_sumsq_out is not None and (
-        row_sumsq_out.shape != (*batch_shape, m) or row_sumsq_out.dtype != torch.float32
+        row_sumsq_out.shape != (*batch_shape, m)
+        or row_sumsq_out.dtype != torch.float32
+        or row_sumsq_out.device != x.device
     ):
-        raise ValueError(f"row_sumsq_out must be a float32 tensor of shape {(*batch_shape, m)}")
+        raise ValueError(
+            f"row_sumsq_out must be a float32 tensor of shape {(*batch_shape, m)} on {x.device}"
+        )
 
     if torch.compiler.is_compiling():
         flat = [float(v) for triple in schedule for v in triple]
-        torch.ops.trasmuon_kernels.newton_schulz_out(x, flat, float(eps), fro_sumsq, out, row_sumsq_out)
+        torch.ops.trasmuon_kernels.newton_schulz_out(
+            x, flat, float(eps), fro_sumsq, out, row_sumsq_out
+        )
         return out
 
     check_device("x", x)
     if _shares_storage(out, x):
         raise ValueError("out must not share memory with x")
     _newton_schulz_impl(
-        x, schedule, float(eps), fro_sumsq, out, row_sumsq_out, workspace, config, _autotune_requested(autotune)
+        x,
+        schedule,
+        float(eps),
+        fro_sumsq,
+        out,
+        row_sumsq_out,
+        workspace,
+        config,
+        _autotune_requested(autotune),
     )
     return out
-

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_device, interpreting
-from ._ns_jit import as_f32, bf16_to_f32, dot_operand, mma, round_to_bf16, tile_offset
+from ._ns_jit import as_f32, bf16_to_f32, dot_operand, round_to_bf16, tile_offset
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,12 @@ def _ns_apply_kernel(
         k_ok = (k0 + offs_k) < K
         a = tl.load(l_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(r_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = mma(dot_operand(a, UPCAST), dot_operand(b, UPCAST), acc, UPCAST)
+        a = dot_operand(a, UPCAST)
+        b = dot_operand(b, UPCAST)
+        if UPCAST:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
         l_ptrs += BLOCK_K * stride_lk
         r_ptrs += BLOCK_K * stride_rk
 
@@ -144,7 +149,11 @@ def _ns_apply_kernel(
         q = bf16_to_f32(c16, UPCAST)
         q = tl.where(mask, q * q, 0.0)
         part = tl.sum(q, axis=1)
-        q_ptrs = rsq_ptr + tile_offset(batch, stride_qb, pid_n, stride_qt, row0, stride_qm) + offs_m * stride_qm
+        q_ptrs = (
+            rsq_ptr
+            + tile_offset(batch, stride_qb, pid_n, stride_qt, row0, stride_qm)
+            + offs_m * stride_qm
+        )
         tl.store(q_ptrs, part, mask=m_ok)
 
 
@@ -186,10 +195,11 @@ def default_apply_config(batch: int, m: int, n: int, k: int, device: torch.devic
     GPU: 128x128x64 (8 warps, 3 stages) when there are at least as many tiles as SMs,
     otherwise 64x128 then 64x64 (4 warps, 4 stages); every block is capped to the smallest
     power of two >= 16 covering its dimension, so a 7x1 matrix runs 16x16 tiles.
-    Interpreter: 32x32x32 (capped likewise) to keep the CPU tests fast.
+    Interpreter: 64x64x64 (capped likewise): the interpreter's cost is per program and per
+    op, so larger tiles are faster there; tests pass explicit small configs for coverage.
     """
     if device.type != "cuda":
-        return _clamp(ApplyConfig(32, 32, 32, 4, 4, 1), m, n, k)
+        return _clamp(ApplyConfig(64, 64, 64, 4, 4, 1), m, n, k)
     sms = _sm_count(device)
     for cfg in _GPU_APPLY_TILES:
         c = _clamp(cfg, m, n, k)
@@ -204,7 +214,13 @@ def apply_candidates(m: int, n: int, k: int, device: torch.device) -> list[Apply
         raw = [ApplyConfig(bm, bn, 32, 4, 4, 1) for bm in (16, 32) for bn in (16, 32)]
     else:
         raw = []
-        for bm, bn, warps in ((64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8), (128, 256, 8)):
+        for bm, bn, warps in (
+            (64, 64, 4),
+            (64, 128, 4),
+            (128, 64, 4),
+            (128, 128, 8),
+            (128, 256, 8),
+        ):
             for bk in (32, 64):
                 for stages in (3, 4):
                     raw.append(ApplyConfig(bm, bn, bk, 8, warps, stages))
@@ -259,7 +275,9 @@ def ns_apply(
         raise ValueError(f"out must be a bf16 tensor of shape {(batch, m, n)}")
     if fro_sumsq is not None and fro_sumsq.shape != (batch,):
         raise ValueError(f"fro_sumsq must have shape {(batch,)}")
-    if row_sumsq_out is not None and (row_sumsq_out.shape != (batch, m) or row_sumsq_out.dtype != torch.float32):
+    if row_sumsq_out is not None and (
+        row_sumsq_out.shape != (batch, m) or row_sumsq_out.dtype != torch.float32
+    ):
         raise ValueError(f"row_sumsq_out must be a float32 tensor of shape {(batch, m)}")
     if batch == 0 or m == 0 or n == 0:
         if row_sumsq_out is not None:
@@ -277,8 +295,14 @@ def ns_apply(
             need = batch * tiles_n * m
             if row_partials is None:
                 row_partials = torch.empty(need, device=out.device, dtype=torch.float32)
-            elif row_partials.dtype != torch.float32 or row_partials.numel() < need or not row_partials.is_contiguous():
-                raise ValueError(f"row_partials must be a contiguous float32 buffer of >= {need} elements")
+            elif (
+                row_partials.dtype != torch.float32
+                or row_partials.numel() < need
+                or not row_partials.is_contiguous()
+            ):
+                raise ValueError(
+                    f"row_partials must be a contiguous float32 buffer of >= {need} elements"
+                )
             partials = row_partials[:need].view(batch, tiles_n, m)
     q_arg = partials if partials is not None else out
     s_arg = fro_sumsq if fro_sumsq is not None else out
