@@ -1,0 +1,548 @@
+"""trasmuon.distributed under DDP and FSDP2, on CPU with gloo, against the single-process run.
+
+Each distributed test starts 1-3 worker processes (forkserver, so torch is imported once)
+that train the same small model with the distributed optimizer and, in the same process, a
+single-process optimizer on an unsharded copy of the model that is fed exactly the gradients
+the distributed run used (DDP's averaged grads; the full FSDP2 grads). The two are compared
+after every step:
+
+* DDP: bitwise equal weights and state, for bf16, fp32 and fp64 Newton-Schulz (each matrix's
+  NS runs once, on its owner, on the same input as in a single process; everything else is
+  computed on every rank from identical inputs).
+* FSDP2: bitwise equal momentum, row second moment and AdamW moments; weights and the
+  per-column gate state equal within ``FSDP_RTOL``/``FSDP_ATOL``: the column energies and
+  ||O_base||_F^2 are sums over rows, computed as per-shard partial sums and an all-reduce,
+  which rounds differently from one sum over all rows (see docs/distributed.md).
+
+A worker failure re-raises here with the worker's traceback; a hang fails the test after
+``TIMEOUT`` seconds instead of blocking CI.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import multiprocessing
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from trasmuon import Muon, NorMuon, TrasMuon, reference
+from trasmuon.distributed import (
+    CommStats,
+    DistributedMixin,
+    DistributedMuon,
+    DistributedNorMuon,
+    DistributedTrasMuon,
+    assign_owners,
+    distributed,
+    ns_flops,
+    shard_rows,
+)
+from trasmuon.optimizer import MatrixJob
+
+TIMEOUT = 150.0  # seconds per multi-process test (the machine may be shared and slow)
+STEPS, CHECKPOINT_AT = 8, 5
+FSDP_RTOL, FSDP_ATOL = 1e-5, 1e-7
+HP = dict(lr=0.02, weight_decay=0.1, warmup_steps=2, clip_period=2, diagnostics=True)
+
+# Workers are forked from a server that has imported these once (a spawned worker would
+# import torch again: seconds per process on a 2-core machine).
+multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "trasmuon.distributed"])
+
+
+# --------------------------------------------------------------------------------------
+# The model, its param groups and one training step
+# --------------------------------------------------------------------------------------
+class Net(nn.Module):
+    """Matrices of several shapes: 7 rows (uneven on 2 and 3 ranks), 2 rows (an empty shard
+    on 3 ranks), tall and wide; ``side`` is unused on some steps. ``extra`` is not used by
+    the forward pass: its gradient is set by hand, the same on every rank, and FSDP2 leaves
+    it unsharded (a replicated matrix in the same step as sharded ones)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(13, 16)
+        self.side = nn.Linear(16, 16, bias=False)
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 24, bias=False)
+        self.fc3 = nn.Linear(24, 7, bias=False)
+        self.proj = nn.Linear(7, 12, bias=False)
+        self.tiny = nn.Linear(12, 2, bias=False)
+        self.head = nn.Linear(2, 13)
+        self.extra = nn.Parameter(torch.randn(6, 10))
+
+    def forward(self, idx: torch.Tensor, use_side: bool) -> torch.Tensor:
+        h = self.emb(idx).mean(1)
+        if use_side:
+            h = h + self.side(h)
+        h = torch.relu(self.fc2(torch.relu(self.fc1(h))))
+        return self.head(self.tiny(torch.tanh(self.proj(self.fc3(h)))))
+
+
+MATRICES = ("fc1.weight", "fc2.weight", "fc3.weight", "tiny.weight", "extra")
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """TrasMuon (bf16 NS), NorMuon (fp32 NS), Muon (fp64 NS, Nesterov) and AdamW groups."""
+    named = dict(model.named_parameters())
+    return [
+        {"params": [named[k] for k in MATRICES]},
+        {"params": [named["side.weight"]], "rule": "normuon", "ns_dtype": torch.float32},
+        {"params": [named["proj.weight"]], "rule": "muon", "ns_dtype": torch.float64,
+         "nesterov": True, "adjust_lr_fn": "match_rms_adamw"},
+        {"params": [named[k] for k in ("emb.weight", "fc1.bias", "head.weight", "head.bias")],
+         "rule": "adamw", "lr": 0.01, "weight_decay": 0.01},
+    ]
+
+
+def batch(step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 + step)
+    idx = torch.randint(0, 13, (4 * world, 5), generator=gen)
+    target = torch.randint(0, 13, (4 * world,), generator=gen)
+    return idx[rank::world], target[rank::world]
+
+
+def side_used(step: int, rank: int, rank_local: bool) -> bool:
+    """``side`` is unused by every rank on steps 3 and 6; with ``rank_local`` (DDP), it is
+    used by rank 0 only on steps 2, 5 and 8 (DDP then still gives every rank its grad)."""
+    if step % 3 == 0:
+        return False
+    return not (rank_local and step % 3 == 2 and rank != 0)
+
+
+def burst_(step: int, local_grads: dict[str, torch.Tensor]) -> None:
+    """Gradient bursts on a few columns from step 3 on (the column gate's target)."""
+    if step >= 3:
+        local_grads["fc2.weight"][:, [1, 5]] *= 20.0
+        local_grads["fc1.weight"][:, 2] *= 30.0
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def train_step(model, wrapped, opt, step, rank, world, rank_local, ref=None) -> None:
+    """Forward/backward on this rank's batch, bursts, one step of ``opt``; with ``ref`` =
+    (model, optimizer), one single-process step on the same (full) gradients."""
+    idx, target = batch(step, rank, world)
+    loss = nn.functional.cross_entropy(wrapped(idx, side_used(step, rank, rank_local)), target)
+    loss.backward()
+    named = dict(model.named_parameters())
+    named["extra"].grad = torch.randn(6, 10, generator=torch.Generator().manual_seed(step))
+    burst_(step, {k: local(p.grad) for k, p in named.items() if p.grad is not None})
+    if step % 3 == 0:
+        assert named["side.weight"].grad is None  # the step really has a param without grad
+    if ref is not None:
+        ref_model, ref_opt = ref
+        for k, rp in ref_model.named_parameters():
+            g = named[k].grad
+            rp.grad = None if g is None else full(g).clone()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    opt.step()
+    opt.zero_grad()
+
+
+def state_pairs(opt, model, ref_opt, ref_model):
+    """(name, key, distributed value, reference value) for every state entry and weight."""
+    ref_named = dict(ref_model.named_parameters())
+    for name, p in model.named_parameters():
+        rp = ref_named[name]
+        yield name, "param", p.detach(), rp.detach()
+        st, rst = opt.state[p], ref_opt.state[rp]
+        assert set(st) == set(rst), (name, set(st), set(rst))
+        for key in st:
+            yield name, key, st[key], rst[key]
+
+
+def assert_same_on_all_ranks(t: torch.Tensor, what: str) -> None:
+    t = t.detach().contiguous()
+    gathered = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, t)
+    for r, g in enumerate(gathered):
+        assert torch.equal(g, gathered[0]), f"{what} differs between rank 0 and rank {r}"
+
+
+def gather_stats(opt) -> list[dict]:
+    stats = [None] * dist.get_world_size()
+    dist.all_gather_object(stats, {"calls": opt.comm_stats.calls, "sent": opt.comm_stats.sent,
+                                   "received": opt.comm_stats.received})
+    return stats
+
+
+def expected_bytes(model, opt, step: int, world: int) -> dict[str, int]:
+    """The payload formulas of docs/distributed.md for this step, summed over ranks."""
+    named = dict(model.named_parameters())
+    jobs = []
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if group["rule"] == "adamw" or (p is named["side.weight"] and step % 3 == 0):
+                continue
+            rule = group["rule"] or "trasmuon"
+            jobs.append((tuple(p.shape), group["ns_dtype"], group["ns_steps"], rule,
+                         hasattr(p, "to_local")))
+    owners = assign_owners([ns_flops(s, n) for s, _, n, _, _ in jobs], world)
+
+    def aligned(n):
+        return -(-n // 16) * 16
+
+    out = {"broadcast": 0, "all_to_all": 0, "row_reduce": 0}
+    for (shape, dtype, _, rule, sharded), owner in zip(jobs, owners, strict=True):
+        d_out, d_in = shape
+        if not sharded:
+            out["broadcast"] += aligned(d_out * d_in * dtype.itemsize)
+            continue
+        for s, (a, b) in enumerate(shard_rows(d_out, world)):
+            if s != owner:
+                out["all_to_all"] += aligned((b - a) * d_in * dtype.itemsize)
+        if rule != "muon":  # ||O_base||^2 (fp32), and the column energies when gated
+            out["row_reduce"] += 4 * (1 + (d_in if rule == "trasmuon" and d_in >= 8 else 0))
+    return out
+
+
+def check_bytes(stats: list[dict], expected: dict[str, int], agree_bytes: int) -> None:
+    """The measured payloads (CommStats of every rank) against ``expected_bytes``."""
+    sent = [s["sent"] for s in stats]
+    received = [s["received"] for s in stats]
+    for s in stats:
+        assert s["sent"].get("all_reduce(agree)", 0) == agree_bytes
+        assert s["sent"].get("all_reduce(rows)", 0) == expected["row_reduce"]
+    for op in ("all_to_all(M)", "all_to_all(O)"):
+        total = sum(x.get(op, 0) for x in sent)
+        assert total == sum(x.get(op, 0) for x in received) == expected["all_to_all"]
+    total = sum(x.get("broadcast(O)", 0) for x in sent)
+    assert total == expected["broadcast"]
+    for x, y in zip(sent, received, strict=True):  # every rank ends with every O
+        assert x.get("broadcast(O)", 0) + y.get("broadcast(O)", 0) == total
+
+
+# --------------------------------------------------------------------------------------
+# Worker plumbing
+# --------------------------------------------------------------------------------------
+def _entry(rank: int, fn, world: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{os.path.join(tmp, 'init')}", rank=rank, world_size=world
+    )
+    try:
+        fn(rank, world, tmp)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_workers(fn, world: int, tmp_path, timeout: float = TIMEOUT) -> None:
+    ctx = mp.start_processes(
+        _entry, args=(fn, world, str(tmp_path)), nprocs=world, join=False,
+        start_method="forkserver",
+    )
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=0.5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.kill()
+            pytest.fail(f"{fn.__name__} on {world} ranks did not finish in {timeout:.0f} s")
+
+
+def write_report(tmp: str, report: dict) -> None:
+    if dist.get_rank() == 0:
+        with open(os.path.join(tmp, "report.json"), "w") as f:
+            json.dump(report, f)
+
+
+def read_report(tmp_path) -> dict:
+    with open(tmp_path / "report.json") as f:
+        return json.load(f)
+
+
+# --------------------------------------------------------------------------------------
+# DDP
+# --------------------------------------------------------------------------------------
+def _ddp_worker(rank: int, world: int, tmp: str) -> None:
+    check = world != 3  # 3 ranks: no agreement all-reduce, no host sync
+
+    def build(seed):
+        torch.manual_seed(seed)
+        model = Net()
+        wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        return model, wrapped, DistributedTrasMuon(param_groups(model), **HP, check_consistency=check)
+
+    model, wrapped, opt = build(0)
+    torch.manual_seed(0)
+    ref_model = Net()
+    ref_opt = TrasMuon(param_groups(ref_model), **HP)
+    n_params = len(list(model.parameters()))
+    stats = []
+    ckpt = os.path.join(tmp, "ddp.pt")
+    for step in range(1, STEPS + 1):
+        train_step(model, wrapped, opt, step, rank, world, True, (ref_model, ref_opt))
+        for name, key, value, ref_value in state_pairs(opt, model, ref_opt, ref_model):
+            assert torch.equal(value, ref_value), f"step {step}: {name} {key} differs"
+        assert opt.diagnostics() == ref_opt.diagnostics()
+        stats.append(gather_stats(opt))
+        if world > 1:
+            check_bytes(stats[-1], expected_bytes(model, opt, step, world), 4 * n_params * check)
+        if step == CHECKPOINT_AT:
+            if rank == 0:  # any rank's state is complete: save one
+                torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, ckpt)
+            dist.barrier()
+    assert ref_opt.state[ref_model.fc2.weight]["c_ema"].min() < 0.99  # the gate did engage
+    for name, key, value, _ in state_pairs(opt, model, ref_opt, ref_model):
+        assert_same_on_all_ranks(value, f"{name} {key}")
+
+    # Resume from rank 0's checkpoint on every rank: bitwise the uninterrupted run.
+    model2, wrapped2, opt2 = build(1)
+    saved = torch.load(ckpt)
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["optim"])
+    for step in range(CHECKPOINT_AT + 1, STEPS + 1):
+        train_step(model2, wrapped2, opt2, step, rank, world, True)
+    for name, key, value, ref_value in state_pairs(opt2, model2, opt, model):
+        assert torch.equal(value, ref_value), f"resumed: {name} {key} differs"
+
+    # A parameter with a gradient on one rank only: the same error on every rank, no hang,
+    # nothing changed.
+    if world > 1 and check:
+        before = [p.clone() for p in model.parameters()]
+        for p in model.parameters():
+            p.grad = torch.ones_like(p) if (rank == 0 or p is not model.fc2.weight) else None
+        with pytest.raises(RuntimeError, match="gradient on some ranks"):
+            opt.step()
+        assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+    # The other distributed classes, with their own defaults (2D params on their matrix
+    # rule, the rest on AdamW): bitwise their single-process class.
+    for dist_cls, cls in ((DistributedMuon, Muon), (DistributedNorMuon, NorMuon)):
+        torch.manual_seed(2)
+        model3 = Net()
+        wrapped3 = nn.parallel.DistributedDataParallel(model3, find_unused_parameters=True)
+        ref3 = copy.deepcopy(model3)
+        opt3, ref_opt3 = dist_cls(model3.parameters(), lr=0.01), cls(ref3.parameters(), lr=0.01)
+        for step in range(1, 4):
+            train_step(model3, wrapped3, opt3, step, rank, world, True, (ref3, ref_opt3))
+        for name, key, value, ref_value in state_pairs(opt3, model3, ref_opt3, ref3):
+            assert torch.equal(value, ref_value), f"{dist_cls.__name__}: {name} {key} differs"
+    write_report(tmp, {"stats": stats})
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_ddp_matches_single_process(world, tmp_path):
+    """DDP (find_unused_parameters) with TrasMuon/NorMuon/Muon/AdamW groups, weight decay,
+    warmup, gradient bursts, a param unused by one rank and by all ranks: bitwise equal to
+    the single-process optimizer on the same grads, identical on all ranks, checkpoint
+    resume bitwise, rank-dependent gradient sets raise on every rank."""
+    run_workers(_ddp_worker, world, tmp_path)
+    if world > 1:
+        stats = read_report(tmp_path)["stats"]
+        print(f"\nDDP {world} ranks, step 1 payload bytes per rank:", stats[0])
+
+
+# --------------------------------------------------------------------------------------
+# FSDP2
+# --------------------------------------------------------------------------------------
+def _fully_shard(model: nn.Module, world: int) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (world,))
+    for name in ("side", "fc1", "fc2", "fc3", "proj", "tiny"):
+        fully_shard(getattr(model, name), mesh=mesh)
+    fully_shard(model, mesh=mesh, ignored_params={model.extra})
+    return model
+
+
+def _dcp_save(model, opt, path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=path)
+
+
+def _dcp_load(model, opt, path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(sd, checkpoint_id=path)
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, opt, sd["optim"])
+
+
+BITWISE_KEYS = ("momentum", "exp_avg", "exp_avg_sq", "step")
+
+
+def _fsdp_worker(rank: int, world: int, tmp: str) -> None:
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    def build(seed):
+        torch.manual_seed(seed)
+        model = _fully_shard(Net(), world)
+        return model, DistributedTrasMuon(param_groups(model), **HP, check_finite=True)
+
+    torch.manual_seed(0)
+    ref_model = Net()
+    ref_opt = TrasMuon(param_groups(ref_model), **HP)
+    model, opt = build(0)
+    assert isinstance(model.fc3.weight, DTensor)
+    n_params = len(list(model.parameters()))
+    stats, worst = [], {"abs": 0.0, "rel": 0.0}
+    ckpt = os.path.join(tmp, "dcp")
+    for step in range(1, STEPS + 1):
+        train_step(model, model, opt, step, rank, world, False, (ref_model, ref_opt))
+        for name, key, value, ref_value in state_pairs(opt, model, ref_opt, ref_model):
+            value = full(value)
+            if key in BITWISE_KEYS:
+                assert torch.equal(value, ref_value), f"step {step}: {name} {key} differs"
+            else:
+                torch.testing.assert_close(value, ref_value, rtol=FSDP_RTOL, atol=FSDP_ATOL,
+                                           msg=lambda m, n=name, k=key, t=step: f"step {t}: {n} {k}: {m}")
+                err = float((value - ref_value).abs().max())
+                worst["abs"] = max(worst["abs"], err)
+                worst["rel"] = max(worst["rel"], err / max(float(ref_value.abs().max()), 1e-30))
+            if not isinstance(opt.state[model.get_parameter(name)].get(key), DTensor):
+                assert_same_on_all_ranks(value, f"{name} {key}")  # replicated state
+        diag, ref_diag = opt.diagnostics(), ref_opt.diagnostics()
+        assert diag.keys() == ref_diag.keys()
+        for label, values in diag.items():
+            for key, value in values.items():
+                assert value == pytest.approx(ref_diag[label][key], rel=FSDP_RTOL, abs=FSDP_ATOL)
+        stats.append(gather_stats(opt))
+        if world > 1:  # one rank: no collective at all
+            check_bytes(stats[-1], expected_bytes(model, opt, step, world), 4 * n_params)
+        else:
+            assert stats[-1][0]["calls"] == {}
+        if step == CHECKPOINT_AT:
+            _dcp_save(model, opt, ckpt)
+    assert ref_opt.state[ref_model.fc2.weight]["c_ema"].min() < 0.99  # the gate did engage
+
+    # Newton-Schulz itself: every rank's rows of O are bitwise those of the single-process O
+    # of the same momentum, for bf16, fp32 and fp64 NS, sharded and replicated matrices.
+    jobs, expected = [], []
+    for group in opt.param_groups:
+        for p in group["params"] if group["rule"] != "adamw" else []:
+            m = opt.state[p]["momentum"]
+            jobs.append(MatrixJob(p, m, m, group, group["rule"] or "trasmuon", opt.state[p], 0, 0.0))
+            schedule = reference.ns_schedule(group["ns_coefficients"], group["ns_steps"])
+            ortho = reference.newton_schulz(full(m), schedule, group["eps"], group["ns_dtype"])
+            start, stop = shard_rows(p.shape[0], world)[rank] if hasattr(p, "to_local") else (0, None)
+            expected.append(ortho[start:stop])
+    for job, ortho, want in zip(jobs, opt._orthogonalize(jobs), expected, strict=True):
+        assert ortho.dtype == want.dtype and torch.equal(ortho, want), tuple(job.param.shape)
+    st = opt.state[model.fc3.weight]
+    assert isinstance(st["momentum"], DTensor) and isinstance(st["row_v"], DTensor)
+    assert st["row_v"].to_local().shape[0] == model.fc3.weight.to_local().shape[0]
+
+    # DCP round trip: a fresh model and optimizer resume bitwise.
+    model2, opt2 = build(1)
+    _dcp_load(model2, opt2, ckpt)
+    for step in range(CHECKPOINT_AT + 1, STEPS + 1):
+        train_step(model2, model2, opt2, step, rank, world, False)
+    for name, key, value, other in state_pairs(opt2, model2, opt, model):
+        assert type(value) is type(other), (name, key)
+        assert torch.equal(full(value), full(other)), f"resumed: {name} {key} differs"
+
+    # A non-finite gradient in one rank's shard stops every rank before anything changes.
+    before = [full(p).clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    if rank == world - 1:
+        local(model.fc1.weight.grad)[-1, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="non-finite"):
+        opt.step()
+    # A gradient missing on one rank only: the same error everywhere.
+    model.fc1.weight.grad = torch.zeros_like(model.fc1.weight)
+    if world > 1:
+        if rank == 0:
+            model.fc2.weight.grad = None
+        with pytest.raises(RuntimeError, match="gradient on some ranks"):
+            opt.step()
+    assert all(torch.equal(a, full(p)) for a, p in zip(before, model.parameters(), strict=True))
+
+    # Sharding on columns, or a replicated DTensor: a clear error at construction.
+    mesh = model.fc1.weight.device_mesh
+    for placements in ([Shard(1)], [Replicate()]):
+        p = nn.Parameter(distribute_tensor(torch.randn(6, 8), mesh, placements))
+        with pytest.raises(NotImplementedError, match="Shard"):
+            DistributedNorMuon([p])
+        DistributedTrasMuon([{"params": [p], "rule": "adamw"}])  # elementwise: fine
+    write_report(tmp, {"stats": stats, "worst": worst})
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_fsdp2_matches_single_process(world, tmp_path):
+    """FSDP2 (DTensor Shard(0), uneven and empty shards) with the same groups and events as
+    the DDP test: momentum and row moments bitwise, weights and gate state within tolerance,
+    replicated state identical on all ranks, DCP save/load resume bitwise, non-finite and
+    rank-dependent gradients raise on every rank, unsupported placements raise."""
+    run_workers(_fsdp_worker, world, tmp_path)
+    report = read_report(tmp_path)
+    print(f"\nFSDP2 {world} ranks, step 1 payload bytes per rank:", report["stats"][0])
+    print("largest |error| (abs, relative to the tensor's max |value|):", report["worst"])
+
+
+# --------------------------------------------------------------------------------------
+# Planning and API, in this process
+# --------------------------------------------------------------------------------------
+def test_ns_flops():
+    assert ns_flops((8, 8), 5) == 5 * (4 * 8**3 + 2 * 8**3)
+    assert ns_flops((32, 4), 1) == ns_flops((4, 32), 1) == 4 * 16 * 32 + 2 * 64
+
+
+def test_assign_owners_balances_flops_not_count():
+    costs = [ns_flops((512, 512), 5)] + [ns_flops((64, 64), 5)] * 8
+    owners = assign_owners(costs, 2)
+    assert owners[0] == 0 and owners[1:] == [1] * 8  # the big matrix alone on one rank
+    assert assign_owners(costs, 2) == owners  # deterministic
+    owners = assign_owners([3, 3, 2, 2, 2], 2)
+    loads = [sum(c for c, o in zip([3, 3, 2, 2, 2], owners, strict=True) if o == r) for r in (0, 1)]
+    assert sorted(loads) == [5, 7]  # LPT, within 4/3 of the optimum (6, 6)
+    assert assign_owners([], 3) == []
+    assert assign_owners([1, 1], 4) == [0, 1]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 7, 12])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_shard_rows_is_torch_chunk(rows, world):
+    chunks = [c.numel() for c in torch.arange(rows).chunk(world)]
+    chunks += [0] * (world - len(chunks))
+    assert [b - a for a, b in shard_rows(rows, world)] == chunks
+
+
+def test_api_without_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="not initialized"):
+        DistributedTrasMuon([nn.Parameter(torch.randn(4, 4))])
+    assert distributed(TrasMuon) is DistributedTrasMuon
+    assert distributed(DistributedMuon) is DistributedMuon
+    sub = type("MyMuon", (TrasMuon,), {})
+    assert distributed(sub) is distributed(sub) and issubclass(distributed(sub), DistributedMixin)
+    with pytest.raises(TypeError):
+        distributed(torch.optim.AdamW)
+    stats = CommStats()
+    stats.add("x", 3, 4)
+    stats.add("x", 1, 0)
+    assert (stats.calls, stats.total_sent, stats.total_received) == ({"x": 2}, 4, 4)
+
