@@ -14,6 +14,7 @@ name ends in ``_`` update their first arguments in place.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, MutableMapping, Sequence
 
 import torch
@@ -55,7 +56,7 @@ def is_ns_triple(value: object) -> bool:
         isinstance(value, Sequence)
         and not isinstance(value, str)
         and len(value) == 3
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value)
     )
 
 
@@ -403,12 +404,12 @@ def trasmuon_update_stage_(
 
     gate = energy = None
     if gate_on:
-        source = {
-            "momentum": lambda: state["momentum"],
-            "grad": lambda: grad_wide,
-            "update": lambda: ortho.to(acc) * rowscale.unsqueeze(-1),
-        }[energy_source]()
-        energy = row_reduce(column_energy(source, acc))
+        if energy_source == "update":
+            partial = update_energy(ortho, rowscale, acc)
+        else:
+            source = state["momentum"] if energy_source == "momentum" else grad_wide
+            partial = column_energy(source, acc)
+        energy = row_reduce(partial)
         gate = gate_stage_(state, energy, step, lr, **gate_kwargs)
 
     update = matrix_update(ortho, step_size.unsqueeze(-1) * rowscale, gate, acc)
@@ -512,3 +513,87 @@ def adamw_step_(
         param.addcdiv_(exp_avg, denom, value=-step_size)
     else:
         apply_update_(param, exp_avg / denom * step_size, decay)
+
+
+# --------------------------------------------------------------------------------------
+# Kernel-stage compositions (memory passes)
+# --------------------------------------------------------------------------------------
+# Eager twins of the memory-pass kernels (trasmuon_kernels.momentum_energy, .gate and
+# .update): what one launch computes for a stack (B, d_out, d_in), composed from the
+# functions above so that the twins cannot drift from the eager step. The gate kernel's
+# twin is gate_stage_ itself.
+
+
+def momentum_energy_pass_(
+    momentum: Tensor,
+    grad: Tensor,
+    beta: float,
+    *,
+    nesterov: bool,
+    energy_source: str | None,
+    ns_dtype: torch.dtype = torch.bfloat16,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Memory pass 1: ``momentum_stage_`` (momentum updated in place), then returns
+    ``(x, energy, x_sqnorm)``: the Newton-Schulz input rounded to ``ns_dtype``; the column
+    energies of M or G (``energy_source`` "momentum" or "grad"; None computes none, and
+    "update" needs O, see ``update_energy``); and ||x||_F^2 accumulated in the state dtype
+    (the square of the norm ``newton_schulz`` divides by)."""
+    ns_in, grad_wide = momentum_stage_(grad, {"momentum": momentum}, beta, nesterov)
+    acc = momentum.dtype
+    x = ns_in.to(ns_dtype)
+    if energy_source == "momentum":
+        energy = column_energy(momentum, acc)
+    elif energy_source == "grad":
+        energy = column_energy(grad_wide, acc)
+    elif energy_source is None:
+        energy = None
+    else:
+        raise ValueError(f"energy_source must be 'momentum', 'grad' or None here, got {energy_source!r}")
+    return x, energy, column_energy(x, acc).sum(dim=-1)
+
+
+def update_energy(ortho: Tensor, rowscale: Tensor, acc_dtype: torch.dtype = torch.float32) -> Tensor:
+    """``energy_source="update"``: the column energies of O_base = O * rowscale (as
+    ``trasmuon_update_stage_`` computes them)."""
+    return column_energy(ortho.to(acc_dtype) * rowscale.unsqueeze(-1), acc_dtype)
+
+
+def row_stats_(
+    row_v: Tensor,
+    rowsumsq: Tensor,
+    d_in: int,
+    *,
+    beta2: float,
+    eps: float,
+    scale: float,
+    lr: float | Tensor,
+) -> tuple[Tensor, Tensor]:
+    """SPEC steps 4-6 given O's row sums of squares, as ``trasmuon_update_stage_``: updates
+    ``row_v`` in place and returns ``(rowscale, eta_hat)``."""
+    row_second_moment_update_(row_v, rowsumsq, d_in, beta2)
+    rowscale = row_scale(row_v, eps)
+    d_out = row_v.shape[-1]
+    return rowscale, eta_hat_from_sumsq(scale, lr, d_out, d_in, o_base_sumsq(rowsumsq, rowscale))
+
+
+def weight_update_pass_(
+    param: Tensor,
+    ortho: Tensor,
+    lr: float | Tensor,
+    weight_decay: float,
+    *,
+    eta_hat: Tensor | None = None,
+    rowscale: Tensor | None = None,
+    step_size: float | Tensor | None = None,
+    col_gate: Tensor | None = None,
+) -> None:
+    """Memory pass 2: W <- (1 - lr*wd)*W - r_i * c_j * O_ij, rounded once to W's dtype, with
+    r = eta_hat * rowscale (``trasmuon_update_stage_``) or one ``step_size`` for every row
+    (``muon_update_stage_``); ``col_gate`` None means no gate."""
+    acc = state_dtype(param.dtype)
+    if step_size is None:
+        row_factor = eta_hat.unsqueeze(-1) * rowscale
+    else:
+        row_factor = torch.as_tensor(step_size, dtype=acc, device=param.device).expand(ortho.shape[-2])
+    update = matrix_update(ortho, row_factor, col_gate, acc)
+    apply_update_(param, update, weight_decay_factor(lr, weight_decay))

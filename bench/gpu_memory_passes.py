@@ -1,0 +1,422 @@
+"""The memory-bound passes on the GPU: parity with the eager reference and achieved bandwidth.
+
+    python bench/gpu_memory_passes.py                   # H100: -> bench/results/gpu_memory_passes_<gpu>.json
+    python bench/gpu_memory_passes.py --interpret-smoke # CPU, TRITON_INTERPRET=1: parity part, tiny shapes
+    python bench/gpu_memory_passes.py --aot-check       # no GPU needed: compile every kernel variant for sm_90
+
+For each bucket shape (4096x4096, the stack 12x768x3072 and its transpose) it records
+
+* parity of every kernel with its eager twin from ``trasmuon.reference`` on the same inputs
+  (bit equality where the kernels are exact on the CPU, and the tolerance-table check against a
+  float64 evaluation): momentum + energy pass, column energy of O_base, row sums of squares,
+  row statistics, the gate (exact k-th smallest), the update pass for bf16 and fp32 params;
+* the median time (``triton.testing.do_bench`` after warm-up, via bench/timing.py) of each pass
+  and its achieved bandwidth = (bytes read + written, the pass's floor: see
+  docs/kernels-memory.md) / time, next to a device-to-device copy measured in the same run,
+  and the fraction of it (the issue's target: >= 0.7 for the memory passes).
+
+The kernels run with their default (heuristic) launch configs; pointer-table (list) buckets
+are timed too. Results go to JSON with the GPU name and the torch and triton versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES: list[tuple[int, int, int]] = [(1, 4096, 4096), (12, 768, 3072), (12, 3072, 768)]
+SMOKE_SHAPES: list[tuple[int, int, int]] = [(1, 9, 17), (3, 17, 9), (2, 33, 1), (2, 1, 40)]
+TARGET_FRACTION = 0.7  # of the copy bandwidth, for the memory passes
+BETA1, BETA2, EPS, SCALE, WD = 0.95, 0.95, 1e-8, 0.2, 0.1
+GATE_KWARGS = dict(
+    warmup_steps=0, clip_period=1, clip_alpha=1.0, clip_min=0.7, clip_trigger=3.0,
+    clip_beta=0.9, energy_beta=0.99, energy_quantile=0.5, energy_eps=1e-12,
+    schedule_free=True, sf_mix=0.3,
+)
+
+
+def _timing():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import timing  # bench/timing.py, by path (only torch and triton)
+
+    return timing
+
+
+def _check(name, got, want64, *, twin=None, exact_expected=False, dtype=None) -> dict:
+    """One parity row: tolerance-table check against float64, and bit equality with the
+    eager twin (``exact_expected``: the CPU interpreter run is bit-identical for this one)."""
+    import torch
+
+    from trasmuon_kernels.testing import TOLERANCES, relative_fro_error
+
+    got_d = got.detach().double().cpu()
+    want = want64.detach().double().cpu()
+    tol = TOLERANCES[dtype or got.dtype]
+    scale = want.abs().max().item() if want.numel() else 0.0
+    bound = tol.rtol * want.abs() + tol.atol * scale
+    within = bool((~torch.isnan(got_d)).all() and ((got_d - want).abs() <= bound).all())
+    row = {
+        "check": name,
+        "within_tolerance": within,
+        "max_abs_err": float((got_d - want).abs().max().item()) if want.numel() else 0.0,
+        "rel_fro_err": relative_fro_error(got, want) if want.numel() and want.norm() > 0 else 0.0,
+    }
+    if twin is not None:
+        row["bit_equal_to_twin"] = bool(torch.equal(got.cpu(), twin.cpu()))
+        row["bit_equality_expected_on_cpu"] = exact_expected
+    return row
+
+
+def parity(shape: tuple[int, int, int], device) -> list[dict]:
+    """Every kernel against its eager twin on one bucket shape."""
+    import torch
+
+    from trasmuon import reference as ref
+    from trasmuon_kernels.gate import gate_stage_, kth_smallest
+    from trasmuon_kernels.momentum_energy import column_energy, momentum_energy_pass_
+    from trasmuon_kernels.update import row_stats_, row_sumsq, update_pass_
+
+    count, d_out, d_in = shape
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*s, dtype=torch.float32):
+        return torch.randn(*s, generator=gen).to(device=device, dtype=dtype)
+
+    rows = []
+    grad = randn(count, d_out, d_in, dtype=torch.bfloat16)
+    grad[..., : max(1, d_in // 64)] *= 100  # bursty columns
+    momentum = randn(count, d_out, d_in) * 0.1
+    m_twin, m64 = momentum.clone(), momentum.double()
+    res = momentum_energy_pass_(grad, momentum, BETA1, energy_source="momentum")
+    x_twin, e_twin, _ = ref.momentum_energy_pass_(m_twin, grad, BETA1, nesterov=False, energy_source="momentum")
+    _, e64, _ = ref.momentum_energy_pass_(m64, grad.double(), BETA1, nesterov=False,
+                                          energy_source="momentum", ns_dtype=torch.float64)
+    rows.append(_check("momentum", momentum, m64, twin=m_twin, exact_expected=True))
+    rows.append(_check("ns_input_x", res.x, m64, twin=x_twin, exact_expected=True))  # X = bf16(M)
+    rows.append(_check("column_energy", res.energy, e64, twin=e_twin))
+    rows.append(_check("x_sqnorm", res.x_sqnorm, (x_twin.double() ** 2).sum(dim=(-2, -1))))
+
+    ortho = ref.newton_schulz(res.x, ref.ns_schedule(ref.TRASMUON_NS_COEFFICIENTS, 5), EPS)
+    rss = row_sumsq(ortho)
+    rows.append(_check("row_sumsq", rss, ref.row_sumsq(ortho.double(), torch.float64), twin=ref.row_sumsq(ortho)))
+    v0 = (torch.rand(count, d_out, generator=gen) * 1e-3).to(device)
+    v_k, v_r, v64 = v0.clone(), v0.clone(), v0.double()
+    lr = 0.02
+    rowscale, eta = row_stats_(v_k, rss, d_in=d_in, beta2=BETA2, eps=EPS, scale=SCALE, lr=lr)
+    rs_twin, eta_twin = ref.row_stats_(v_r, rss, d_in, beta2=BETA2, eps=EPS, scale=SCALE, lr=lr)
+    rs64, eta64 = ref.row_stats_(v64, rss.double(), d_in, beta2=BETA2, eps=EPS, scale=SCALE, lr=lr)
+    rows.append(_check("row_v", v_k, v64, twin=v_r, exact_expected=True))
+    rows.append(_check("rowscale", rowscale, rs64, twin=rs_twin))
+    rows.append(_check("eta_hat", eta, eta64, twin=eta_twin))
+    upd_e = column_energy(ortho, row_scale=rowscale)
+    rows.append(_check("update_energy", upd_e, ref.update_energy(ortho.double(), rowscale.double(), torch.float64)))
+
+    k = ref.quantile_rank(d_in, 0.5)
+    kth = kth_smallest(res.energy, k)
+    rows.append({"check": "kth_smallest", "bit_equal_to_twin": bool(torch.equal(kth, ref.kth_smallest(res.energy, k))),
+                 "bit_equality_expected_on_cpu": True, "within_tolerance": bool(torch.equal(kth, ref.kth_smallest(res.energy, k)))})
+    sk, sr = {}, {}
+    for s in (sk, sr):
+        ref.init_gate_state(s, (count,), d_in, True, torch.device(device))
+    for t in (1, 2):
+        gate = gate_stage_(sk, res.energy, t, lr, **GATE_KWARGS)
+        gate_twin = ref.gate_stage_(sr, res.energy, t, lr, **GATE_KWARGS)
+    rows.append(_check("gate", gate, gate_twin.double(), twin=gate_twin, exact_expected=True))
+
+    for dtype in (torch.bfloat16, torch.float32):
+        w = randn(count, d_out, d_in, dtype=dtype)
+        w_twin, w64 = w.clone(), w.double()
+        update_pass_(w, ortho, lr=lr, weight_decay=WD, eta_hat=eta, rowscale=rowscale, col_gate=gate)
+        ref.weight_update_pass_(w_twin, ortho, lr, WD, eta_hat=eta, rowscale=rowscale, col_gate=gate)
+        ref.weight_update_pass_(w64, ortho.double(), lr, WD, eta_hat=eta.double(),
+                                rowscale=rowscale.double(), col_gate=gate.double())
+        rows.append(_check(f"update_{str(dtype).replace('torch.', '')}", w, w64, twin=w_twin, exact_expected=True))
+        lst = [p.clone() for p in w_twin]
+        update_pass_(lst, ortho, lr=lr, weight_decay=WD, eta_hat=eta, rowscale=rowscale, col_gate=gate)
+        ref.weight_update_pass_(w_twin, ortho, lr, WD, eta_hat=eta, rowscale=rowscale, col_gate=gate)
+        rows.append({"check": f"update_{str(dtype).replace('torch.', '')}_pointer_table",
+                     "bit_equal_to_twin": bool(torch.equal(torch.stack(lst), w_twin)),
+                     "bit_equality_expected_on_cpu": True,
+                     "within_tolerance": bool(torch.equal(torch.stack(lst), w_twin))})
+    for row in rows:
+        row["shape"] = list(shape)
+    return rows
+
+
+def bandwidth(shape: tuple[int, int, int], device, timing) -> list[dict]:
+    """Median time and achieved GB/s of every pass (in-place passes run repeatedly: values
+    drift, bytes do not)."""
+    import torch
+
+    from trasmuon import reference as ref
+    from trasmuon_kernels.gate import gate_stage_
+    from trasmuon_kernels.momentum_energy import TensorBucket, column_energy, momentum_energy_pass_
+    from trasmuon_kernels.update import row_stats_, row_sumsq, update_pass_
+
+    count, d_out, d_in = shape
+    n = count * d_out * d_in
+    grad = torch.randn(count, d_out, d_in, device=device).to(torch.bfloat16)
+    momentum = torch.randn(count, d_out, d_in, device=device) * 0.1
+    x = torch.empty(count, d_out, d_in, device=device, dtype=torch.bfloat16)
+    energy = torch.empty(count, d_in, device=device)
+    sq = torch.empty(count, device=device)
+    grads = TensorBucket.of([g.clone() for g in grad], "grad")
+    moms = TensorBucket.of([m.clone() for m in momentum], "momentum")
+    ortho = torch.randn(count, d_out, d_in, device=device).to(torch.bfloat16) / (d_in**0.5)
+    rss = row_sumsq(ortho)
+    v = torch.rand(count, d_out, device=device)
+    rowscale, eta = row_stats_(v.clone(), rss, d_in=d_in, beta2=BETA2, eps=EPS, scale=SCALE, lr=1e-3)
+    gate = torch.rand(count, d_in, device=device) * 0.3 + 0.7
+    w16 = torch.randn(count, d_out, d_in, device=device).to(torch.bfloat16)
+    w32 = torch.randn(count, d_out, d_in, device=device)
+    w16_list = TensorBucket.of([p.clone() for p in w16], "param")
+    state: dict = {}
+    ref.init_gate_state(state, (count,), d_in, True, torch.device(device))
+    lr_t = torch.tensor(1e-3, device=device)
+    step_t = torch.tensor(5.0, device=device)
+
+    cases = [
+        # (name, fn, bytes read + written per element, or None for the tiny kernels)
+        ("momentum_energy_bf16_grad", lambda: momentum_energy_pass_(
+            grad, momentum, BETA1, x_out=x, energy_out=energy, sqnorm_out=sq), 2 + 4 + 4 + 2),
+        ("momentum_energy_bf16_grad_pointer_tables", lambda: momentum_energy_pass_(
+            grads, moms, BETA1, x_out=x, energy_out=energy, sqnorm_out=sq), 2 + 4 + 4 + 2),
+        ("column_energy_update_source", lambda: column_energy(ortho, row_scale=rowscale, out=energy), 2),
+        ("row_sumsq", lambda: row_sumsq(ortho, out=rss), 2),
+        ("update_bf16_param", lambda: update_pass_(
+            w16, ortho, lr=lr_t, weight_decay=WD, eta_hat=eta, rowscale=rowscale, col_gate=gate), 2 + 2 + 2),
+        ("update_bf16_param_pointer_table", lambda: update_pass_(
+            w16_list, ortho, lr=lr_t, weight_decay=WD, eta_hat=eta, rowscale=rowscale, col_gate=gate), 2 + 2 + 2),
+        ("update_fp32_param", lambda: update_pass_(
+            w32, ortho, lr=lr_t, weight_decay=WD, eta_hat=eta, rowscale=rowscale, col_gate=gate), 4 + 4 + 2),
+        ("row_stats", lambda: row_stats_(v, rss, d_in=d_in, beta2=BETA2, eps=EPS, scale=SCALE, lr=lr_t), None),
+        ("gate", lambda: gate_stage_(state, energy.abs(), step_t, lr_t, **GATE_KWARGS, first=False), None),
+    ]
+    rows = []
+    for name, fn, bytes_per_elem in cases:
+        ms = timing.median_ms(fn, device)
+        row = {"pass": name, "shape": list(shape), "median_ms": ms}
+        if bytes_per_elem is not None:
+            row["bytes"] = n * bytes_per_elem
+            row["gbs"] = n * bytes_per_elem / (ms * 1e-3) / 1e9
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# Ahead-of-time compile check (no GPU needed: Triton ships ptxas)
+# --------------------------------------------------------------------------------------
+_TORCH_TO_TRITON = {
+    "float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64",
+    "int64": "i64", "int32": "i32", "uint8": "u8", "int8": "i8", "bool": "i1",
+}
+
+
+def aot_check(arch: int = 90) -> list[dict]:
+    """Compile every kernel variant the launchers produce (captured from CPU launches of the
+    interpreter-shaped calls below) for ``sm_<arch>`` with the installed Triton. Catches API
+    misuse and type errors that the interpreter lets through; says nothing about speed."""
+    os.environ.pop("TRITON_INTERPRET", None)  # real JITFunctions, not interpreted ones
+    sys.path.insert(0, str(ROOT))
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import trasmuon_kernels.gate as gate_mod
+    import trasmuon_kernels.momentum_energy as me_mod
+    import trasmuon_kernels.update as up_mod
+
+    kernels = [me_mod._momentum_energy_kernel, me_mod._column_energy_kernel, me_mod._finalize_kernel,
+               gate_mod._kth_kernel, gate_mod._gate_kernel, up_mod._row_sumsq_kernel,
+               up_mod._row_stats_kernel, up_mod._update_kernel]
+    assert all(isinstance(k, triton.runtime.jit.JITFunction) for k in kernels)
+    captured: dict[tuple, tuple] = {}
+
+    def capture(kernel):
+        def run(*args, grid, warmup, **kwargs):
+            names = [p.name for p in kernel.params]
+            bound = dict(zip(names, args, strict=False))
+            options = {k: v for k, v in kwargs.items() if k not in names}
+            bound.update({k: v for k, v in kwargs.items() if k in names})
+            sig, constexprs, attrs = {}, {}, {}
+            for i, p in enumerate(kernel.params):
+                value = bound[p.name]
+                if p.is_constexpr:
+                    sig[p.name] = "constexpr"
+                    constexprs[p.name] = False if p.name == "EMULATE_BF16_RNE" else value
+                elif isinstance(value, torch.Tensor):
+                    sig[p.name] = "*" + _TORCH_TO_TRITON[str(value.dtype).replace("torch.", "")]
+                    if value.data_ptr() % 16 == 0:
+                        attrs[(i,)] = [["tt.divisibility", 16]]
+                elif isinstance(value, bool):
+                    sig[p.name] = "i1"
+                elif isinstance(value, int) and value == 1 and not p.do_not_specialize:
+                    sig[p.name] = "constexpr"  # Triton specializes ints equal to 1 (unit strides)
+                    constexprs[p.name] = 1
+                elif isinstance(value, int):
+                    sig[p.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+                    if value % 16 == 0 and value != 0 and not p.do_not_specialize:
+                        attrs[(i,)] = [["tt.divisibility", 16]]
+                elif isinstance(value, float):
+                    sig[p.name] = "fp32"
+                else:
+                    raise TypeError(f"{kernel.__name__}: cannot type argument {p.name}={value!r}")
+            key = (kernel.__name__, tuple(sig.items()), tuple(sorted(constexprs.items())),
+                   tuple(sorted(options.items())), tuple(sorted(attrs)))
+            captured.setdefault(key, (kernel, sig, constexprs, attrs, options))
+
+        return run
+
+    for k in kernels:
+        k.run = capture(k)
+    os.environ["TRITON_INTERPRET"] = "1"  # only so that the launchers accept CPU tensors
+    try:
+        for shape in [(3, 257, 129), (2, 1, 40), (2, 33, 1), (2, 48, 256)]:
+            for tables in (False, True):
+                _drive_launchers(shape, tables)
+    finally:
+        os.environ.pop("TRITON_INTERPRET", None)
+    rows = []
+    for (name, *_), (kernel, sig, constexprs, attrs, options) in sorted(captured.items(), key=lambda kv: kv[0][0]):
+        opts = {k: v for k, v in options.items() if k in ("num_warps", "enable_fp_fusion")}
+        row = {"kernel": name, "constexprs": {k: str(v) for k, v in constexprs.items()},
+               "divisible_by_16": [kernel.params[i].name for (i,) in attrs]}
+        try:
+            src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+            ptx = compiled.asm["ptx"]
+            row.update(ok=True, vector_loads=sum(".v4." in line or ".v2." in line
+                                                 for line in ptx.splitlines() if "ld.global" in line))
+        except Exception as exc:  # report every failure, not just the first
+            row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:2000]}")
+        rows.append(row)
+    return rows
+
+
+def _drive_launchers(shape, tables: bool) -> None:
+    """CPU launches of every launcher path (captured by ``aot_check``, not executed)."""
+    import torch
+
+    from trasmuon import reference as ref
+    from trasmuon_kernels.gate import gate_stage_, kth_smallest
+    from trasmuon_kernels.momentum_energy import (
+        column_energy,
+        default_config,
+        momentum_energy_pass_,
+    )
+    from trasmuon_kernels.update import row_stats_, row_sumsq, update_pass_
+
+    count, d_out, d_in = shape
+    cfg = default_config(d_out, d_in, tile=4096)
+    for gd in (torch.float32, torch.bfloat16, torch.float16):
+        grad = torch.randn(count, d_out, d_in).to(gd)
+        mom = torch.randn(count, d_out, d_in)
+        g_arg = list(grad) if tables else grad
+        m_arg = list(mom) if tables else mom
+        for nesterov, src in ((False, "momentum"), (True, "grad"), (False, None)):
+            momentum_energy_pass_(g_arg, m_arg, BETA1, nesterov=nesterov, energy_source=src, config=cfg)
+    momentum_energy_pass_(grad, mom, 0.3, ns_dtype=torch.float16, transpose_tall=True, config=cfg)
+    ortho = torch.randn(count, d_out, d_in).to(torch.bfloat16)
+    rs = torch.rand(count, d_out)
+    column_energy(ortho, row_scale=rs, config=cfg)
+    column_energy(ortho.mT.contiguous().mT, config=cfg)
+    row_sumsq(ortho, config=cfg)
+    for lr in (1e-3, torch.tensor(1e-3)):
+        row_stats_(torch.rand(count, d_out), rs, d_in=d_in, beta2=BETA2, eps=EPS, scale=SCALE, lr=lr)
+    energy = torch.rand(count, d_in)
+    kth_smallest(energy, 1)
+    kth_smallest(energy, 1, block=16)
+    for sf in (True, False):
+        for trigger in (3.0, None):
+            state: dict = {}
+            ref.init_gate_state(state, (count,), d_in, sf, torch.device("cpu"))
+            kw = dict(GATE_KWARGS, schedule_free=sf, clip_trigger=trigger)
+            gate_stage_(state, energy, 1, 1e-3, **kw, energy_cur_out=torch.empty(count))
+            gate_stage_(state, energy, torch.tensor(2.0), torch.tensor(1e-3), **kw,
+                        first=torch.zeros(count, dtype=torch.bool), block=16)
+    gate = torch.rand(count, d_in)
+    for wd in (torch.float32, torch.bfloat16, torch.float16):
+        w = torch.randn(count, d_out, d_in).to(wd)
+        w_arg = list(w) if tables else w
+        update_pass_(w_arg, ortho, lr=1e-3, weight_decay=WD, eta_hat=torch.rand(count), rowscale=rs,
+                     col_gate=gate, config=cfg)
+        update_pass_(w_arg, ortho, lr=torch.tensor(1e-3), step_size=0.1, config=cfg)
+        update_pass_(w_arg, ortho, lr=1e-3, step_size=torch.tensor(0.1), config=cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--interpret-smoke", action="store_true",
+                    help="CPU + TRITON_INTERPRET=1: the parity part on tiny shapes, no timing")
+    ap.add_argument("--aot-check", action="store_true",
+                    help="compile every kernel variant for sm_90 (no GPU needed) and report")
+    ap.add_argument("--shapes", default=None, help="e.g. '1x4096x4096,12x768x3072'")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    if args.aot_check:
+        rows = aot_check()
+        bad = [r for r in rows if not r["ok"]]
+        for r in rows:
+            status = "ok" if r["ok"] else "FAILED " + r["error"].splitlines()[0]
+            print(f"{r['kernel']:28s} {status}")
+        print(f"{len(rows) - len(bad)}/{len(rows)} kernel variants compile for sm_90")
+        if args.out:
+            args.out.write_text(json.dumps(rows, indent=1))
+        return 1 if bad else 0
+
+    if args.interpret_smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton or the kernels are imported
+    sys.path.insert(0, str(ROOT))
+    import torch
+    import triton
+
+    timing = _timing()
+    device = torch.device("cpu" if args.interpret_smoke else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("no GPU here: run with --interpret-smoke for the CPU parity check")
+    shapes = SMOKE_SHAPES if args.interpret_smoke else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+
+    result: dict = {"env": timing.environment(device), "interpret_smoke": bool(args.interpret_smoke),
+                    "torch": torch.__version__, "triton": triton.__version__,
+                    "target_fraction_of_copy": TARGET_FRACTION}
+    result["parity"] = [row for shape in shapes for row in parity(shape, device)]
+    failed = [r for r in result["parity"] if not r["within_tolerance"]]
+    # On the CPU the interpreter run must also be bit-identical where the tests say so.
+    if device.type == "cpu":
+        failed += [r for r in result["parity"] if r.get("bit_equality_expected_on_cpu") and not r["bit_equal_to_twin"]]
+    for r in result["parity"]:
+        flag = "ok " if r not in failed else "BAD"
+        print(f"{flag} {r['check']:34s} {r['shape']} bit_equal={r.get('bit_equal_to_twin')} "
+              f"rel_fro={r.get('rel_fro_err', 0.0):.2e}")
+    if device.type == "cuda":
+        copy_gbs = timing.copy_bandwidth_gbs(device)
+        result["copy_gbs"] = copy_gbs
+        result["passes"] = [row for shape in shapes for row in bandwidth(shape, device, timing)]
+        for row in result["passes"]:
+            if "gbs" in row:
+                row["fraction_of_copy"] = row["gbs"] / copy_gbs
+                row["meets_target"] = row["fraction_of_copy"] >= TARGET_FRACTION
+            print(f"{row['pass']:42s} {row['shape']} {row['median_ms']:.4f} ms "
+                  + (f"{row['gbs']:.0f} GB/s ({row['fraction_of_copy']:.0%} of copy)" if "gbs" in row else ""))
+        print(f"device-to-device copy: {copy_gbs:.0f} GB/s")
+    out = args.out
+    if out is None and device.type == "cuda":
+        slug = timing.device_name(device).replace(" ", "_").replace("/", "_")
+        out = ROOT / "bench" / "results" / f"gpu_memory_passes_{slug}.json"
+    if out is not None:
+        out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {out}")
+    print(f"parity: {len(result['parity']) - len(failed)}/{len(result['parity'])} checks passed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,672 @@
+"""Memory pass 1 of SPEC's kernel data flow, and the column-energy pass of ``energy_source="update"``.
+
+``momentum_energy_pass_`` reads G and the float32 momentum M of a bucket of same-shape matrices
+once and, in one launch (plus a tiny fixed-order reduction launch):
+
+* updates M in place: M <- M + (1-b1)(G - M) (``reference.momentum_update_``, torch's lerp form);
+* writes the Newton-Schulz input X = ns_dtype(M), or of the Nesterov blend
+  (``reference.nesterov_input``), optionally stored transposed for tall matrices;
+* reduces the column energies E_j = sum_i S_ij^2 of S = M or S = G (``reference.column_energy``);
+* reduces ||X||_F^2 of the rounded X in float32 (what ``reference.newton_schulz`` divides by).
+
+``column_energy`` is the same column reduction for any stack (``energy_source="update"``: O with
+a row scale, after Newton-Schulz).
+
+The eager twin is ``reference.momentum_energy_pass_`` (and ``reference.update_energy``). This module
+also holds the helpers the other memory-pass modules share: bucket arguments (a 3D stack or a device
+table of ``data_ptr()``s), launch configs, float32 rounding of host scalars and the bf16 rounding
+used under the interpreter.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from trasmuon import reference as ref
+
+from ._common import check_device, interpreting
+
+# dtypes the kernels read as gradients/params and write as Newton-Schulz inputs.
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Energy sources this pass computes; "update" (O_base) exists only after Newton-Schulz, and
+# None computes none (an ungated matrix).
+PASS1_ENERGY_SOURCES = (*(s for s in ref.ENERGY_SOURCES if s != "update"), None)
+# Column-energy selector of the kernel (a constexpr).
+_ENERGY_NONE, _ENERGY_MOMENTUM, _ENERGY_GRAD = 0, 1, 2
+# Programs per SM the row-split heuristic aims for (a few waves hide the tail).
+_PROGRAMS_PER_SM = 4
+
+
+# --------------------------------------------------------------------------------------
+# Shared launcher helpers
+# --------------------------------------------------------------------------------------
+def f32(value: float) -> float:
+    """``value`` rounded to the nearest float32, as a Python float.
+
+    Kernels take scalars as float32. Every scalar is rounded here, and derived scalars
+    (1 - beta, lr*lr, ...) are computed on the host in double, as the eager reference computes
+    them, so that the compiled kernel and the interpreter (which keeps Python floats as
+    doubles until they meet a tensor) see the same float32 value.
+    """
+    return struct.unpack("f", struct.pack("f", float(value)))[0]
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device; 1 elsewhere (the interpreter runs programs one by one, so fewer,
+    larger programs are faster there)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    """Launch config of a tiled memory pass: a BLOCK_R x BLOCK_C tile per loop iteration.
+
+    ``splits`` (row splits per matrix) applies to the column-reducing passes only; None picks
+    it from the SM count. No autotuning: defaults come from the shape (``default_config``).
+    """
+
+    block_r: int
+    block_c: int
+    num_warps: int = 4
+    splits: int | None = None
+
+    def check(self) -> None:
+        for name in ("block_r", "block_c"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1 or v & (v - 1):
+                raise ValueError(f"config.{name} must be a power of two >= 1, got {v!r}")
+        if self.num_warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"config.num_warps must be a power of two <= 32, got {self.num_warps!r}")
+        if self.splits is not None and (not isinstance(self.splits, int) or self.splits < 1):
+            raise ValueError(f"config.splits must be None or an int >= 1, got {self.splits!r}")
+
+
+# Elements per tile: 4096 on a GPU (16 float32 per thread at 8 warps); under the interpreter,
+# which pays per Python-level operation rather than per element, larger tiles run faster.
+GPU_TILE = 4096
+INTERPRETER_TILE = 65536
+
+
+# Under the interpreter a tile's column sums (tl.sum over rows) are numpy's sequential sums
+# along a strided axis: keep the row blocks of column-reducing passes short there so that
+# float32 rounding stays near the GPU's tree reduction (see docs/kernels-memory.md).
+INTERPRETER_REDUCE_BLOCK_R = 16
+
+
+def default_config(
+    d_out: int, d_in: int, *, tile: int | None = None, reduces_columns: bool = False
+) -> PassConfig:
+    """Tiles of about ``tile`` elements (default ``GPU_TILE``, or ``INTERPRETER_TILE`` under
+    the interpreter), as wide as the rows allow (up to 256 columns) so that every warp reads
+    whole 128-byte lines; 8 warps for a full GPU tile. ``reduces_columns``: the pass sums
+    over rows (short row blocks under the interpreter)."""
+    if tile is None:
+        tile = INTERPRETER_TILE if interpreting() else GPU_TILE
+    block_c = min(256, next_pow2(d_in))
+    block_r = max(1, min(next_pow2(d_out), tile // block_c))
+    if reduces_columns and interpreting():
+        block_r = min(block_r, INTERPRETER_REDUCE_BLOCK_R)
+    num_warps = 8 if block_r * block_c >= GPU_TILE else 4
+    return PassConfig(block_r=block_r, block_c=block_c, num_warps=num_warps)
+
+
+@dataclass(frozen=True, eq=False)
+class TensorBucket:
+    """B same-shape matrices as one kernel argument.
+
+    Either a 3D stack (``table`` is None; any strides) or a list of separate 2D tensors with one
+    shape, dtype, device and strides, passed as a device int64 table of their ``data_ptr()``s
+    (``base`` is then the first tensor: it types the kernel's pointers). Build a list bucket once
+    with ``TensorBucket.of`` and reuse it while the tensors live (parameters): building the table
+    copies B pointers to the device.
+    """
+
+    base: Tensor
+    table: Tensor | None
+    count: int
+    shape: tuple[int, int]
+    strides: tuple[int, int, int]  # (matrix, row, column) in elements; matrix stride 0 with a table
+    aligned: bool  # every matrix starts at a 16-byte aligned address (vectorized loads on GPU)
+    tensors: tuple[Tensor, ...] | None = None  # keeps the list alive while the table is used
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    @property
+    def uses_table(self) -> bool:
+        return self.table is not None
+
+    @staticmethod
+    def of(value: BucketLike, name: str = "tensors") -> TensorBucket:
+        """A bucket from a 3D tensor, a sequence of 2D tensors, or a bucket (returned as is)."""
+        if isinstance(value, TensorBucket):
+            return value
+        if isinstance(value, Tensor):
+            if value.ndim != 3:
+                raise ValueError(
+                    f"{name} must be a 3D stack (B, d_out, d_in) or a list of 2D tensors, got a "
+                    f"tensor of shape {tuple(value.shape)}"
+                )
+            check_device(name, value)
+            b, d_out, d_in = value.shape
+            return TensorBucket(
+                base=value,
+                table=None,
+                count=b,
+                shape=(d_out, d_in),
+                strides=tuple(value.stride()),
+                aligned=value.data_ptr() % 16 == 0,
+            )
+        if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+            tensors = tuple(value)
+            if not tensors:
+                raise ValueError(f"{name} is an empty list; a bucket needs at least one matrix")
+            first = tensors[0]
+            for i, t in enumerate(tensors):
+                if not isinstance(t, Tensor):
+                    raise TypeError(f"{name}[{i}] is a {type(t).__name__}, not a tensor")
+                if t.ndim != 2:
+                    raise ValueError(f"{name}[{i}] must be 2D, got shape {tuple(t.shape)}")
+                if t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
+                    raise ValueError(
+                        f"{name}[{i}] is {tuple(t.shape)} {t.dtype} on {t.device}, but {name}[0] "
+                        f"is {tuple(first.shape)} {first.dtype} on {first.device}: a bucket holds "
+                        "one shape, dtype and device"
+                    )
+                if t.stride() != first.stride():
+                    raise ValueError(
+                        f"{name}[{i}] has strides {t.stride()}, but {name}[0] has "
+                        f"{first.stride()}: a pointer-table bucket shares one layout"
+                    )
+            check_device(name, first)
+            ptrs = [t.data_ptr() for t in tensors]
+            table = torch.tensor(ptrs, dtype=torch.int64)
+            if first.is_cuda:
+                # Pinned + non_blocking: no host sync (a pageable copy would synchronize).
+                table = table.pin_memory().to(first.device, non_blocking=True)
+            d_out, d_in = first.shape
+            return TensorBucket(
+                base=first,
+                table=table,
+                count=len(tensors),
+                shape=(d_out, d_in),
+                strides=(0, *first.stride()),
+                aligned=all(p % 16 == 0 for p in ptrs),
+                tensors=tensors,
+            )
+        raise TypeError(
+            f"{name} must be a 3D tensor, a list of 2D tensors or a TensorBucket, "
+            f"got {type(value).__name__}"
+        )
+
+
+BucketLike = Tensor | Sequence[Tensor] | TensorBucket
+
+
+def check_dtype(name: str, tensor: Tensor, allowed: Sequence[torch.dtype]) -> None:
+    if tensor.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{name} has dtype {tensor.dtype}; expected one of {names}")
+
+
+def check_shape(name: str, tensor: Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected {tuple(shape)}")
+
+
+def check_same_device(name: str, tensor: Tensor, device: torch.device) -> None:
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device}, but the bucket is on {device}")
+
+
+def check_no_overlap(name: str, tensor: Tensor) -> None:
+    """Written-in-place tensors must not be expanded views (two elements, one address)."""
+    if any(s == 0 and n > 1 for s, n in zip(tensor.stride(), tensor.shape, strict=True)):
+        raise ValueError(f"{name} is an expanded view (stride 0); it is written in place")
+
+
+def out_or_new(
+    name: str, out: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """``out`` checked against the expected shape/dtype/device, or a new empty tensor."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{name} must be a tensor or None, got {type(out).__name__}")
+    check_shape(name, out, shape)
+    if out.dtype != dtype:
+        raise TypeError(f"{name} has dtype {out.dtype}; expected {dtype}")
+    check_same_device(name, out, device)
+    check_no_overlap(name, out)
+    return out
+
+
+def scalar_or_tensor(name: str, value: float | Tensor, device: torch.device) -> tuple[Tensor | None, float]:
+    """A float scalar (rounded to float32) or a one-element float tensor on the bucket's device,
+    read by the kernel (no host sync). Returns (tensor or None, float value or 0.0)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a float or a one-element tensor, got shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} tensor must be floating point, got {value.dtype}")
+        check_same_device(name, value, device)
+        return value.reshape(()), 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or a one-element tensor, got {type(value).__name__}")
+    return None, f32(value)
+
+
+# --------------------------------------------------------------------------------------
+# Shared device helpers
+# --------------------------------------------------------------------------------------
+def device_fn(fn):
+    """``@triton.jit`` for a device helper on the GPU; the plain function under the interpreter.
+
+    The interpreter re-patches ``triton.language`` on every call of a jit helper (about 5 ms,
+    more than the rest of a loop iteration), while a plain function runs the same code in the
+    same patched language. Helpers decorated this way use no construct the interpreter's AST
+    rewrite handles (chained comparisons, constexpr assignments).
+    """
+    return fn if interpreting() else triton.jit(fn)
+
+
+@device_fn
+def matrix_base(base, table, b, stride_b, USE_TABLE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pointer to matrix ``b`` of a bucket: ``base + b*stride_b`` (int64) for a stack, or the
+    ``b``-th entry of a device table of addresses cast to ``base``'s pointer type."""
+    if USE_TABLE:
+        ptr = tl.load(table + b).to(tl.pointer_type(base.dtype.element_ty))
+        if ALIGNED:
+            # The cast loses alignment facts; restore them so GPU loads stay vectorized.
+            ptr = tl.multiple_of(ptr, 16)
+    else:
+        ptr = base + b.to(tl.int64) * stride_b
+    return ptr
+
+
+@device_fn
+def round_to(x, DTYPE: tl.constexpr, EMULATE_BF16_RNE: tl.constexpr):
+    """Round float32 ``x`` once to ``DTYPE`` (round to nearest even, as torch's ``.to``).
+
+    The interpreter truncates float32 -> bfloat16 instead of rounding (its RTNE mode is not
+    ties-to-even either), so under it the rounding is done on the bits, as c10::BFloat16 does.
+    The GPU path is the native conversion (cvt.rn.bf16.f32).
+    """
+    if DTYPE == tl.bfloat16:
+        if EMULATE_BF16_RNE:
+            bits = x.to(tl.int32, bitcast=True)
+            rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+            rounded = tl.where(x != x, 0x7FC0, rounded)
+            out = rounded.to(tl.int16).to(tl.bfloat16, bitcast=True)
+        else:
+            out = x.to(tl.bfloat16)
+    else:
+        out = x.to(DTYPE)
+    return out
+
+
+@device_fn
+def lerp(start, end, w, w_minus_1, SMALL: tl.constexpr):
+    """torch.lerp(start, end, w) in float32, bit for bit as ATen's vectorized CPU kernel:
+    fma(w, end - start, start) when |w| < 0.5, else fma(w - 1, end - start, end).
+    ``w`` and ``w - 1`` come rounded from the host; SMALL = |w| < 0.5."""
+    diff = end - start
+    if SMALL:
+        out = tl.fma(diff, w, start)
+    else:
+        out = tl.fma(diff, w_minus_1, end)
+    return out
+
+
+def lerp_weights(w: float) -> tuple[float, float, bool]:
+    """(w, w - 1, |w| < 0.5) for ``lerp``, with w rounded to float32 first (torch's opmath)."""
+    w32 = f32(w)
+    return w32, f32(w32 - 1.0), abs(w32) < 0.5
+
+
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _momentum_energy_kernel(
+    g_base, g_table, m_base, m_table, x_ptr, epart_ptr, fpart_ptr,
+    d_out, d_in, rows_per_split, n_splits, n_cb,
+    sgb, sgr, sgc, smb, smr, smc, sxb, sxr, sxc,
+    w, w_m1, nw, nw_m1,
+    G_TABLE: tl.constexpr, G_ALIGNED: tl.constexpr,
+    M_TABLE: tl.constexpr, M_ALIGNED: tl.constexpr,
+    SMALL_W: tl.constexpr, NESTEROV: tl.constexpr, SMALL_NW: tl.constexpr,
+    ENERGY: tl.constexpr, EMULATE_BF16_RNE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # One program: matrix b, a range of rows (a split), one block of columns. Column energies
+    # and ||X||^2 are reduced over the split's rows in registers and written as partials that
+    # _finalize_kernel adds in a fixed order (no atomics: bitwise reproducible).
+    pid = tl.program_id(0)
+    cb = pid % n_cb
+    rest = pid // n_cb
+    split = rest % n_splits
+    b = rest // n_splits
+
+    g_ptr = matrix_base(g_base, g_table, b, sgb, G_TABLE, G_ALIGNED)
+    m_ptr = matrix_base(m_base, m_table, b, smb, M_TABLE, M_ALIGNED)
+    x_mat = x_ptr + b.to(tl.int64) * sxb
+
+    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < d_in
+    cols64 = cols.to(tl.int64)
+    e_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    f_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    r_start = split * rows_per_split
+    r_end = tl.minimum(r_start + rows_per_split, d_out)
+    for r0 in range(r_start, r_end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        mask = (rows < d_out)[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        g = tl.load(g_ptr + rows64 * sgr + cols64[None, :] * sgc, mask=mask, other=0.0)
+        g = g.to(tl.float32)  # all arithmetic in float32, as the reference (and bf16 is garbage in the interpreter)
+        m_off = rows64 * smr + cols64[None, :] * smc
+        m = tl.load(m_ptr + m_off, mask=mask, other=0.0)
+        m = lerp(m, g, w, w_m1, SMALL_W)
+        tl.store(m_ptr + m_off, m, mask=mask)
+        if NESTEROV:
+            ns_in = lerp(g, m, nw, nw_m1, SMALL_NW)
+        else:
+            ns_in = m
+        x = round_to(ns_in, x_ptr.dtype.element_ty, EMULATE_BF16_RNE)
+        tl.store(x_mat + rows64 * sxr + cols64[None, :] * sxc, x, mask=mask)
+        x32 = x.to(tl.float32)
+        f_acc += x32 * x32  # masked elements are exact zeros
+        if ENERGY == 1:
+            e_acc += m * m
+        elif ENERGY == 2:
+            e_acc += g * g
+
+    if ENERGY != 0:
+        e = tl.sum(e_acc, axis=0)
+        e_row = epart_ptr + (b.to(tl.int64) * n_splits + split) * d_in
+        tl.store(e_row + cols64, e, mask=col_mask)
+    f = tl.sum(tl.sum(f_acc, axis=1), axis=0)
+    tl.store(fpart_ptr + (b.to(tl.int64) * n_splits + split) * n_cb + cb, f)
+
+
+@triton.jit
+def _column_energy_kernel(
+    s_ptr, rs_ptr, epart_ptr,
+    d_out, d_in, rows_per_split, n_splits, n_cb,
+    ssb, ssr, ssc, srb, srr,
+    HAS_ROW_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # E_j = sum_i (rs_i * S_ij)^2 over a split of rows, as partials (see _momentum_energy_kernel).
+    pid = tl.program_id(0)
+    cb = pid % n_cb
+    rest = pid // n_cb
+    split = rest % n_splits
+    b = rest // n_splits
+
+    s_mat = s_ptr + b.to(tl.int64) * ssb
+    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < d_in
+    cols64 = cols.to(tl.int64)
+    e_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    r_start = split * rows_per_split
+    r_end = tl.minimum(r_start + rows_per_split, d_out)
+    for r0 in range(r_start, r_end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_mask = rows < d_out
+        mask = row_mask[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)
+        s = tl.load(s_mat + rows64[:, None] * ssr + cols64[None, :] * ssc, mask=mask, other=0.0)
+        s = s.to(tl.float32)
+        if HAS_ROW_SCALE:
+            rs = tl.load(rs_ptr + b.to(tl.int64) * srb + rows64 * srr, mask=row_mask, other=0.0)
+            s = s * rs[:, None]  # O_base = O * rowscale, rounded to float32 like the reference
+        e_acc += s * s
+    e = tl.sum(e_acc, axis=0)
+    e_row = epart_ptr + (b.to(tl.int64) * n_splits + split) * d_in
+    tl.store(e_row + cols64, e, mask=col_mask)
+
+
+@triton.jit
+def _finalize_kernel(
+    epart_ptr, fpart_ptr, e_ptr, f_ptr,
+    d_in, n_splits, n_fpart, n_cb, seb, sej,
+    HAS_ENERGY: tl.constexpr, HAS_SQNORM: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    # Second stage of the reductions: partials are added split by split, always in the same
+    # order, so results do not depend on scheduling.
+    pid = tl.program_id(0)
+    cb = pid % n_cb
+    b = pid // n_cb
+    if HAS_ENERGY:
+        cols = cb * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < d_in
+        cols64 = cols.to(tl.int64)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in range(0, n_splits):
+            row = epart_ptr + (b.to(tl.int64) * n_splits + s) * d_in
+            acc += tl.load(row + cols64, mask=mask, other=0.0)
+        tl.store(e_ptr + b.to(tl.int64) * seb + cols64 * sej, acc, mask=mask)
+    if HAS_SQNORM:
+        if cb == 0:
+            f_acc = tl.zeros((BLOCK_F,), dtype=tl.float32)
+            for start in range(0, n_fpart, BLOCK_F):
+                offs = start + tl.arange(0, BLOCK_F)
+                f_acc += tl.load(fpart_ptr + b.to(tl.int64) * n_fpart + offs, mask=offs < n_fpart, other=0.0)
+            tl.store(f_ptr + b, tl.sum(f_acc, axis=0))
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+class MomentumEnergyResult(NamedTuple):
+    x: Tensor  # (B, d_out, d_in) ns_dtype: the Newton-Schulz input (maybe stored transposed)
+    energy: Tensor | None  # (B, d_in) float32 column energies, or None
+    x_sqnorm: Tensor  # (B,) float32: ||X||_F^2 of the rounded X
+
+
+def _splits(config: PassConfig, count: int, d_out: int, n_cb: int, device: torch.device) -> tuple[int, int]:
+    """(row splits, rows per split): enough programs to fill the GPU a few times over, each
+    split a whole number of row blocks."""
+    row_blocks = triton.cdiv(d_out, config.block_r)
+    if config.splits is not None:
+        splits = min(config.splits, row_blocks)
+    else:
+        target = _PROGRAMS_PER_SM * sm_count(device)
+        splits = max(1, min(row_blocks, triton.cdiv(target, count * n_cb)))
+    rows_per_split = triton.cdiv(row_blocks, splits) * config.block_r
+    return triton.cdiv(d_out, rows_per_split), rows_per_split
+
+
+def _finalize(
+    epart: Tensor | None, fpart: Tensor | None, energy: Tensor | None, sqnorm: Tensor | None,
+    count: int, d_in: int, n_splits: int, n_fpart: int,
+) -> None:
+    block = min(1024, next_pow2(d_in))
+    n_cb = triton.cdiv(d_in, block) if energy is not None else 1
+    # Unused pointer arguments get any live tensor; the constexpr flags keep them untouched.
+    any_t = epart if epart is not None else fpart
+    _finalize_kernel[(count * n_cb,)](
+        any_t if epart is None else epart,
+        any_t if fpart is None else fpart,
+        any_t if energy is None else energy,
+        any_t if sqnorm is None else sqnorm,
+        d_in, n_splits, n_fpart, n_cb,
+        energy.stride(0) if energy is not None else 0,
+        energy.stride(1) if energy is not None else 0,
+        HAS_ENERGY=energy is not None, HAS_SQNORM=sqnorm is not None,
+        BLOCK=block, BLOCK_F=min(1024, next_pow2(max(n_fpart, 1))),
+        num_warps=4, enable_fp_fusion=False,
+    )
+
+
+def momentum_energy_pass_(
+    grad: BucketLike,
+    momentum: BucketLike,
+    beta: float,
+    *,
+    nesterov: bool = False,
+    energy_source: str | None = "momentum",
+    ns_dtype: torch.dtype = torch.bfloat16,
+    transpose_tall: bool = False,
+    x_out: Tensor | None = None,
+    energy_out: Tensor | None = None,
+    sqnorm_out: Tensor | None = None,
+    config: PassConfig | None = None,
+) -> MomentumEnergyResult:
+    """Memory pass 1 (SPEC "Kernel data flow" 1) for a bucket of B same-shape matrices.
+
+    ``grad``: (B, d_out, d_in) fp32/bf16/fp16 stack or list of 2D tensors. ``momentum``: same
+    shape, float32, stack or list; updated in place. ``beta``: b1. ``nesterov``: X is built from
+    (1-b1)*G + b1*M instead of M. ``energy_source``: "momentum", "grad" or None (no energies:
+    for "update" call ``column_energy`` after Newton-Schulz). ``ns_dtype``: dtype of X.
+    ``transpose_tall``: for d_out > d_in, store X as the contiguous (B, d_in, d_out) matrix that
+    Newton-Schulz iterates on; the returned ``x`` is always indexed (B, d_out, d_in) (then a
+    ``.mT`` view), so ``x.mT`` is the pre-transposed contiguous operand. ``x_out``: a
+    (B, d_out, d_in) tensor of ``ns_dtype`` with any strides to write X into.
+
+    Returns ``(x, energy, x_sqnorm)``; eager twin: ``reference.momentum_energy_pass_``.
+    """
+    g = TensorBucket.of(grad, "grad")
+    m = TensorBucket.of(momentum, "momentum")
+    check_dtype("grad", g.base, FLOAT_DTYPES)
+    check_dtype("momentum", m.base, (torch.float32,))
+    if m.count != g.count or m.shape != g.shape:
+        raise ValueError(
+            f"momentum holds {m.count} matrices of {m.shape}, but grad holds {g.count} of {g.shape}"
+        )
+    check_same_device("momentum", m.base, g.device)
+    if not m.uses_table:
+        check_no_overlap("momentum", m.base)
+    if energy_source not in PASS1_ENERGY_SOURCES:
+        hint = (
+            "; 'update' energies are computed after Newton-Schulz with column_energy(ortho, row_scale=rowscale)"
+            if energy_source == "update"
+            else ""
+        )
+        raise ValueError(f"energy_source must be one of {PASS1_ENERGY_SOURCES}, got {energy_source!r}{hint}")
+    if ns_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"ns_dtype must be one of {FLOAT_DTYPES}, got {ns_dtype!r}")
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool):
+        raise TypeError(f"beta must be a float, got {type(beta).__name__}")
+    config = config or default_config(*g.shape, reduces_columns=True)
+    config.check()
+
+    count, (d_out, d_in) = g.count, g.shape
+    device = g.device
+    if x_out is None:
+        if transpose_tall and d_out > d_in:
+            x_out = torch.empty((count, d_in, d_out), dtype=ns_dtype, device=device).mT
+        else:
+            x_out = torch.empty((count, d_out, d_in), dtype=ns_dtype, device=device)
+    else:
+        x_out = out_or_new("x_out", x_out, (count, d_out, d_in), ns_dtype, device)
+    energy = None
+    if energy_source is not None:
+        energy = out_or_new("energy_out", energy_out, (count, d_in), torch.float32, device)
+    sqnorm = out_or_new("sqnorm_out", sqnorm_out, (count,), torch.float32, device)
+
+    n_cb = triton.cdiv(d_in, config.block_c)
+    n_splits, rows_per_split = _splits(config, count, d_out, n_cb, device)
+    epart = torch.empty((count, n_splits, d_in), dtype=torch.float32, device=device) if energy is not None else None
+    fpart = torch.empty((count, n_splits, n_cb), dtype=torch.float32, device=device)
+    w, w_m1, small_w = lerp_weights(1.0 - beta)
+    nw, nw_m1, small_nw = lerp_weights(beta)
+    sg, sm, sx = g.strides, m.strides, x_out.stride()
+    _momentum_energy_kernel[(count * n_splits * n_cb,)](
+        g.base, g.table if g.uses_table else g.base,
+        m.base, m.table if m.uses_table else m.base,
+        x_out, epart if epart is not None else fpart, fpart,
+        d_out, d_in, rows_per_split, n_splits, n_cb,
+        sg[0], sg[1], sg[2], sm[0], sm[1], sm[2], sx[0], sx[1], sx[2],
+        w, w_m1, nw, nw_m1,
+        G_TABLE=g.uses_table, G_ALIGNED=g.aligned, M_TABLE=m.uses_table, M_ALIGNED=m.aligned,
+        SMALL_W=small_w, NESTEROV=bool(nesterov), SMALL_NW=small_nw,
+        ENERGY={"momentum": _ENERGY_MOMENTUM, "grad": _ENERGY_GRAD, None: _ENERGY_NONE}[energy_source],
+        EMULATE_BF16_RNE=interpreting(),
+        BLOCK_R=config.block_r, BLOCK_C=config.block_c,
+        num_warps=config.num_warps, enable_fp_fusion=False,
+    )
+    _finalize(epart, fpart, energy, sqnorm, count, d_in, n_splits, n_splits * n_cb)
+    return MomentumEnergyResult(x_out, energy, sqnorm)
+
+
+def column_energy(
+    source: Tensor,
+    *,
+    row_scale: Tensor | None = None,
+    out: Tensor | None = None,
+    config: PassConfig | None = None,
+) -> Tensor:
+    """E_j = sum_i (rs_i * S_ij)^2 in float32 for a (B, d_out, d_in) stack of any strides and
+    dtype fp32/bf16/fp16; ``row_scale`` (B, d_out) float32 or None (rs = 1).
+
+    With ``source`` = Newton-Schulz output O and ``row_scale`` = 1/(sqrt(v)+eps) this is the
+    ``energy_source="update"`` energy of O_base (eager twin: ``reference.update_energy``);
+    without a row scale it is ``reference.column_energy``.
+    """
+    if not isinstance(source, Tensor) or source.ndim != 3:
+        shape = tuple(source.shape) if isinstance(source, Tensor) else type(source).__name__
+        raise ValueError(f"source must be a 3D stack (B, d_out, d_in), got {shape}")
+    check_device("source", source)
+    check_dtype("source", source, FLOAT_DTYPES)
+    count, d_out, d_in = source.shape
+    device = source.device
+    if row_scale is not None:
+        if not isinstance(row_scale, Tensor):
+            raise TypeError(f"row_scale must be a tensor or None, got {type(row_scale).__name__}")
+        check_shape("row_scale", row_scale, (count, d_out))
+        check_dtype("row_scale", row_scale, (torch.float32,))
+        check_same_device("row_scale", row_scale, device)
+    energy = out_or_new("out", out, (count, d_in), torch.float32, device)
+    config = config or default_config(d_out, d_in, reduces_columns=True)
+    config.check()
+    n_cb = triton.cdiv(d_in, config.block_c)
+    n_splits, rows_per_split = _splits(config, count, d_out, n_cb, device)
+    epart = torch.empty((count, n_splits, d_in), dtype=torch.float32, device=device)
+    ss = source.stride()
+    rs = row_scale if row_scale is not None else epart
+    _column_energy_kernel[(count * n_splits * n_cb,)](
+        source, rs, epart,
+        d_out, d_in, rows_per_split, n_splits, n_cb,
+        ss[0], ss[1], ss[2],
+        row_scale.stride(0) if row_scale is not None else 0,
+        row_scale.stride(1) if row_scale is not None else 0,
+        HAS_ROW_SCALE=row_scale is not None,
+        BLOCK_R=config.block_r, BLOCK_C=config.block_c,
+        num_warps=config.num_warps, enable_fp_fusion=False,
+    )
+    _finalize(epart, None, energy, None, count, d_in, n_splits, 0)
+    return energy
+
+
+__all__ = [
+    "FLOAT_DTYPES",
+    "BucketLike",
+    "MomentumEnergyResult",
+    "PassConfig",
+    "TensorBucket",
+    "column_energy",
+    "default_config",
+    "momentum_energy_pass_",
+]

@@ -1,0 +1,329 @@
+"""Stages 4 and 5 of SPEC's kernel data flow: row statistics and the weight update pass.
+
+* ``row_sumsq``: sum_j O_ij^2 in float32 for a (B, d_out, d_in) stack (``reference.row_sumsq``),
+  for when Newton-Schulz's epilogue does not provide it. One read of O.
+* ``row_stats_``: the tiny per-matrix vector math (SPEC steps 4-6): v <- b2*v + (1-b2)*mean_j O^2
+  in place, rowscale = 1/(sqrt(v)+eps), eta_hat from ||O_base||_F = sqrt(sum_i rowsumsq_i *
+  rowscale_i^2), on device (``reference.row_stats_``).
+* ``update_pass_``: memory pass 2, W <- (1 - lr*wd)*W - r_i * c_j * O_ij with one read of O and
+  one read/write of W of any float dtype, computed in float32 and rounded once
+  (``reference.weight_update_pass_``). The row factor r is eta_hat*rowscale_i (TrasMuon,
+  NorMuon) or one step size (Muon); the column gate c is optional.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from trasmuon import reference as ref
+
+from ._common import check_device, interpreting
+from .momentum_energy import (
+    FLOAT_DTYPES,
+    BucketLike,
+    PassConfig,
+    TensorBucket,
+    check_dtype,
+    check_no_overlap,
+    check_same_device,
+    check_shape,
+    default_config,
+    f32,
+    matrix_base,
+    next_pow2,
+    out_or_new,
+    round_to,
+    scalar_or_tensor,
+)
+
+
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _row_sumsq_kernel(
+    o_ptr, out_ptr, d_out, d_in, n_rb, sob, sor, soc, sout_b,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # A program owns BLOCK_R whole rows: the sum over columns needs no second stage.
+    pid = tl.program_id(0)
+    rb = pid % n_rb
+    b = pid // n_rb
+    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < d_out
+    rows64 = rows.to(tl.int64)
+    o_mat = o_ptr + b.to(tl.int64) * sob
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for c0 in range(0, d_in, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = row_mask[:, None] & (cols < d_in)[None, :]
+        o = tl.load(o_mat + rows64[:, None] * sor + cols.to(tl.int64)[None, :] * soc, mask=mask, other=0.0)
+        o = o.to(tl.float32)
+        acc += o * o
+    tl.store(out_ptr + b.to(tl.int64) * sout_b + rows64, tl.sum(acc, axis=1), mask=row_mask)
+
+
+@triton.jit
+def _row_stats_kernel(
+    rss_ptr, v_ptr, rs_ptr, eta_ptr, lr_ptr,
+    d_out, d_in_f, beta2, one_minus_beta2, eps, eta_eps, eta_num,
+    LR_PTR: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # One program per matrix; the Frobenius sum runs over row blocks in a fixed order.
+    b = tl.program_id(0)
+    row0 = b.to(tl.int64) * d_out
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, d_out, BLOCK):
+        rows = start + tl.arange(0, BLOCK)
+        mask = rows < d_out
+        rss = tl.load(rss_ptr + row0 + rows, mask=mask, other=0.0)
+        v = tl.load(v_ptr + row0 + rows, mask=mask, other=0.0)
+        # row_v.mul_(beta2).add_(rowsumsq / d_in, alpha=1-beta2): ATen fuses the add (fma)
+        v = tl.fma(tl.div_rn(rss, d_in_f), one_minus_beta2, v * beta2)
+        tl.store(v_ptr + row0 + rows, v, mask=mask)
+        # row_scale: 1 / (sqrt(v) + eps), IEEE sqrt and division as torch
+        rs = tl.div_rn(1.0, tl.sqrt_rn(v) + eps)
+        tl.store(rs_ptr + row0 + rows, rs, mask=mask)
+        acc += tl.where(mask, (rss * rs) * rs, 0.0)
+    fro = tl.sqrt_rn(tl.sum(acc, axis=0))
+    if LR_PTR:
+        # float(scale*sqrt(d_out*d_in)) * lr_tensor, then a tensor division
+        eta = tl.div_rn(eta_num * tl.load(lr_ptr).to(tl.float32), fro + eta_eps)
+    else:
+        # Python float / tensor is reciprocal(tensor) * float in torch
+        eta = tl.div_rn(1.0, fro + eta_eps) * eta_num
+    tl.store(eta_ptr + b, eta)
+
+
+@triton.jit
+def _update_kernel(
+    w_base, w_table, o_ptr, rs_ptr, eta_ptr, gate_ptr, step_ptr, lr_ptr,
+    d_out, d_in, n_rb, n_cb,
+    swb, swr, swc, sob, sor, soc, srb, srr, sgb, sgc,
+    step_value, decay_value, weight_decay,
+    W_TABLE: tl.constexpr, W_ALIGNED: tl.constexpr,
+    ROW_MODE: tl.constexpr, HAS_GATE: tl.constexpr, STEP_PTR: tl.constexpr, LR_PTR: tl.constexpr,
+    EMULATE_BF16_RNE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # One tile per program: read O and W once, write W once. All math in float32 with the
+    # reference's rounding order: r = eta*rs; U = (O*r)*c; W = W*decay - U, rounded once.
+    pid = tl.program_id(0)
+    cb = pid % n_cb
+    rest = pid // n_cb
+    rb = rest % n_rb
+    b = rest // n_rb
+    b64 = b.to(tl.int64)
+    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_mask = rows < d_out
+    col_mask = cols < d_in
+    mask = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+
+    o = tl.load(o_ptr + b64 * sob + rows64[:, None] * sor + cols64[None, :] * soc, mask=mask, other=0.0)
+    o = o.to(tl.float32)
+    if ROW_MODE == 0:
+        # TrasMuon / NorMuon: r_i = eta_hat * rowscale_i
+        eta = tl.load(eta_ptr + b)
+        rs = tl.load(rs_ptr + b64 * srb + rows64 * srr, mask=row_mask, other=0.0)
+        r = eta * rs
+        u = o * r[:, None]
+    else:
+        # Muon: one step size for every row
+        if STEP_PTR:
+            step = tl.load(step_ptr).to(tl.float32)
+        else:
+            step = step_value
+        u = o * step
+    if HAS_GATE:
+        c = tl.load(gate_ptr + b64 * sgb + cols64 * sgc, mask=col_mask, other=0.0)
+        u = u * c[None, :]
+    if LR_PTR:
+        decay = 1.0 - tl.load(lr_ptr).to(tl.float32) * weight_decay  # float32, as lr_tensor*wd
+    else:
+        decay = decay_value  # 1 - lr*wd in double on the host, rounded once
+
+    w_mat = matrix_base(w_base, w_table, b, swb, W_TABLE, W_ALIGNED)
+    w_off = rows64[:, None] * swr + cols64[None, :] * swc
+    w = tl.load(w_mat + w_off, mask=mask, other=0.0).to(tl.float32)
+    w = w * decay - u
+    tl.store(w_mat + w_off, round_to(w, w_base.dtype.element_ty, EMULATE_BF16_RNE), mask=mask)
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+def _check_stack(name: str, value: Tensor) -> None:
+    if not isinstance(value, Tensor) or value.ndim != 3:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"{name} must be a 3D stack (B, d_out, d_in), got {shape}")
+    check_device(name, value)
+    check_dtype(name, value, FLOAT_DTYPES)
+
+
+def row_sumsq(ortho: Tensor, *, out: Tensor | None = None, config: PassConfig | None = None) -> Tensor:
+    """sum_j O_ij^2 accumulated in float32: (B, d_out). ``ortho``: (B, d_out, d_in) stack,
+    fp32/bf16/fp16, any strides (a ``.mT`` view of a pre-transposed Newton-Schulz output
+    works). Eager twin: ``reference.row_sumsq``."""
+    _check_stack("ortho", ortho)
+    count, d_out, d_in = ortho.shape
+    result = out_or_new("out", out, (count, d_out), torch.float32, ortho.device)
+    if result.stride(1) != 1:
+        raise ValueError("out must have unit stride along rows")
+    config = config or default_config(d_out, d_in)
+    config.check()
+    n_rb = triton.cdiv(d_out, config.block_r)
+    so = ortho.stride()
+    _row_sumsq_kernel[(count * n_rb,)](
+        ortho, result, d_out, d_in, n_rb, so[0], so[1], so[2], result.stride(0),
+        BLOCK_R=config.block_r, BLOCK_C=config.block_c,
+        num_warps=config.num_warps, enable_fp_fusion=False,
+    )
+    return result
+
+
+def row_stats_(
+    row_v: Tensor,
+    rowsumsq: Tensor,
+    *,
+    d_in: int,
+    beta2: float,
+    eps: float,
+    scale: float,
+    lr: float | Tensor,
+    rowscale_out: Tensor | None = None,
+    eta_hat_out: Tensor | None = None,
+    block: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """SPEC steps 4-6 for B matrices in one launch: updates ``row_v`` (B, d_out) float32 in place
+    and returns ``(rowscale (B, d_out), eta_hat (B,))``, float32. ``rowsumsq``: (B, d_out)
+    float32 row sums of squares of O. ``d_in``: columns of O. ``lr``: float or one-element
+    float tensor (read on device). Eager twin: ``reference.row_stats_``."""
+    for name, t in (("row_v", row_v), ("rowsumsq", rowsumsq)):
+        if not isinstance(t, Tensor) or t.ndim != 2:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 2D tensor (B, d_out), got {shape}")
+        check_device(name, t)
+        check_dtype(name, t, (torch.float32,))
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    count, d_out = row_v.shape
+    check_shape("rowsumsq", rowsumsq, (count, d_out))
+    device = row_v.device
+    check_same_device("rowsumsq", rowsumsq, device)
+    if isinstance(d_in, bool) or not isinstance(d_in, int) or d_in < 1:
+        raise ValueError(f"d_in must be an int >= 1, got {d_in!r}")
+    rowscale = out_or_new("rowscale_out", rowscale_out, (count, d_out), torch.float32, device)
+    if not rowscale.is_contiguous():
+        raise ValueError("rowscale_out must be contiguous")
+    eta = out_or_new("eta_hat_out", eta_hat_out, (count,), torch.float32, device)
+    lr_t, _ = scalar_or_tensor("lr", lr, device)
+    numerator = scale * math.sqrt(d_out * d_in)  # the reference's float factor, in double
+    if lr_t is None:
+        numerator = numerator * float(lr)  # (scale*sqrt(d_out*d_in)) * lr, in double
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1 or block & (block - 1)):
+        raise ValueError(f"block must be a power of two >= 1, got {block!r}")
+    blk = block or min(4096, next_pow2(d_out))
+    _row_stats_kernel[(count,)](
+        rowsumsq, row_v, rowscale, eta, lr_t if lr_t is not None else row_v,
+        d_out, f32(d_in), f32(beta2), f32(1.0 - beta2), f32(eps), f32(ref.ETA_HAT_EPS), f32(numerator),
+        LR_PTR=lr_t is not None, BLOCK=blk,
+        num_warps=8 if blk >= 2048 else 4, enable_fp_fusion=False,
+    )
+    return rowscale, eta
+
+
+def update_pass_(
+    param: BucketLike,
+    ortho: Tensor,
+    *,
+    lr: float | Tensor,
+    weight_decay: float = 0.0,
+    eta_hat: Tensor | None = None,
+    rowscale: Tensor | None = None,
+    step_size: float | Tensor | None = None,
+    col_gate: Tensor | None = None,
+    config: PassConfig | None = None,
+) -> None:
+    """Memory pass 2 (SPEC "Kernel data flow" 5): W <- (1 - lr*wd)*W - r_i * c_j * O_ij in place.
+
+    ``param``: B matrices (3D stack of any strides, list of 2D tensors, or ``TensorBucket``),
+    fp32/bf16/fp16. ``ortho``: (B, d_out, d_in) fp32/bf16/fp16 stack, any strides. Row factor:
+    either ``eta_hat`` (B,) and ``rowscale`` (B, d_out) float32 (r_i = eta_hat*rowscale_i), or
+    ``step_size`` (Muon: a float or a one-element device tensor). ``col_gate``: (B, d_in)
+    float32 or None (no gate). ``lr`` (float or one-element tensor) and ``weight_decay`` give
+    the decoupled decay factor ``reference.weight_decay_factor``. Eager twin:
+    ``reference.weight_update_pass_``.
+    """
+    w = TensorBucket.of(param, "param")
+    check_dtype("param", w.base, FLOAT_DTYPES)
+    if not w.uses_table:
+        check_no_overlap("param", w.base)
+    _check_stack("ortho", ortho)
+    count, (d_out, d_in) = w.count, w.shape
+    device = w.device
+    check_shape("ortho", ortho, (count, d_out, d_in))
+    check_same_device("ortho", ortho, device)
+
+    if step_size is None:
+        if eta_hat is None or rowscale is None:
+            raise ValueError("give eta_hat and rowscale (TrasMuon/NorMuon), or step_size (Muon)")
+        for name, t, shape in (("eta_hat", eta_hat, (count,)), ("rowscale", rowscale, (count, d_out))):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+            check_shape(name, t, shape)
+            check_dtype(name, t, (torch.float32,))
+            check_same_device(name, t, device)
+        if eta_hat.stride(0) != 1 and count > 1:
+            raise ValueError("eta_hat must be contiguous")
+        step_t, step_v = None, 0.0
+    else:
+        if eta_hat is not None or rowscale is not None:
+            raise ValueError("step_size (Muon) excludes eta_hat and rowscale; give one row factor")
+        step_t, step_v = scalar_or_tensor("step_size", step_size, device)
+    if col_gate is not None:
+        if not isinstance(col_gate, Tensor):
+            raise TypeError(f"col_gate must be a tensor or None, got {type(col_gate).__name__}")
+        check_shape("col_gate", col_gate, (count, d_in))
+        check_dtype("col_gate", col_gate, (torch.float32,))
+        check_same_device("col_gate", col_gate, device)
+    lr_t, _ = scalar_or_tensor("lr", lr, device)
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)):
+        raise TypeError(f"weight_decay must be a float, got {type(weight_decay).__name__}")
+    decay_v = f32(ref.weight_decay_factor(float(lr), weight_decay)) if lr_t is None else 0.0
+
+    config = config or default_config(d_out, d_in)
+    config.check()
+    n_rb = triton.cdiv(d_out, config.block_r)
+    n_cb = triton.cdiv(d_in, config.block_c)
+    sw, so = w.strides, ortho.stride()
+    any_t = ortho  # stands in for pointer arguments a constexpr flag leaves unused
+    _update_kernel[(count * n_rb * n_cb,)](
+        w.base, w.table if w.uses_table else w.base, ortho,
+        rowscale if rowscale is not None else any_t,
+        eta_hat if eta_hat is not None else any_t,
+        col_gate if col_gate is not None else any_t,
+        step_t if step_t is not None else any_t,
+        lr_t if lr_t is not None else any_t,
+        d_out, d_in, n_rb, n_cb,
+        sw[0], sw[1], sw[2], so[0], so[1], so[2],
+        rowscale.stride(0) if rowscale is not None else 0,
+        rowscale.stride(1) if rowscale is not None else 0,
+        col_gate.stride(0) if col_gate is not None else 0,
+        col_gate.stride(1) if col_gate is not None else 0,
+        step_v, decay_v, f32(weight_decay),
+        W_TABLE=w.uses_table, W_ALIGNED=w.aligned,
+        ROW_MODE=0 if step_size is None else 1, HAS_GATE=col_gate is not None,
+        STEP_PTR=step_t is not None, LR_PTR=lr_t is not None,
+        EMULATE_BF16_RNE=interpreting(), BLOCK_R=config.block_r, BLOCK_C=config.block_c,
+        num_warps=config.num_warps, enable_fp_fusion=False,
+    )
+
+
+__all__ = ["row_stats_", "row_sumsq", "update_pass_"]
