@@ -317,8 +317,6 @@ def test_other_construction_errors():
         TrasMuon([{"params": [nn.Parameter(torch.randn(4))], "rule": "trasmuon"}])
     with pytest.raises(ValueError, match="backend"):
         TrasMuon([p], backend="cuda")
-    with pytest.raises(NotImplementedError, match="triton"):
-        TrasMuon([p], backend="triton")
     with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
         TrasMuon([p], lr=torch.tensor([0.1, 0.2]))
     with pytest.raises(ValueError, match="adjust_lr_fn"):

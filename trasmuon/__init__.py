@@ -1,6 +1,7 @@
 """trasmuon: the TrasMuon optimizer (arXiv 2602.13498) and its Muon-family baselines."""
 
-from . import reference
+from . import bursts, reference
+from .bursts import BurstEvent, ColumnBurst
 from .optimizer import (
     BACKENDS,
     GROUP_DEFAULTS,
@@ -20,10 +21,13 @@ __all__ = [
     "MATRIX_RULES",
     "RULES",
     "AdamW",
+    "BurstEvent",
+    "ColumnBurst",
     "MatrixOptimizer",
     "Muon",
     "NorMuon",
     "TrasMuon",
+    "bursts",
     "reference",
     "split_params",
 ]

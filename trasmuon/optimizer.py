@@ -9,6 +9,7 @@ may switch rule and pick up the optimizer's defaults for the keys it does not se
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import fused
 from . import reference as ref
 
 RULES = ("trasmuon", "normuon", "muon", "adamw")
@@ -169,10 +171,10 @@ class MatrixOptimizer(Optimizer):
         name = type(self).__name__
         if backend not in BACKENDS:
             raise ValueError(f"{name}: backend must be one of {BACKENDS}, got {backend!r}")
-        if backend == "triton":
-            raise NotImplementedError(
-                f"{name}: backend='triton' is not available yet (the fused kernels are not "
-                "wired into the optimizer); use backend='eager' or 'auto'"
+        if backend == "triton" and not fused.kernels_available():
+            raise RuntimeError(
+                f"{name}: backend='triton' needs triton and trasmuon_kernels to import; "
+                "use backend='eager' or 'auto'"
             )
         if not isinstance(check_finite, bool):
             raise ValueError(f"{name}: check_finite must be a bool, got {check_finite!r}")
@@ -185,6 +187,8 @@ class MatrixOptimizer(Optimizer):
         self.check_finite = check_finite
         self.diagnostics_enabled = diagnostics
         self._diagnostics: dict[Tensor, dict[str, Tensor]] = {}
+        self._fused = fused.FusedMatrixStep()
+        self._fallback_warned: set[tuple[int, str]] = set()
         lr = defaults.get("lr", GROUP_DEFAULTS["lr"])
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -211,6 +215,8 @@ class MatrixOptimizer(Optimizer):
         state.setdefault("check_finite", False)
         state.setdefault("diagnostics_enabled", False)
         state.setdefault("_diagnostics", {})
+        state["_fused"] = fused.FusedMatrixStep()
+        state["_fallback_warned"] = set()
         super().__setstate__(state)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -378,23 +384,71 @@ class MatrixOptimizer(Optimizer):
         if self.check_finite:
             self._check_finite_grads(work)
         jobs: list[MatrixJob] = []
-        for _, group, items in work:
-            for _, p, grad, rule in items:
+        buckets: dict[tuple, dict[str, Any]] = {}
+        for gi, group, items in work:
+            adamw: dict[torch.device, tuple[list, list, list, list]] = {}
+            for pi, p, grad, rule in items:
                 state = self._init_state(p, group, rule)
                 state["step"] += 1
                 step = int(state["step"].item())  # a CPU tensor: no device sync
                 lr = self._lr_for(group, p)
                 if rule == "adamw":
-                    ref.adamw_step_(
-                        p, grad, state, step, lr,
-                        betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
-                    )
+                    lists = adamw.setdefault(p.device, ([], [], [], []))
+                    for values, item in zip(lists, (p, grad, state, step), strict=True):
+                        values.append(item)
+                    continue
+                if self._takes_fused_path(gi, pi, p, grad, group):
+                    gate_on = rule == "trasmuon" and ref.gate_is_on(
+                        group["clip"], p.shape[1], group["clip_min_cols"])
+                    key = (gi, rule, tuple(p.shape), p.dtype, grad.dtype, p.device, step)
+                    bucket = buckets.setdefault(key, {
+                        "group": group, "rule": rule, "step": step, "lr": lr, "gate_on": gate_on,
+                        "params": [], "grads": [], "states": []})
+                    bucket["params"].append(p)
+                    bucket["grads"].append(grad)
+                    bucket["states"].append(state)
                     continue
                 ns_input, grad_wide = ref.momentum_stage_(grad, state, group["betas"][0], group["nesterov"])
                 jobs.append(MatrixJob(p, grad_wide, ns_input, group, rule, state, step, lr))
+            for params, grads, states, steps in adamw.values():
+                lr = self._lr_for(group, params[0])
+                ref.adamw_foreach_step_(
+                    params, grads, states, steps, lr,
+                    betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+                )
+        if buckets:
+            outs = self._fused.run(list(buckets.values()), _GATE_KEYS)
+            if self.diagnostics_enabled:
+                ordered = [(b, i) for b in buckets.values() for i in range(len(b["params"]))]
+                for (b, i), out in zip(ordered, outs, strict=True):
+                    p, state = b["params"][i], b["states"][i]
+                    self._diagnostics[p] = (
+                        out if b["rule"] == "muon"
+                        else _matrix_diagnostics(out, state, b["group"], b["gate_on"]))
         for job, ortho in zip(jobs, self._orthogonalize(jobs), strict=True):
             self._update_matrix(job, ortho)
         return loss
+
+    def _takes_fused_path(self, gi: int, pi: int, p: Tensor, grad: Tensor, group: dict[str, Any]) -> bool:
+        """Whether this matrix runs on the Triton kernels this step. A matrix the kernels do
+        not cover runs eager, with a warning naming it and the reason, once."""
+        if self.backend == "eager" or (self.backend == "auto" and not p.is_cuda):
+            return False
+        if not fused.kernels_available():
+            reason = "triton or trasmuon_kernels cannot be imported"
+        elif type(self)._orthogonalize is not MatrixOptimizer._orthogonalize:
+            reason = f"{type(self).__name__} orthogonalizes in its own way (e.g. distributed)"
+        else:
+            reason = fused.unsupported_reason(p, grad, group)
+        if reason is None:
+            return True
+        if (id(p), reason) not in self._fallback_warned:
+            self._fallback_warned.add((id(p), reason))
+            warnings.warn(
+                f"{type(self).__name__}: {self._label(gi, pi)} runs on the eager backend: {reason}",
+                stacklevel=3,
+            )
+        return False
 
     def _orthogonalize(self, jobs: list[MatrixJob]) -> list[Tensor]:
         """Newton-Schulz for every matrix of this step (SPEC step 3), in job order."""

@@ -495,24 +495,53 @@ def adamw_step_(
     eps: float,
     weight_decay: float,
 ) -> None:
-    """One AdamW step with bias correction, in the same order of operations as
-    torch.optim.AdamW's single-tensor path (so fp32 results agree bit for bit)."""
+    """One AdamW step for one tensor (``adamw_foreach_step_`` on a list of one)."""
+    adamw_foreach_step_([param], [grad], [state], [step], lr,
+                        betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def adamw_foreach_step_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    states: Sequence[MutableMapping[str, Tensor]],
+    steps: Sequence[int],
+    lr: float | Tensor,
+    *,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """AdamW with bias correction and decoupled weight decay for a list of tensors with
+    ``torch._foreach_*`` ops, in the same order of operations as torch.optim.AdamW's
+    single-tensor path (so float32 results agree with it bit for bit):
+    m <- lerp(m, g, 1-b1); v <- b2 v + (1-b2) g^2; W <- (1 - lr wd) W - lr/(1-b1^t) *
+    m / (sqrt(v)/sqrt(1-b2^t) + eps). ``steps`` holds each tensor's 1-based t."""
+    if not params:
+        return
     beta1, beta2 = betas
-    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-    grad_wide = grad.to(exp_avg.dtype)
+    exp_avgs = [s["exp_avg"] for s in states]
+    exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+    grads_wide = [g.to(m.dtype) for g, m in zip(grads, exp_avgs, strict=True)]
     decay = weight_decay_factor(lr, weight_decay)
-    exp_avg.lerp_(grad_wide, 1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad_wide, grad_wide, value=1.0 - beta2)
-    bias_correction1 = 1.0 - beta1**step
-    bias_correction2_sqrt = (1.0 - beta2**step) ** 0.5
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    step_size = lr / bias_correction1
-    if param.dtype == exp_avg.dtype and not isinstance(step_size, Tensor):
+    torch._foreach_lerp_(exp_avgs, grads_wide, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads_wide, grads_wide, value=1.0 - beta2)
+    bias_correction1 = [1.0 - beta1**t for t in steps]
+    bias_correction2_sqrt = [(1.0 - beta2**t) ** 0.5 for t in steps]
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denoms, bias_correction2_sqrt)
+    torch._foreach_add_(denoms, eps)
+    exact = [p.dtype == m.dtype for p, m in zip(params, exp_avgs, strict=True)]
+    if not isinstance(lr, Tensor) and all(exact):
         if weight_decay != 0:
-            param.mul_(decay)
-        param.addcdiv_(exp_avg, denom, value=-step_size)
-    else:
-        apply_update_(param, exp_avg / denom * step_size, decay)
+            torch._foreach_mul_(list(params), decay)
+        torch._foreach_addcdiv_(list(params), exp_avgs, denoms, [-lr / bc for bc in bias_correction1])
+        return
+    updates = torch._foreach_div(exp_avgs, denoms)
+    torch._foreach_mul_(updates, lr)
+    torch._foreach_div_(updates, bias_correction1)
+    for param, update in zip(params, updates, strict=True):
+        apply_update_(param, update, decay)
 
 
 # --------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
 
 
 def interpreting() -> bool:
@@ -25,3 +26,14 @@ def check_device(name: str, tensor: torch.Tensor) -> None:
         f"{name} is on {tensor.device}; the Triton kernels need CUDA tensors "
         "(or CPU tensors with TRITON_INTERPRET=1)"
     )
+
+
+def device_fn(fn):
+    """``@triton.jit`` for a device helper on the GPU; the plain function under the interpreter.
+
+    The interpreter re-patches ``triton.language`` on every call of a jit helper (about 5 ms,
+    more than the rest of a loop iteration), while a plain function runs the same code in the
+    same patched language. Helpers decorated this way use no construct the interpreter's AST
+    rewrite handles (chained comparisons, constexpr assignments).
+    """
+    return fn if interpreting() else triton.jit(fn)

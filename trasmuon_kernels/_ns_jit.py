@@ -1,7 +1,8 @@
 """``@triton.jit`` device helpers shared by the Newton–Schulz kernels.
 
 Nothing here launches anything: these are inlined into the kernels of ``gram.py``,
-``ns_apply.py`` and ``fro_sumsq.py``.
+``ns_apply.py`` and ``fro_sumsq.py`` (``device_fn``: jit helpers on the GPU, plain
+functions under the interpreter, where each jit call costs milliseconds).
 
 bf16 under the interpreter. Triton's CPU interpreter stores bf16 as raw uint16 bits and
 computes bf16 arithmetic, ``tl.dot`` and ``tl.sum`` on those bits (garbage); its fp32 -> bf16
@@ -22,11 +23,12 @@ far below 2^31 for any matrix whose rows are shorter than 2^23 elements.
 
 from __future__ import annotations
 
-import triton
 import triton.language as tl
 
+from ._common import device_fn
 
-@triton.jit
+
+@device_fn
 def tile_offset(batch, stride_b, row0, stride_r, col0, stride_c):
     """Element offset of entry (row0, col0) of matrix ``batch``, computed in int64."""
     return (
@@ -36,7 +38,7 @@ def tile_offset(batch, stride_b, row0, stride_r, col0, stride_c):
     )
 
 
-@triton.jit
+@device_fn
 def upper_tile(t):
     """Map a linear index t in [0, T(T+1)/2) to the upper-triangle tile (ti, tj), ti <= tj.
 
@@ -52,7 +54,7 @@ def upper_tile(t):
     return ti, tj
 
 
-@triton.jit
+@device_fn
 def round_to_bf16(x, UPCAST: tl.constexpr):
     """fp32 (or any float) -> bf16, rounding to nearest even, on the GPU and the interpreter."""
     if x.dtype == tl.bfloat16:
@@ -68,7 +70,7 @@ def round_to_bf16(x, UPCAST: tl.constexpr):
     return y
 
 
-@triton.jit
+@device_fn
 def dot_operand(x, UPCAST: tl.constexpr):
     """A loaded tile as a ``tl.dot`` operand: bf16(x) on the GPU; the exact fp32 value of
     bf16(x) when interpreting (the interpreter's bf16 ``tl.dot`` is garbage).
@@ -89,7 +91,7 @@ def dot_operand(x, UPCAST: tl.constexpr):
     return y
 
 
-@triton.jit
+@device_fn
 def as_f32(x, UPCAST: tl.constexpr):
     """The fp32 value of bf16(x): what an epilogue adds when it reads a bf16 operand (or an
     fp32 input that the NS semantics round to bf16 first)."""
@@ -100,7 +102,7 @@ def as_f32(x, UPCAST: tl.constexpr):
     return y
 
 
-@triton.jit
+@device_fn
 def bf16_to_f32(x, UPCAST: tl.constexpr):
     """bf16 -> fp32 exactly (a bit shift under the interpreter)."""
     if UPCAST:

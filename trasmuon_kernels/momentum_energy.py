@@ -32,7 +32,7 @@ from torch import Tensor
 
 from trasmuon import reference as ref
 
-from ._common import check_device, interpreting
+from ._common import check_device, device_fn, interpreting
 
 # dtypes the kernels read as gradients/params and write as Newton-Schulz inputs.
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -278,17 +278,6 @@ def scalar_or_tensor(name: str, value: float | Tensor, device: torch.device) -> 
 # --------------------------------------------------------------------------------------
 # Shared device helpers
 # --------------------------------------------------------------------------------------
-def device_fn(fn):
-    """``@triton.jit`` for a device helper on the GPU; the plain function under the interpreter.
-
-    The interpreter re-patches ``triton.language`` on every call of a jit helper (about 5 ms,
-    more than the rest of a loop iteration), while a plain function runs the same code in the
-    same patched language. Helpers decorated this way use no construct the interpreter's AST
-    rewrite handles (chained comparisons, constexpr assignments).
-    """
-    return fn if interpreting() else triton.jit(fn)
-
-
 @device_fn
 def matrix_base(base, table, b, stride_b, USE_TABLE: tl.constexpr, ALIGNED: tl.constexpr):
     """Pointer to matrix ``b`` of a bucket: ``base + b*stride_b`` (int64) for a stack, or the
