@@ -28,9 +28,21 @@ def make_params(specs: list[ParamSpec], device, dtype, seed: int = 0):
     return matrices, others
 
 
-def make_step(impl: str, matrices, others, backend: str = "eager") -> tuple[Callable[[], None], list]:
-    """A zero-argument function taking one optimizer step, and the optimizers it steps."""
+def impls_for(device: torch.device) -> list[str]:
+    """Implementations to compare: ours on each backend that runs here, and the peers."""
+    ours = list(OURS)
+    if device.type == "cuda":
+        ours += [f"{name}-triton" for name in OURS if name != "adamw"]
+    return [*ours, "torch-muon", "torch-adamw"]
+
+
+def make_step(impl: str, matrices, others) -> tuple[Callable[[], None], list]:
+    """A zero-argument function taking one optimizer step, and the optimizers it steps.
+    ``impl``: a key of ``OURS`` (eager backend), the same with ``-triton``, or a peer."""
     device = matrices[0].device
+    backend = "eager"
+    if impl.endswith("-triton"):
+        impl, backend = impl.removesuffix("-triton"), "triton"
     if impl in OURS:
         groups = [{"params": matrices}, {"params": others, "rule": "adamw"}]
         opts = [OURS[impl](groups, lr=1e-3, backend=backend)]

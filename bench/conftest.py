@@ -36,6 +36,21 @@ def pytest_generate_tests(metafunc):
     full = _size(metafunc.config) == "full"
     if "model" in metafunc.fixturenames:
         metafunc.parametrize("model", list(MODELS if full else MODELS_CI))
+    if "impl" in metafunc.fixturenames:
+        from bench.common import impls_for
+
+        device = metafunc.config.getoption("--bench-device") or (
+            "cuda" if torch.cuda.is_available() else "cpu")
+        metafunc.parametrize("impl", impls_for(torch.device(device)))
+    if "stage_case" in metafunc.fixturenames:
+        from bench.test_bench_stages import CASES_CI, CASES_FULL
+
+        cases = CASES_FULL if full else CASES_CI
+        metafunc.parametrize("stage_case", cases, ids=[c[0] for c in cases])
+    if "stage_backend" in metafunc.fixturenames:
+        device = metafunc.config.getoption("--bench-device") or (
+            "cuda" if torch.cuda.is_available() else "cpu")
+        metafunc.parametrize("stage_backend", ["eager", "triton"] if device.startswith("cuda") else ["eager"])
     if "square" in metafunc.fixturenames:
         metafunc.parametrize("square", SQUARE_SIZES if full else SQUARE_SIZES_CI)
 

@@ -1,16 +1,12 @@
 """Optimizer memory: bytes of state per parameter, measured from the allocated state."""
 
-import pytest
 import torch
 
 from .common import make_params, make_step, state_bytes
 from .shapes import MODELS, MODELS_CI
 from .timing import environment
 
-IMPLS = ["trasmuon", "normuon", "muon", "adamw", "torch-muon", "torch-adamw"]
 
-
-@pytest.mark.parametrize("impl", IMPLS)
 def test_state_bytes_per_param(benchmark, bench_device, bench_size, impl):
     model = "gpt2-small" if bench_size == "full" else "gpt2-tiny"
     specs = (MODELS if bench_size == "full" else MODELS_CI)[model]

@@ -1,16 +1,12 @@
 """The whole optimizer step, per implementation, on real models' parameter sets."""
 
-import pytest
 import torch
 
 from .common import make_params, make_step
 from .shapes import MODELS, MODELS_CI
 from .timing import environment, median_ms
 
-IMPLS = ["trasmuon", "normuon", "muon", "adamw", "torch-muon", "torch-adamw"]
 
-
-@pytest.mark.parametrize("impl", IMPLS)
 def test_optimizer_step(benchmark, bench_device, bench_size, quick, impl, model):
     models = MODELS if bench_size == "full" else MODELS_CI
     dtype = torch.bfloat16 if bench_device.type == "cuda" else torch.float32
