@@ -227,13 +227,18 @@ def aot_check(arch: int = 90) -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    import trasmuon_kernels.fro_sumsq as fro_mod
     import trasmuon_kernels.gate as gate_mod
+    import trasmuon_kernels.gram as gram_mod
     import trasmuon_kernels.momentum_energy as me_mod
+    import trasmuon_kernels.ns_apply as apply_mod
     import trasmuon_kernels.update as up_mod
 
     kernels = [me_mod._momentum_energy_kernel, me_mod._column_energy_kernel, me_mod._finalize_kernel,
                gate_mod._kth_kernel, gate_mod._gate_kernel, up_mod._row_sumsq_kernel,
-               up_mod._row_stats_kernel, up_mod._update_kernel]
+               up_mod._row_stats_kernel, up_mod._update_kernel,
+               # Newton-Schulz kernels too (bench/gpu_newton_schulz.py times them)
+               gram_mod._sym_gram_kernel, apply_mod._ns_apply_kernel, fro_mod._fro_sumsq_kernel]
     assert all(isinstance(k, triton.runtime.jit.JITFunction) for k in kernels)
     captured: dict[tuple, tuple] = {}
 
@@ -248,7 +253,8 @@ def aot_check(arch: int = 90) -> list[dict]:
                 value = bound[p.name]
                 if p.is_constexpr:
                     sig[p.name] = "constexpr"
-                    constexprs[p.name] = False if p.name == "EMULATE_BF16_RNE" else value
+                    # the GPU path: no interpreter emulation of bf16
+                    constexprs[p.name] = False if p.name in ("EMULATE_BF16_RNE", "UPCAST") else value
                 elif isinstance(value, torch.Tensor):
                     sig[p.name] = "*" + _TORCH_TO_TRITON[str(value.dtype).replace("torch.", "")]
                     if value.data_ptr() % 16 == 0:
@@ -339,6 +345,11 @@ def _drive_launchers(shape, tables: bool) -> None:
             gate_stage_(state, energy, 1, 1e-3, **kw, energy_cur_out=torch.empty(count))
             gate_stage_(state, energy, torch.tensor(2.0), torch.tensor(1e-3), **kw,
                         first=torch.zeros(count, dtype=torch.bool), block=16)
+    from trasmuon_kernels.newton_schulz import newton_schulz
+
+    x = torch.randn(count, d_out, d_in).to(torch.bfloat16)
+    newton_schulz(x, row_sumsq_out=torch.empty(count, d_out))
+    newton_schulz(x.float(), ref.MUON_NS_COEFFICIENTS, 1e-7, fro_sumsq=torch.rand(count))
     gate = torch.rand(count, d_in)
     for wd in (torch.float32, torch.bfloat16, torch.float16):
         w = torch.randn(count, d_out, d_in).to(wd)

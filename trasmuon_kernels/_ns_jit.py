@@ -110,3 +110,23 @@ def bf16_to_f32(x, UPCAST: tl.constexpr):
     else:
         y = x.to(tl.float32)
     return y
+
+
+@device_fn
+def dot_k_loop(acc, a_ptrs, b_ptrs, a_step, b_step, rows_ok, cols_ok, offs_k, n_inner,
+               BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += A @ B over the inner dimension, BLOCK_K at a time: A tiles at ``a_ptrs``
+    (rows x BLOCK_K, rows masked by ``rows_ok``), B tiles at ``b_ptrs`` (BLOCK_K x cols),
+    both advanced by BLOCK_K * their inner-dimension stride. bf16 operands, fp32 accumulation
+    (exact fp32 products of the bf16 values under the interpreter)."""
+    for k0 in range(0, n_inner, BLOCK_K):
+        k_ok = (k0 + offs_k) < n_inner
+        a = dot_operand(tl.load(a_ptrs, mask=rows_ok[:, None] & k_ok[None, :], other=0.0), UPCAST)
+        b = dot_operand(tl.load(b_ptrs, mask=k_ok[:, None] & cols_ok[None, :], other=0.0), UPCAST)
+        if UPCAST:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * a_step
+        b_ptrs += BLOCK_K * b_step
+    return acc

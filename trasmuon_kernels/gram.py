@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_device, interpreting
-from ._ns_jit import as_f32, dot_operand, round_to_bf16, tile_offset, upper_tile
+from ._ns_jit import as_f32, dot_k_loop, round_to_bf16, tile_offset, upper_tile
 
 
 @dataclass(frozen=True)
@@ -93,19 +93,8 @@ def _sym_gram_kernel(
         + tile_offset(batch, stride_zb, col0, stride_zr, 0, stride_zk)
         + (offs_k[:, None] * stride_zk + offs[None, :] * stride_zr)
     )
-    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-    for k0 in range(0, n_inner, BLOCK_K):
-        k_ok = (k0 + offs_k) < n_inner
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        a = dot_operand(a, UPCAST)
-        b = dot_operand(b, UPCAST)
-        if UPCAST:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_K * stride_zk
-        b_ptrs += BLOCK_K * stride_zk
+    acc = dot_k_loop(tl.zeros((BLOCK, BLOCK), dtype=tl.float32), a_ptrs, b_ptrs,
+                     stride_zk, stride_zk, row_ok, col_ok, offs_k, n_inner, BLOCK_K, UPCAST)
 
     # Epilogue: normalization folded in, alpha, + beta * D, symmetrize, round once, mirror.
     if HAS_SUMSQ:

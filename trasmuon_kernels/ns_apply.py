@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_device, interpreting
-from ._ns_jit import as_f32, bf16_to_f32, dot_operand, round_to_bf16, tile_offset
+from ._ns_jit import as_f32, bf16_to_f32, dot_k_loop, round_to_bf16, tile_offset
 
 
 @dataclass(frozen=True)
@@ -112,19 +112,8 @@ def _ns_apply_kernel(
         + tile_offset(batch, stride_rb, 0, stride_rk, col0, stride_rn)
         + (offs_k[:, None] * stride_rk + offs_n[None, :] * stride_rn)
     )
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + offs_k) < K
-        a = tl.load(l_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(r_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        a = dot_operand(a, UPCAST)
-        b = dot_operand(b, UPCAST)
-        if UPCAST:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-        l_ptrs += BLOCK_K * stride_lk
-        r_ptrs += BLOCK_K * stride_rk
+    acc = dot_k_loop(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), l_ptrs, r_ptrs,
+                     stride_lk, stride_rk, m_ok, n_ok, offs_k, K, BLOCK_K, UPCAST)
 
     # Epilogue: + alpha * Y, normalization, one rounding, optional row sums of squares.
     mask = m_ok[:, None] & n_ok[None, :]
