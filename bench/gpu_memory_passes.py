@@ -153,8 +153,9 @@ def bandwidth(shape: tuple[int, int, int], device, timing) -> list[dict]:
     import torch
 
     from trasmuon import reference as ref
+    from trasmuon_kernels._common import TensorBucket
     from trasmuon_kernels.gate import gate_stage_
-    from trasmuon_kernels.momentum_energy import TensorBucket, column_energy, momentum_energy_pass_
+    from trasmuon_kernels.momentum_energy import column_energy, momentum_energy_pass_
     from trasmuon_kernels.update import row_stats_, row_sumsq, update_pass_
 
     count, d_out, d_in = shape
@@ -309,12 +310,9 @@ def _drive_launchers(shape, tables: bool) -> None:
     import torch
 
     from trasmuon import reference as ref
+    from trasmuon_kernels._common import default_config
     from trasmuon_kernels.gate import gate_stage_, kth_smallest
-    from trasmuon_kernels.momentum_energy import (
-        column_energy,
-        default_config,
-        momentum_energy_pass_,
-    )
+    from trasmuon_kernels.momentum_energy import column_energy, momentum_energy_pass_
     from trasmuon_kernels.update import row_stats_, row_sumsq, update_pass_
 
     count, d_out, d_in = shape

@@ -102,7 +102,7 @@ class FusedMatrixStep:
         self._tables: dict[tuple[int, ...], Any] = {}
 
     def _bucket_of(self, tensors: list[Tensor], cache: bool):
-        from trasmuon_kernels.momentum_energy import TensorBucket
+        from trasmuon_kernels._common import TensorBucket
 
         if not cache:
             return TensorBucket.of(tensors)

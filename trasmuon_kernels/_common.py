@@ -1,11 +1,19 @@
-"""Helpers every kernel launcher shares."""
+"""What every kernel module shares: interpreter detection, device checks, bucket arguments
+(a 3D stack or a device table of ``data_ptr()``s), launch configs of the memory passes,
+float32 rounding of host scalars, output allocation, and the device helpers (pointer of a
+bucket's matrix, rounding to a dtype) that several kernels inline."""
 
 from __future__ import annotations
 
 import os
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
+from torch import Tensor
 
 
 def interpreting() -> bool:
@@ -37,3 +45,275 @@ def device_fn(fn):
     rewrite handles (chained comparisons, constexpr assignments).
     """
     return fn if interpreting() else triton.jit(fn)
+
+
+# dtypes the kernels read as gradients/params and write as Newton-Schulz inputs.
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# --------------------------------------------------------------------------------------
+# Shared launcher helpers
+# --------------------------------------------------------------------------------------
+def f32(value: float) -> float:
+    """``value`` rounded to the nearest float32, as a Python float.
+
+    Kernels take scalars as float32. Every scalar is rounded here, and derived scalars
+    (1 - beta, lr*lr, ...) are computed on the host in double, as the eager reference computes
+    them, so that the compiled kernel and the interpreter (which keeps Python floats as
+    doubles until they meet a tensor) see the same float32 value.
+    """
+    return struct.unpack("f", struct.pack("f", float(value)))[0]
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device; 1 elsewhere (the interpreter runs programs one by one, so fewer,
+    larger programs are faster there)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    """Launch config of a tiled memory pass: a BLOCK_R x BLOCK_C tile per loop iteration.
+
+    ``splits`` (row splits per matrix) applies to the column-reducing passes only; None picks
+    it from the SM count. No autotuning: defaults come from the shape (``default_config``).
+    """
+
+    block_r: int
+    block_c: int
+    num_warps: int = 4
+    splits: int | None = None
+
+    def check(self) -> None:
+        for name in ("block_r", "block_c"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1 or v & (v - 1):
+                raise ValueError(f"config.{name} must be a power of two >= 1, got {v!r}")
+        if self.num_warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"config.num_warps must be a power of two <= 32, got {self.num_warps!r}")
+        if self.splits is not None and (not isinstance(self.splits, int) or self.splits < 1):
+            raise ValueError(f"config.splits must be None or an int >= 1, got {self.splits!r}")
+
+
+# Elements per tile: 4096 on a GPU (16 float32 per thread at 8 warps); under the interpreter,
+# which pays per Python-level operation rather than per element, larger tiles run faster.
+GPU_TILE = 4096
+INTERPRETER_TILE = 65536
+
+
+# Under the interpreter a tile's column sums (tl.sum over rows) are numpy's sequential sums
+# along a strided axis: keep the row blocks of column-reducing passes short there so that
+# float32 rounding stays near the GPU's tree reduction (see docs/kernels-memory.md).
+INTERPRETER_REDUCE_BLOCK_R = 16
+
+
+def default_config(
+    d_out: int, d_in: int, *, tile: int | None = None, reduces_columns: bool = False
+) -> PassConfig:
+    """Tiles of about ``tile`` elements (default ``GPU_TILE``, or ``INTERPRETER_TILE`` under
+    the interpreter), as wide as the rows allow (up to 256 columns) so that every warp reads
+    whole 128-byte lines; 8 warps for a full GPU tile. ``reduces_columns``: the pass sums
+    over rows (short row blocks under the interpreter)."""
+    if tile is None:
+        tile = INTERPRETER_TILE if interpreting() else GPU_TILE
+    block_c = min(256, next_pow2(d_in))
+    block_r = max(1, min(next_pow2(d_out), tile // block_c))
+    if reduces_columns and interpreting():
+        block_r = min(block_r, INTERPRETER_REDUCE_BLOCK_R)
+    num_warps = 8 if block_r * block_c >= GPU_TILE else 4
+    return PassConfig(block_r=block_r, block_c=block_c, num_warps=num_warps)
+
+
+@dataclass(frozen=True, eq=False)
+class TensorBucket:
+    """B same-shape matrices as one kernel argument.
+
+    Either a 3D stack (``table`` is None; any strides) or a list of separate 2D tensors with one
+    shape, dtype, device and strides, passed as a device int64 table of their ``data_ptr()``s
+    (``base`` is then the first tensor: it types the kernel's pointers). Build a list bucket once
+    with ``TensorBucket.of`` and reuse it while the tensors live (parameters): building the table
+    copies B pointers to the device.
+    """
+
+    base: Tensor
+    table: Tensor | None
+    count: int
+    shape: tuple[int, int]
+    strides: tuple[int, int, int]  # (matrix, row, column) in elements; matrix stride 0 with a table
+    aligned: bool  # every matrix starts at a 16-byte aligned address (vectorized loads on GPU)
+    tensors: tuple[Tensor, ...] | None = None  # keeps the list alive while the table is used
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    @property
+    def uses_table(self) -> bool:
+        return self.table is not None
+
+    @staticmethod
+    def of(value: BucketLike, name: str = "tensors") -> TensorBucket:
+        """A bucket from a 3D tensor, a sequence of 2D tensors, or a bucket (returned as is)."""
+        if isinstance(value, TensorBucket):
+            return value
+        if isinstance(value, Tensor):
+            if value.ndim != 3:
+                raise ValueError(
+                    f"{name} must be a 3D stack (B, d_out, d_in) or a list of 2D tensors, got a "
+                    f"tensor of shape {tuple(value.shape)}"
+                )
+            check_device(name, value)
+            b, d_out, d_in = value.shape
+            return TensorBucket(
+                base=value,
+                table=None,
+                count=b,
+                shape=(d_out, d_in),
+                strides=tuple(value.stride()),
+                aligned=value.data_ptr() % 16 == 0,
+            )
+        if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+            tensors = tuple(value)
+            if not tensors:
+                raise ValueError(f"{name} is an empty list; a bucket needs at least one matrix")
+            first = tensors[0]
+            for i, t in enumerate(tensors):
+                if not isinstance(t, Tensor):
+                    raise TypeError(f"{name}[{i}] is a {type(t).__name__}, not a tensor")
+                if t.ndim != 2:
+                    raise ValueError(f"{name}[{i}] must be 2D, got shape {tuple(t.shape)}")
+                if t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
+                    raise ValueError(
+                        f"{name}[{i}] is {tuple(t.shape)} {t.dtype} on {t.device}, but {name}[0] "
+                        f"is {tuple(first.shape)} {first.dtype} on {first.device}: a bucket holds "
+                        "one shape, dtype and device"
+                    )
+                if t.stride() != first.stride():
+                    raise ValueError(
+                        f"{name}[{i}] has strides {t.stride()}, but {name}[0] has "
+                        f"{first.stride()}: a pointer-table bucket shares one layout"
+                    )
+            check_device(name, first)
+            ptrs = [t.data_ptr() for t in tensors]
+            table = torch.tensor(ptrs, dtype=torch.int64)
+            if first.is_cuda:
+                # Pinned + non_blocking: no host sync (a pageable copy would synchronize).
+                table = table.pin_memory().to(first.device, non_blocking=True)
+            d_out, d_in = first.shape
+            return TensorBucket(
+                base=first,
+                table=table,
+                count=len(tensors),
+                shape=(d_out, d_in),
+                strides=(0, *first.stride()),
+                aligned=all(p % 16 == 0 for p in ptrs),
+                tensors=tensors,
+            )
+        raise TypeError(
+            f"{name} must be a 3D tensor, a list of 2D tensors or a TensorBucket, "
+            f"got {type(value).__name__}"
+        )
+
+
+BucketLike = Tensor | Sequence[Tensor] | TensorBucket
+
+
+def check_dtype(name: str, tensor: Tensor, allowed: Sequence[torch.dtype]) -> None:
+    if tensor.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{name} has dtype {tensor.dtype}; expected one of {names}")
+
+
+def check_shape(name: str, tensor: Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected {tuple(shape)}")
+
+
+def check_same_device(name: str, tensor: Tensor, device: torch.device) -> None:
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device}, but the bucket is on {device}")
+
+
+def check_no_overlap(name: str, tensor: Tensor) -> None:
+    """Written-in-place tensors must not be expanded views (two elements, one address)."""
+    if any(s == 0 and n > 1 for s, n in zip(tensor.stride(), tensor.shape, strict=True)):
+        raise ValueError(f"{name} is an expanded view (stride 0); it is written in place")
+
+
+def out_or_new(
+    name: str, out: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """``out`` checked against the expected shape/dtype/device, or a new empty tensor."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{name} must be a tensor or None, got {type(out).__name__}")
+    check_shape(name, out, shape)
+    if out.dtype != dtype:
+        raise TypeError(f"{name} has dtype {out.dtype}; expected {dtype}")
+    check_same_device(name, out, device)
+    check_no_overlap(name, out)
+    return out
+
+
+def scalar_or_tensor(name: str, value: float | Tensor, device: torch.device) -> tuple[Tensor | None, float]:
+    """A float scalar (rounded to float32) or a one-element float tensor on the bucket's device,
+    read by the kernel (no host sync). Returns (tensor or None, float value or 0.0)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a float or a one-element tensor, got shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} tensor must be floating point, got {value.dtype}")
+        check_same_device(name, value, device)
+        return value.reshape(()), 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or a one-element tensor, got {type(value).__name__}")
+    return None, f32(value)
+
+
+# --------------------------------------------------------------------------------------
+# Shared device helpers
+# --------------------------------------------------------------------------------------
+@device_fn
+def matrix_base(base, table, b, stride_b, USE_TABLE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pointer to matrix ``b`` of a bucket: ``base + b*stride_b`` (int64) for a stack, or the
+    ``b``-th entry of a device table of addresses cast to ``base``'s pointer type."""
+    if USE_TABLE:
+        ptr = tl.load(table + b).to(tl.pointer_type(base.dtype.element_ty))
+        if ALIGNED:
+            # The cast loses alignment facts; restore them so GPU loads stay vectorized.
+            ptr = tl.multiple_of(ptr, 16)
+    else:
+        ptr = base + b.to(tl.int64) * stride_b
+    return ptr
+
+
+@device_fn
+def round_to(x, DTYPE: tl.constexpr, EMULATE_BF16_RNE: tl.constexpr):
+    """Round float32 ``x`` once to ``DTYPE`` (round to nearest even, as torch's ``.to``).
+
+    The interpreter truncates float32 -> bfloat16 instead of rounding (its RTNE mode is not
+    ties-to-even either), so under it the rounding is done on the bits, as c10::BFloat16 does.
+    The GPU path is the native conversion (cvt.rn.bf16.f32).
+    """
+    if DTYPE == tl.bfloat16:
+        if EMULATE_BF16_RNE:
+            bits = x.to(tl.int32, bitcast=True)
+            rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+            rounded = tl.where(x != x, 0x7FC0, rounded)
+            out = rounded.to(tl.int16).to(tl.bfloat16, bitcast=True)
+        else:
+            out = x.to(tl.bfloat16)
+    else:
+        out = x.to(DTYPE)
+    return out

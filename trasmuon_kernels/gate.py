@@ -28,11 +28,12 @@ from torch import Tensor
 
 from trasmuon import reference as ref
 
-from ._common import check_device, device_fn
-from .momentum_energy import (
+from ._common import (
+    check_device,
     check_dtype,
     check_same_device,
     check_shape,
+    device_fn,
     f32,
     next_pow2,
     out_or_new,

@@ -22,18 +22,19 @@ from torch import Tensor
 
 from trasmuon import reference as ref
 
-from ._common import check_device, interpreting
-from .momentum_energy import (
+from ._common import (
     FLOAT_DTYPES,
     BucketLike,
     PassConfig,
     TensorBucket,
+    check_device,
     check_dtype,
     check_no_overlap,
     check_same_device,
     check_shape,
     default_config,
     f32,
+    interpreting,
     matrix_base,
     next_pow2,
     out_or_new,

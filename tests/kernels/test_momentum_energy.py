@@ -12,14 +12,8 @@ import pytest
 import torch
 
 from trasmuon import reference as ref
-from trasmuon_kernels.momentum_energy import (
-    GPU_TILE,
-    PassConfig,
-    TensorBucket,
-    column_energy,
-    default_config,
-    momentum_energy_pass_,
-)
+from trasmuon_kernels._common import GPU_TILE, PassConfig, TensorBucket, default_config
+from trasmuon_kernels.momentum_energy import column_energy, momentum_energy_pass_
 from trasmuon_kernels.testing import assert_close_to_reference, poison
 
 SHAPES = [(1, 37), (33, 1), (3, 1000), (257, 129)]
