@@ -40,16 +40,21 @@ def load(paths: list[Path]) -> tuple[list[dict], list[dict]]:
     return rows, envs
 
 
-def tables(rows: list[dict]) -> str:
+def suites(rows: list[dict]):
+    """Per suite, in name order: (suite, unit, impls, cases, {(case, impl): metric value})."""
     by_suite: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_suite[row["suite"]].append(row)
-    out = []
     for suite, items in sorted(by_suite.items()):
         metric, unit = METRICS.get(suite, DEFAULT_METRIC)
         impls = sorted({r["impl"] for r in items})
         cases = list(dict.fromkeys(r["case"] for r in items))
-        cell = {(r["case"], r["impl"]): r.get(metric) for r in items}
+        yield suite, unit, impls, cases, {(r["case"], r["impl"]): r.get(metric) for r in items}
+
+
+def tables(rows: list[dict]) -> str:
+    out = []
+    for suite, unit, impls, cases, cell in suites(rows):
         ref = next((i for i in REFERENCE_IMPL if i in impls), None)
         out.append(f"### {suite} ({unit})\n")
         head = ["case", *impls] + ([f"{i} / {ref}" for i in impls if i != ref] if ref else [])
@@ -76,15 +81,9 @@ def plots(rows: list[dict], img_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     img_dir.mkdir(parents=True, exist_ok=True)
-    by_suite: dict[str, list[dict]] = defaultdict(list)
-    for row in rows:
-        by_suite[row["suite"]].append(row)
     written = []
-    for suite, items in sorted(by_suite.items()):
-        metric, unit = METRICS.get(suite, DEFAULT_METRIC)
-        impls = sorted({r["impl"] for r in items})
-        cases = list(dict.fromkeys(r["case"] for r in items))
-        cell = {(r["case"], r["impl"]): r.get(metric) or 0.0 for r in items}
+    for suite, unit, impls, cases, values in suites(rows):
+        cell = {key: value or 0.0 for key, value in values.items()}
         fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cases) * len(impls) / 3), 4))
         width = 0.8 / len(impls)
         for k, impl in enumerate(impls):

@@ -96,6 +96,13 @@ def _loss(model, device, dtype):
     return (model(x) - 0.3).square().mean()
 
 
+def _take_steps(opt, model, device, dtype, steps):
+    for _ in range(steps):
+        opt.zero_grad()
+        _loss(model, device, dtype).backward()
+        opt.step()
+
+
 def _constructor_kwargs(optim_input):
     kwargs = dict(optim_input.kwargs)
     if isinstance(kwargs.get("lr"), torch.Tensor):
@@ -124,9 +131,7 @@ class TestGenericOptimizer(TestCase):
                 sched = torch.optim.lr_scheduler.StepLR(opt, 10, 0.9) if with_scheduler else None
                 initial = _loss(model, device, dtype).item()
                 for _ in range(20):
-                    opt.zero_grad()
-                    _loss(model, device, dtype).backward()
-                    opt.step()
+                    _take_steps(opt, model, device, dtype, 1)
                     if sched is not None:
                         sched.step()
                 final = _loss(model, device, dtype).item()
@@ -145,10 +150,7 @@ class TestGenericOptimizer(TestCase):
             ]
             opt = optim_info.optim_cls(groups, **kwargs)
             initial = _loss(model, device, dtype).item()
-            for _ in range(20):
-                opt.zero_grad()
-                _loss(model, device, dtype).backward()
-                opt.step()
+            _take_steps(opt, model, device, dtype, 20)
             self.assertEqual(opt.param_groups[0]["weight_decay"], 0.1)
             self.assertEqual(opt.param_groups[1]["lr"], 0.005)
             self.assertLess(_loss(model, device, dtype).item(), initial, msg=optim_input.desc)
@@ -197,10 +199,7 @@ class TestGenericOptimizer(TestCase):
             kwargs = _constructor_kwargs(optim_input)
             model = _model(device, dtype)
             opt = optim_info.optim_cls(model.parameters(), **kwargs)
-            for _ in range(3):
-                opt.zero_grad()
-                _loss(model, device, dtype).backward()
-                opt.step()
+            _take_steps(opt, model, device, dtype, 3)
             clone = copy.deepcopy(model)
             opt_c = optim_info.optim_cls(clone.parameters(), **_constructor_kwargs(optim_input))
             opt_c.load_state_dict(copy.deepcopy(opt.state_dict()))
@@ -218,10 +217,7 @@ class TestGenericOptimizer(TestCase):
         for optim_input in optim_info.optim_inputs_func(device=device):
             model = _model(device, dtype)
             opt = optim_info.optim_cls(model.parameters(), **_constructor_kwargs(optim_input))
-            for _ in range(2):
-                opt.zero_grad()
-                _loss(model, device, dtype).backward()
-                opt.step()
+            _take_steps(opt, model, device, dtype, 2)
             sd = opt.state_dict()
             buf = io.BytesIO()
             torch.save(sd, buf)
@@ -237,17 +233,12 @@ class TestGenericOptimizer(TestCase):
         for optim_input in optim_info.optim_inputs_func(device=device):
             model = _model(device, dtype)
             opt = optim_info.optim_cls(model.parameters(), **_constructor_kwargs(optim_input))
-            for _ in range(2):
-                opt.zero_grad()
-                _loss(model, device, dtype).backward()
-                opt.step()
+            _take_steps(opt, model, device, dtype, 2)
             sd = opt.state_dict()
             for state in sd["state"].values():
                 state["step"] = float(state["step"])
             opt.load_state_dict(sd)
-            opt.zero_grad()
-            _loss(model, device, dtype).backward()
-            opt.step()
+            _take_steps(opt, model, device, dtype, 1)
             for state in opt.state.values():
                 self.assertEqual(float(state["step"]), 3.0)
 
@@ -256,9 +247,7 @@ class TestGenericOptimizer(TestCase):
         for optim_input in optim_info.optim_inputs_func(device=device):
             model = _model(device, dtype)
             opt = optim_info.optim_cls(model.parameters(), **_constructor_kwargs(optim_input))
-            opt.zero_grad()
-            _loss(model, device, dtype).backward()
-            opt.step()
+            _take_steps(opt, model, device, dtype, 1)
 
             def public(o):
                 return {k: v for k, v in vars(o).items() if not k.startswith("_")}
