@@ -464,26 +464,6 @@ def trasmuon_matrix_step_(
     )
 
 
-def muon_matrix_step_(
-    param: Tensor,
-    grad: Tensor,
-    state: MutableMapping[str, Tensor],
-    lr: float | Tensor,
-    *,
-    momentum_beta: float,
-    eps: float,
-    weight_decay: float,
-    nesterov: bool,
-    ns_schedule_: Sequence[NSTriple],
-    ns_dtype: torch.dtype,
-    adjust_lr_fn: str | None,
-) -> None:
-    """One whole Muon step for one matrix: EMA momentum (optionally Nesterov), NS, shape-scaled lr."""
-    ns_in, _ = momentum_stage_(grad, state, momentum_beta, nesterov)
-    ortho = newton_schulz(ns_in, ns_schedule_, eps, ns_dtype)
-    muon_update_stage_(param, ortho, lr, weight_decay=weight_decay, adjust_lr_fn=adjust_lr_fn)
-
-
 def adamw_step_(
     param: Tensor,
     grad: Tensor,
