@@ -1,6 +1,6 @@
-"""An independent float64 transcription of SPEC.md's rule in NumPy, for tests only.
+"""An independent float64 transcription of the TrasMuon rule (docs/rule.md) in NumPy, for tests only.
 
-It is written from SPEC.md line by line (not from trasmuon.reference) so that the
+It is written from the rule's statement line by line (not from trasmuon.reference) so that the
 optimizer can be checked against a second reading of the spec; it is slow and plain on
 purpose. Newton-Schulz runs in float64 here, so compare with ``ns_dtype=torch.float64``.
 """
@@ -13,7 +13,7 @@ import numpy as np
 
 
 class SpecTrasMuon:
-    """One matrix, SPEC steps 1-12, float64 throughout."""
+    """One matrix, steps 1-12 of docs/rule.md, float64 throughout."""
 
     def __init__(self, w: np.ndarray, **hp):
         self.w = np.array(w, dtype=np.float64)

@@ -546,3 +546,48 @@ def test_api_without_process_group():
     stats.add("x", 1, 0)
     assert (stats.calls, stats.total_sent, stats.total_received) == ({"x": 2}, 4, 4)
 
+
+
+# --------------------------------------------------------------------------------------
+# Options survive a resume
+# --------------------------------------------------------------------------------------
+def _own_group_worker(rank: int, world: int, tmp: str) -> None:
+    """Each rank trains its own model in its own one-rank process group: after
+    load_state_dict, deepcopy and pickling the optimizer still uses that group (and its
+    check_consistency), so its weights keep equalling a single-process run bitwise."""
+    import io
+
+    groups = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
+    mine = groups[rank]
+    torch.manual_seed(10 + rank)  # a different model on each rank
+    model = Net()
+    ref_model = copy.deepcopy(model)
+    opt = DistributedTrasMuon(param_groups(model), **HP, process_group=mine,
+                              check_consistency=False)
+    ref_opt = TrasMuon(param_groups(ref_model), **HP)
+    for step in range(1, STEPS + 1):
+        if step == 3:
+            opt.load_state_dict(opt.state_dict())
+        assert opt.process_group is mine and opt.check_consistency is False, step
+        train_step(model, model, opt, step, 0, 1, False, (ref_model, ref_opt))
+        for name, key, value, ref_value in state_pairs(opt, model, ref_opt, ref_model):
+            assert torch.equal(value, ref_value), f"step {step}: {name} {key} differs"
+    copied = copy.deepcopy(opt)
+    assert copied.process_group is mine and copied.check_consistency is False
+    buf = io.BytesIO()
+    torch.save(opt, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.process_group is mine and loaded.check_consistency is False
+    assert (loaded.backend, loaded.diagnostics_enabled) == (opt.backend, True)
+
+
+def test_process_group_and_options_survive_resume(tmp_path):
+    run_workers(_own_group_worker, 2, tmp_path)
+
+
+def test_pickled_optimizer_needs_its_process_group():
+    from trasmuon.distributed import _resolve_group
+
+    with pytest.raises(RuntimeError, match="not initialized"):
+        _resolve_group(("group7", (0, 1)), "DistributedTrasMuon")

@@ -1,7 +1,9 @@
-"""Every experiment script's --quick mode runs end to end and writes its JSON and plot.
+"""Every experiment script's --quick mode runs end to end, writes its JSON and plot, and learns.
 
 The scripts are imported from bench/experiments and run through their ``main(argv)`` in
-this process (no interpreter start-up per script), into a temporary directory.
+this process (no interpreter start-up per script), into a temporary directory. Each
+learning criterion is also run against the same script with ``--lr 0`` (a model that learns
+nothing), which it must reject: the criteria can fail.
 """
 
 import importlib
@@ -25,6 +27,30 @@ def scripts():
         sys.path.remove(str(EXPERIMENTS))
 
 
+LN_256 = math.log(256)  # the loss of a uniform byte-level prediction
+
+
+def lm_learned(run_result) -> bool:
+    """Validation loss well below a uniform guess and training loss down by a third."""
+    loss = run_result["train_loss"]
+    return run_result["final_val_loss"] < 0.8 * LN_256 and loss[-1] < 0.67 * loss[0]
+
+
+def diagnostic_learned(run_result) -> bool:
+    """The regression loss (relative to its start, 1.0) more than a fifth lower."""
+    return run_result["final_loss"] < 0.8
+
+
+def pinn_learned(run_result) -> bool:
+    """The relative L2 error at least 10% below the untrained net's."""
+    return run_result["final_rel_l2"] < 0.9 * run_result["initial_rel_l2"]
+
+
+def vit_learned(run_result) -> bool:
+    """Test accuracy at least three times chance (10 classes)."""
+    return run_result["test_accuracy"] > 0.3
+
+
 def run(module, tmp_path, *extra):
     result = module.main(["--quick", "--out", str(tmp_path), "--no-progress", *extra])
     name = module.NAME
@@ -43,7 +69,7 @@ def test_lm_quick(scripts, tmp_path):
         (o, s) for o in ("trasmuon", "normuon", "muon", "adamw") for s in ("warmup", "no_warmup")}
     for r in saved["runs"]:
         assert len(r["train_loss"]) == scripts["lm"].CONFIGS["quick"].steps
-        assert math.isfinite(r["final_val_loss"]) and r["final_val_loss"] < 5.6  # < ln 256
+        assert lm_learned(r), (r["optimizer"], r["schedule"], r["final_val_loss"])
     for schedule in ("warmup", "no_warmup"):
         metrics = saved["metrics"]["0"][schedule]["all"]
         assert all(s is not None for s in metrics["steps"].values())
@@ -69,27 +95,33 @@ def test_diagnostic_quick(scripts, tmp_path):
     assert all(r["burst_steps"] for r in bursty)
     row = saved["summary"][0]
     assert set(row["final_loss"]) == {"median", "q25", "q75", "iqr"}
+    for r in saved["runs"]:
+        assert diagnostic_learned(r), (r["optimizer"], r["setting"], r["final_loss"])
 
 
 def test_pinn_quick(scripts, tmp_path):
     saved = run(scripts["pinn"], tmp_path)
     assert {r["optimizer"] for r in saved["runs"]} == {"muon", "trasmuon", "normuon", "adamw"}
     for r in saved["runs"]:
-        assert r["roi_events"] and math.isfinite(r["final_rel_l2"])
+        assert r["roi_events"] and pinn_learned(r), (r["optimizer"], r["final_rel_l2"])
 
 
 def write_fake_fashion_mnist(directory: Path) -> Path:
-    """Random images and labels in Fashion-MNIST's gzipped idx format, for machines where
-    the Debian package is not installed (CI): the script's whole path still runs."""
+    """Learnable synthetic images in Fashion-MNIST's gzipped idx format, for machines where
+    the Debian package is not installed (CI): noise plus a bright 8x8 block whose position
+    is the label, so the script's whole path runs and learning shows in the accuracy."""
     import gzip
 
     import torch
 
     directory.mkdir()
     gen = torch.Generator().manual_seed(0)
-    for split, n in (("train", 512), ("t10k", 256)):
-        images = torch.randint(0, 256, (n, 28, 28), generator=gen, dtype=torch.uint8)
+    for split, n in (("train", 2048), ("t10k", 512)):
         labels = torch.randint(0, 10, (n,), generator=gen, dtype=torch.uint8)
+        images = torch.randint(0, 96, (n, 28, 28), generator=gen, dtype=torch.uint8)
+        for i, label in enumerate(labels.tolist()):
+            r, c = 2 + 12 * (label // 5), 1 + 5 * (label % 5)
+            images[i, r : r + 8, c : c + 5] = 255
         for kind, data in (("images-idx3", images), ("labels-idx1", labels)):
             header = bytes([0, 0, 8, data.ndim]) + b"".join(
                 d.to_bytes(4, "big") for d in data.shape)
@@ -103,5 +135,41 @@ def test_vit_quick(scripts, tmp_path):
     saved = run(scripts["vit"], tmp_path, *extra)
     assert {r["bursts"] for r in saved["runs"]} == {False, True}
     for r in saved["runs"]:
-        assert 0.0 <= r["test_accuracy"] <= 1.0
         assert (r["n_burst_events"] > 0) == r["bursts"]
+        assert vit_learned(r), (r["optimizer"], r["bursts"], r["test_accuracy"])
+
+
+def test_the_learning_criteria_reject_a_model_that_learns_nothing(scripts, tmp_path):
+    common = ["--quick", "--out", str(tmp_path), "--no-progress", "--no-plot", "--lr", "0"]
+    lm = scripts["lm"].main([*common, "--optimizers", "trasmuon"])
+    assert lm["runs"] and not any(lm_learned(r) for r in lm["runs"])
+    diag = scripts["diagnostic"].main(common)
+    assert not any(diagnostic_learned(r) for r in diag["runs"])
+    pinn = scripts["pinn"].main([*common, "--optimizers", "trasmuon"])
+    assert not any(pinn_learned(r) for r in pinn["runs"])
+    data = FASHION.parent if FASHION.exists() else write_fake_fashion_mnist(tmp_path / "data")
+    vit = scripts["vit"].main([*common, "--optimizers", "trasmuon", "--bursts", "off",
+                               "--data", str(data)])
+    assert not any(vit_learned(r) for r in vit["runs"])
+
+
+def test_runs_write_outside_the_tracked_tree_by_default(scripts):
+    common = sys.modules["_common"]
+    args = common.finish_args(common.base_parser("x", [0], "lm").parse_args([]))
+    for path in (args.out, args.plot_dir):
+        assert path.resolve().is_relative_to(common.REPO / "out"), path
+    assert "/out/" in (common.REPO / ".gitignore").read_text().split()
+
+
+def test_vit_asks_for_missing_data_instead_of_installing_it(scripts, tmp_path, monkeypatch):
+    import subprocess
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"the script ran a command: {args}")
+
+    monkeypatch.setattr(subprocess, "run", refuse)
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    missing = tmp_path / "nothing-here"
+    monkeypatch.setattr(scripts["vit"], "DATA_DIR", missing)  # as if the default were absent
+    with pytest.raises(SystemExit, match="apt-get install -y dataset-fashion-mnist"):
+        scripts["vit"].ensure_data(missing)

@@ -413,3 +413,119 @@ def test_cuda_step_does_not_sync_the_host():
 def test_exports():
     assert set(trasmuon.RULES) == {"trasmuon", "normuon", "muon", "adamw"}
     assert trasmuon.TrasMuon.matrix_rule == "trasmuon"
+
+
+# ------------------------------------------------------------------------------------------
+# Options survive resume, deepcopy and pickling
+# ------------------------------------------------------------------------------------------
+OPTIONS = dict(backend="eager", check_finite=True, diagnostics=True)
+
+
+def _restored(opt, how):
+    if how == "load_state_dict":
+        opt.load_state_dict(opt.state_dict())
+        return opt
+    if how == "deepcopy":
+        return copy.deepcopy(opt)
+    buf = io.BytesIO()
+    torch.save(opt, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.parametrize("how", ["load_state_dict", "deepcopy", "pickle"])
+@pytest.mark.parametrize("cls", ALL)
+def test_constructor_options_survive(cls, how):
+    """A resume keeps backend, check_finite and diagnostics: a NaN gradient is still refused
+    with nothing changed, and diagnostics still read."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = cls(split_params(model), lr=0.01, **OPTIONS)
+    train(model, opt, make_batches(2))
+    opt = _restored(opt, how)
+    if how != "load_state_dict":  # the copy has its own params: step those
+        model = None
+        params = [p for g in opt.param_groups for p in g["params"]]
+    else:
+        params = list(model.parameters())
+    assert (opt.backend, opt.check_finite, opt.diagnostics_enabled) == ("eager", True, True)
+    before = [p.detach().clone() for p in params]
+    states = copy.deepcopy(opt.state_dict()["state"])
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[1].grad.view(-1)[0] = float("nan")
+    with pytest.raises(RuntimeError, match="non-finite"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, params, strict=True))
+    for k, v in opt.state_dict()["state"].items():
+        assert_same_tensors(v, states[k])
+    params[1].grad.zero_()
+    opt.step()
+    if cls is not AdamW:
+        assert opt.diagnostics()  # reads, and has entries for the matrices
+
+
+def test_load_state_dict_refuses_state_that_does_not_fit_before_changing_anything():
+    a = TinyNet()
+    opt = TrasMuon(split_params(a), lr=0.01)
+    train(a, opt, make_batches(1))
+    sd = opt.state_dict()
+    # Same structure, other shapes: fc1 is 24x12 here, make its saved momentum 12x24.
+    bad = copy.deepcopy(sd)
+    fc1 = 0  # first param of the matrix group
+    bad["state"][fc1]["momentum"] = bad["state"][fc1]["momentum"].mT.contiguous()
+    fresh = TrasMuon(split_params(a), lr=0.01)
+    with pytest.raises(ValueError, match=r"'momentum' of parameter 'fc1\.weight'.*\(12, 24\)"):
+        fresh.load_state_dict(bad)
+    assert len(fresh.state) == 0
+    bad = copy.deepcopy(sd)
+    bad["state"][1]["c_ema"] = torch.ones(5)  # fc2 has 24 columns
+    with pytest.raises(ValueError, match=r"'c_ema' of parameter 'fc2\.weight'"):
+        fresh.load_state_dict(bad)
+    fresh.load_state_dict(sd)  # the right one still loads
+
+
+# ------------------------------------------------------------------------------------------
+# Keys no rule reads; the Triton backend asked for where it cannot run
+# ------------------------------------------------------------------------------------------
+def _warning_messages(fn):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return [str(w.message) for w in caught]
+
+
+def test_keys_no_rule_reads_are_warned_about_once_naming_key_and_group():
+    p, q = nn.Parameter(torch.randn(4, 8)), nn.Parameter(torch.randn(4, 8))
+    msgs = _warning_messages(lambda: TrasMuon([{"params": [p]}, {"params": [q], "weight_deacy": 0.1,
+                                                                 "momentum": 0.9}]))
+    assert len(msgs) == 2, msgs
+    assert any("param group 1" in m and "'weight_deacy'" in m for m in msgs)
+    assert any("param group 1" in m and "'momentum'" in m for m in msgs)
+    # A key of another rule in a Muon group; Muon's own "momentum" is fine.
+    msgs = _warning_messages(lambda: Muon([{"params": [p], "clip_min": 0.5, "momentum": 0.9}]))
+    assert len(msgs) == 1 and "'clip_min'" in msgs[0] and "'muon'" in msgs[0], msgs
+    # A key added later is warned about at the next step, once.
+    opt = TrasMuon([p])
+    opt.param_groups[0]["nesterov_momentum"] = 0.5
+    p.grad = torch.randn(4, 8)
+    msgs = _warning_messages(opt.step) + _warning_messages(opt.step)
+    assert len(msgs) == 1 and "'nesterov_momentum'" in msgs[0], msgs
+    # What torch's schedulers add to groups is not warned about.
+    opt = TrasMuon([p], lr=0.01)
+    msgs = _warning_messages(lambda: torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, total_steps=5))
+    msgs += _warning_messages(opt.step)
+    assert not [m for m in msgs if "has no effect" in m], msgs
+
+
+def test_triton_on_a_cpu_without_the_interpreter_warns_once_per_plan(monkeypatch):
+    model = TinyNet()
+    opt = TrasMuon(split_params(model), lr=0.01, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    msgs = _warning_messages(opt.step) + _warning_messages(opt.step)
+    assert len(msgs) == 1, msgs
+    assert "2 matrices" in msgs[0] and "'fc1.weight'" in msgs[0] and "cpu" in msgs[0], msgs

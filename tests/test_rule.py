@@ -1,4 +1,4 @@
-"""The TrasMuon rule step by step: the SPEC oracle, invariants, equivalences, gate timing."""
+"""The TrasMuon rule step by step: the float64 oracle, invariants, equivalences, gate timing."""
 
 import math
 

@@ -4,7 +4,7 @@ The single-process pipeline (``optimizer.MatrixOptimizer.step``) runs unchanged 
 this module overrides its hooks:
 
 ``_orthogonalize``
-    Newton-Schulz (SPEC step 3) is the only expensive stage, so each rank computes it for its
+    Newton-Schulz (docs/rule.md step 3) is the only expensive stage, so each rank computes it for its
     share of the step's matrices (balanced by Newton-Schulz FLOPs, see :func:`ns_flops` and
     :func:`assign_owners`) and the results are exchanged:
 
@@ -286,15 +286,29 @@ class DistributedMixin:
     # Plumbing
     # ----------------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()  # a process group cannot be pickled: not kept
+        state = super().__getstate__()
         state["check_consistency"] = self.check_consistency
+        # A process group is a handle to this process's communicator: it cannot be pickled,
+        # so it travels as its name and ranks and is looked up again when loaded.
+        state.pop("process_group", None)
+        state["_process_group_ref"] = _group_ref(self.process_group)
+        state.pop("comm_stats", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("check_consistency", True)
+        # load_state_dict passes only "state" and "param_groups": keep the group and the
+        # options this optimizer was built with. Unpickling and deepcopy pass a reference
+        # to the group, which must exist in this process.
+        ref_ = state.pop("_process_group_ref", None)
+        if "process_group" in self.__dict__:
+            state.setdefault("process_group", self.process_group)
+        elif ref_ is not None:
+            state["process_group"] = _resolve_group(ref_, type(self).__name__)
+        else:
+            state["process_group"] = dist.group.WORLD
+        state.setdefault("check_consistency", self.__dict__.get("check_consistency", True))
+        state.setdefault("comm_stats", self.__dict__.get("comm_stats", CommStats()))
         super().__setstate__(state)
-        self.process_group = dist.group.WORLD
-        self.comm_stats = CommStats()
 
     @property
     def _world(self) -> int:
@@ -332,6 +346,13 @@ class DistributedMixin:
         if not isinstance(p, DTensor) or rule not in MATRIX_RULES:
             return
         name = type(self).__name__
+        if self.param_groups[gi]["orientation"] == "in_out":
+            raise NotImplementedError(
+                f"{name}: {self._label(gi, pi)} is a DTensor stored (in, out) "
+                "(orientation='in_out'); sharding its rows shards the matrix's input "
+                "features, which the distributed matrix rules do not support. Replicate it "
+                "(DDP) or store it (out, in) like nn.Linear"
+            )
         mesh = p.device_mesh
         if mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
             raise NotImplementedError(
@@ -629,6 +650,36 @@ class DistributedMixin:
         return dist.all_to_all_single(
             out, inp, out_splits, in_splits, group=self.process_group, async_op=True
         )
+
+
+def _group_ref(group: Any) -> tuple[str | None, tuple[int, ...]]:
+    """(name, global ranks) of a process group: enough to find it again in this process."""
+    if group is None or group is dist.group.WORLD:
+        return ("WORLD", tuple(range(dist.get_world_size())))
+    return (getattr(group, "group_name", None), tuple(dist.get_process_group_ranks(group)))
+
+
+def _resolve_group(ref_: tuple[str | None, tuple[int, ...]], owner: str) -> Any:
+    """The process group ``_group_ref`` described, or an error naming it (never another one)."""
+    name, ranks = ref_
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{owner}: loading an optimizer that runs on process group {name!r} "
+                           f"(ranks {list(ranks)}), but torch.distributed is not initialized")
+    if name == "WORLD" and ranks == tuple(range(dist.get_world_size())):
+        return dist.group.WORLD
+    try:
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        group = _resolve_process_group(name)
+    except Exception:  # the name is unknown here (or this torch has no lookup by name)
+        group = None
+    if group is not None and tuple(dist.get_process_group_ranks(group)) == ranks:
+        return group
+    raise RuntimeError(
+        f"{owner}: loading an optimizer that runs on process group {name!r} (ranks "
+        f"{list(ranks)}), which does not exist in this process; create it (in the same "
+        "order on every rank) before loading, or build a new optimizer with its process_group"
+    )
 
 
 _CLASSES: dict[type, type] = {}

@@ -1,7 +1,7 @@
 """TrasMuon, NorMuon, Muon and AdamW: one ``torch.optim.Optimizer`` pipeline, four rules.
 
 Every param group may name its ``rule``; a group that names none sends 2D params to the
-optimizer's matrix rule and all others to AdamW (SPEC, "Parameters that are not matrices").
+optimizer's matrix rule and all others to AdamW (docs/rule.md, "Parameters that are not matrices").
 Each group holds every hyperparameter of every rule (the union schema below), so a group
 may switch rule and pick up the optimizer's defaults for the keys it does not set.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -25,8 +25,12 @@ from . import reference as ref
 RULES = ("trasmuon", "normuon", "muon", "adamw")
 MATRIX_RULES = ("trasmuon", "normuon", "muon")
 BACKENDS = ("eager", "triton", "auto")
+# How a 2D parameter stores its matrix: "out_in" is nn.Linear's (out_features, in_features),
+# "in_out" is transformers' Conv1D (in_features, out_features). The matrix rules always act
+# on the (out, in) matrix: rows are output features, columns input features.
+ORIENTATIONS = ("out_in", "in_out")
 
-# The union of all rules' hyperparameters, with TrasMuon's defaults (SPEC "Defaults").
+# The union of all rules' hyperparameters, with TrasMuon's defaults (docs/rule.md, "Defaults").
 GROUP_DEFAULTS: dict[str, Any] = {
     "rule": None,
     "lr": 1e-3,
@@ -53,6 +57,34 @@ GROUP_DEFAULTS: dict[str, Any] = {
     "warmup_steps": 0,
     "schedule_free": True,
     "sf_mix": 0.3,
+    "orientation": "out_in",
+}
+
+# The hyperparameters each rule reads. A key a group sets that its rule does not read is
+# kept but ignored, so it is warned about once (a typo such as ``weight_deacy`` would
+# otherwise change nothing, silently).
+_ADAMW_KEYS = frozenset({"lr", "betas", "eps", "weight_decay"})
+_NS_KEYS = frozenset({"nesterov", "ns_coefficients", "ns_steps", "ns_dtype", "orientation"})
+RULE_KEYS: dict[str, frozenset[str]] = {
+    "adamw": _ADAMW_KEYS,
+    "muon": _ADAMW_KEYS | _NS_KEYS | {"adjust_lr_fn"},
+    "normuon": _ADAMW_KEYS | _NS_KEYS | {"scale"},
+    "trasmuon": _ADAMW_KEYS | _NS_KEYS | {"scale", "clip", "clip_alpha", "clip_min",
+                                          "clip_trigger", "clip_period", "clip_min_cols",
+                                          "clip_beta", "energy_beta", "energy_quantile",
+                                          "energy_eps", "energy_source", "warmup_steps",
+                                          "schedule_free", "sf_mix"},
+}
+# Keys of a param group that are not hyperparameters of any rule: the group's structure, and
+# what torch's LR schedulers (OneCycleLR, CyclicLR, SWALR, ...) store in groups.
+_STRUCTURE_KEYS = frozenset({"params", "param_names", "rule"})
+_SCHEDULER_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "base_lr", "base_momentum",
+                             "max_momentum", "swa_lr"})
+
+# Options given to the constructor (attribute name -> default), kept by load_state_dict,
+# deepcopy and pickling.
+_OPTION_DEFAULTS: dict[str, Any] = {
+    "backend": "auto", "check_finite": False, "diagnostics_enabled": False,
 }
 
 # Keys of the union schema that gate_stage_ takes as keyword arguments.
@@ -135,7 +167,59 @@ _CHECKS: tuple[tuple[str, Callable[[object], bool], str], ...] = (
     ("warmup_steps", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
     ("schedule_free", lambda v: isinstance(v, bool), "a bool"),
     ("sf_mix", _in_range(0.0, 1.0), "a float in [0, 1]"),
+    ("orientation", lambda v: v in ORIENTATIONS, f"one of {ORIENTATIONS}"),
 )
+
+
+def oriented(tensor: Tensor, orientation: str) -> Tensor:
+    """The (out, in) view of a matrix stored with ``orientation`` (see ``ORIENTATIONS``)."""
+    return tensor.mT if orientation == "in_out" else tensor
+
+
+# State tensors with one entry per element of the parameter: stored like the parameter,
+# read through ``oriented`` by the matrix rules.
+_PER_ELEMENT_STATE = ("momentum", "exp_avg", "exp_avg_sq")
+
+
+class _OrientedState(MutableMapping):
+    """A matrix's state as the (out, in) rule sees it: per-element tensors through their
+    ``.mT`` view (in-place updates land in the stored tensor), everything else as stored."""
+
+    def __init__(self, state: MutableMapping[str, Any]) -> None:
+        self._state = state
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._state[key]
+        return value.mT if key in _PER_ELEMENT_STATE else value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._state[key] = value.mT if key in _PER_ELEMENT_STATE else value
+
+    def __delitem__(self, key: str) -> None:
+        del self._state[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._state)
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+
+def expected_state_shapes(shape: tuple[int, ...], rule: str, orientation: str) -> dict[str, tuple[int, ...]]:
+    """The shape of every state tensor ``rule`` keeps for a parameter of ``shape`` (stored
+    shape; ``orientation`` says which dim is d_out for a matrix rule)."""
+    shapes: dict[str, tuple[int, ...]] = {"step": ()}
+    if rule == "adamw":
+        return {**shapes, "exp_avg": shape, "exp_avg_sq": shape}
+    shapes["momentum"] = shape
+    if rule == "muon" or len(shape) != 2:
+        return shapes
+    d_out, d_in = shape[::-1] if orientation == "in_out" else shape
+    shapes["row_v"] = (d_out,)
+    if rule == "trasmuon":
+        shapes.update(c_ema=(d_in,), sf_c_lr2_sum=(d_in,), c_last=(d_in,), energy_ref=(),
+                      sf_lr2_sum=())
+    return shapes
 
 
 @dataclass
@@ -150,6 +234,12 @@ class MatrixJob:
     state: dict[str, Tensor]
     step: int
     lr: float | Tensor
+    source: Tensor | None = None  # the parameter itself when ``param`` is its (out, in) view
+
+    @property
+    def key(self) -> Tensor:
+        """The parameter this job updates (what ``optimizer.state`` is keyed by)."""
+        return self.source if self.source is not None else self.param
 
 
 class MatrixOptimizer(Optimizer):
@@ -188,7 +278,8 @@ class MatrixOptimizer(Optimizer):
         self.diagnostics_enabled = diagnostics
         self._diagnostics: dict[Tensor, dict[str, Tensor]] = {}
         self._fused = fused.FusedMatrixStep()
-        self._fallback_warned: set[tuple[int, str]] = set()
+        self._fallback_warned: set[frozenset] = set()
+        self._key_warned: set[tuple[int, str]] = set()
         lr = defaults.get("lr", GROUP_DEFAULTS["lr"])
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -202,28 +293,31 @@ class MatrixOptimizer(Optimizer):
     # ----------------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.update(
-            backend=self.backend,
-            check_finite=self.check_finite,
-            diagnostics_enabled=self.diagnostics_enabled,
-            _diagnostics=self._diagnostics,
-        )
+        state.update({key: getattr(self, key) for key in _OPTION_DEFAULTS})
+        state["_diagnostics"] = self._diagnostics
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("backend", "auto")
-        state.setdefault("check_finite", False)
-        state.setdefault("diagnostics_enabled", False)
-        state.setdefault("_diagnostics", {})
+        # torch's load_state_dict calls this with only "state" and "param_groups": the
+        # options set at construction must stay as they are (a resume must not switch
+        # check_finite off or the backend back to "auto"). Unpickling and deepcopy bring
+        # them in ``state``; the defaults are for pickles older than an option.
+        for key, default in _OPTION_DEFAULTS.items():
+            if key not in state:
+                state[key] = self.__dict__.get(key, default)
+        state.setdefault("_diagnostics", self.__dict__.get("_diagnostics", {}))
         state["_fused"] = fused.FusedMatrixStep()
-        state["_fallback_warned"] = set()
+        state.setdefault("_fallback_warned", self.__dict__.get("_fallback_warned", set()))
+        state.setdefault("_key_warned", self.__dict__.get("_key_warned", set()))
         super().__setstate__(state)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        given = set(param_group) if isinstance(param_group, dict) else set()
         super().add_param_group(param_group)
         index = len(self.param_groups) - 1
         try:
             self._check_group(index, self.param_groups[index], check_lr_value=True)
+            self._warn_unused_keys(index, self.param_groups[index], given)
             rule = self.param_groups[index]["rule"]
             if rule in MATRIX_RULES:
                 for i, p in enumerate(self.param_groups[index]["params"]):
@@ -250,6 +344,12 @@ class MatrixOptimizer(Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        groups = self.param_groups
+        saved_groups = state_dict["param_groups"]
+        if len(groups) == len(saved_groups) and all(
+            len(g["params"]) == len(sg["params"]) for g, sg in zip(groups, saved_groups, strict=True)
+        ):  # otherwise torch's own check below raises its error
+            self._check_loaded_state(state_dict)
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         try:
@@ -278,6 +378,61 @@ class MatrixOptimizer(Optimizer):
     # ----------------------------------------------------------------------------------
     # Checks
     # ----------------------------------------------------------------------------------
+    def _rule_keys(self, group: dict[str, Any]) -> frozenset[str]:
+        """The hyperparameters the params of ``group`` read: its rule's, or, for a group
+        that names no rule, the matrix rule's and AdamW's."""
+        rule = group.get("rule")
+        if rule in RULE_KEYS:
+            return RULE_KEYS[rule]
+        return RULE_KEYS[self.matrix_rule] | RULE_KEYS["adamw"]
+
+    def _warn_unused_keys(self, index: int, group: dict[str, Any], keys: Iterable[str]) -> None:
+        """Warn once per (group, key) about keys that no rule of this group reads."""
+        known = self._rule_keys(group) | _STRUCTURE_KEYS | _SCHEDULER_KEYS
+        for key in sorted(set(keys) - known):
+            if (index, key) in self._key_warned:
+                continue
+            self._key_warned.add((index, key))
+            rule = group.get("rule")
+            rules = (f"rule {rule!r}" if rule else
+                     f"rules {self.matrix_rule!r} (2D params) and 'adamw' (the others)")
+            hint = "" if key in GROUP_DEFAULTS else " (no rule of this optimizer knows it)"
+            warnings.warn(
+                f"{type(self).__name__}: param group {index} sets {key!r}, which its "
+                f"{rules} do not read{hint}; the value is kept but has no effect",
+                stacklevel=4,
+            )
+
+    def _check_loaded_state(self, state_dict: dict[str, Any]) -> None:
+        """Refuse a state dict whose tensors do not fit the params (before anything changes):
+        torch's load_state_dict checks only the number of params per group."""
+        name = type(self).__name__
+        where: dict[Any, tuple[int, int, dict[str, Any]]] = {}
+        for gi, saved_group in enumerate(state_dict["param_groups"]):
+            for pi, pid in enumerate(saved_group["params"]):
+                where[pid] = (gi, pi, saved_group)
+        for pid, saved in state_dict["state"].items():
+            if pid not in where:
+                raise ValueError(f"{name}: load_state_dict: state for param id {pid!r}, "
+                                 "which no param group of the state dict lists")
+            gi, pi, saved_group = where[pid]
+            param = self.param_groups[gi]["params"][pi]
+            rule = saved_group.get("rule") or (self.matrix_rule if param.ndim == 2 else "adamw")
+            orientation = saved_group.get("orientation", "out_in")
+            expected = expected_state_shapes(tuple(param.shape), rule, orientation)
+            for key, value in saved.items():
+                if not isinstance(value, Tensor) or key not in expected:
+                    continue
+                want = expected[key]
+                ok = value.numel() == 1 if key == "step" else tuple(value.shape) == want
+                if not ok:
+                    raise ValueError(
+                        f"{name}: load_state_dict: state {key!r} of {self._label(gi, pi)} "
+                        f"has shape {tuple(value.shape)}, but the parameter has shape "
+                        f"{tuple(param.shape)} and rule {rule!r} keeps {key!r} as "
+                        f"{want if want else 'a scalar'}; nothing was loaded"
+                    )
+
     def _label(self, group_index: int, param_index: int) -> str:
         group = self.param_groups[group_index]
         names = group.get("param_names")
@@ -317,6 +472,8 @@ class MatrixOptimizer(Optimizer):
         work = []
         for gi, group in enumerate(self.param_groups):
             self._check_group(gi, group, check_lr_value=False)
+            # Keys added to the group after construction (no rule's key at all).
+            self._warn_unused_keys(gi, group, set(group) - set(GROUP_DEFAULTS))
             items = []
             for pi, p in enumerate(group["params"]):
                 grad = p.grad
@@ -372,7 +529,7 @@ class MatrixOptimizer(Optimizer):
         """Take one optimization step. ``closure`` re-evaluates the model and returns the loss.
 
         Stages, for all params of all groups: AdamW params are updated directly; matrix
-        params get their momentum update (SPEC step 2), then all of them are orthogonalized
+        params get their momentum update (docs/rule.md step 2), then all of them are orthogonalized
         by one ``_orthogonalize`` call (step 3: the place where a distributed or fused
         backend takes over), then each gets the rest of its rule (steps 1, 4-12).
         """
@@ -385,8 +542,10 @@ class MatrixOptimizer(Optimizer):
             self._check_finite_grads(work)
         jobs: list[MatrixJob] = []
         buckets: dict[tuple, dict[str, Any]] = {}
+        fallbacks: list[tuple[int, int, Tensor, str]] = []
         for gi, group, items in work:
             adamw: dict[torch.device, tuple[list, list, list, list]] = {}
+            orientation = group["orientation"]
             for pi, p, grad, rule in items:
                 state = self._init_state(p, group, rule)
                 state["step"] += 1
@@ -397,31 +556,40 @@ class MatrixOptimizer(Optimizer):
                     for values, item in zip(lists, (p, grad, state, step), strict=True):
                         values.append(item)
                     continue
-                if self._takes_fused_path(gi, pi, p, grad, group):
+                # The rule acts on the (out, in) matrix: views of params stored (in, out).
+                view, grad_view = oriented(p, orientation), oriented(grad, orientation)
+                rule_state = _OrientedState(state) if orientation == "in_out" else state
+                reason = self._fused_path_blocker(p, grad, group)
+                if reason is None:
                     gate_on = rule == "trasmuon" and ref.gate_is_on(
-                        group["clip"], p.shape[1], group["clip_min_cols"])
-                    key = (gi, rule, tuple(p.shape), p.dtype, grad.dtype, p.device, step)
+                        group["clip"], view.shape[1], group["clip_min_cols"])
+                    key = (gi, rule, tuple(view.shape), p.dtype, grad.dtype, p.device, step)
                     bucket = buckets.setdefault(key, {
                         "group": group, "rule": rule, "step": step, "lr": lr, "gate_on": gate_on,
-                        "params": [], "grads": [], "states": []})
-                    bucket["params"].append(p)
-                    bucket["grads"].append(grad)
-                    bucket["states"].append(state)
+                        "params": [], "grads": [], "states": [], "keys": []})
+                    bucket["params"].append(view)
+                    bucket["grads"].append(grad_view)
+                    bucket["states"].append(rule_state)
+                    bucket["keys"].append(p)
                     continue
-                ns_input, grad_wide = ref.momentum_stage_(grad, state, group["betas"][0], group["nesterov"])
-                jobs.append(MatrixJob(p, grad_wide, ns_input, group, rule, state, step, lr))
+                if reason:
+                    fallbacks.append((gi, pi, p, reason))
+                ns_input, grad_wide = ref.momentum_stage_(grad_view, rule_state, group["betas"][0], group["nesterov"])
+                jobs.append(MatrixJob(view, grad_wide, ns_input, group, rule, rule_state, step, lr,
+                                      source=p if view is not p else None))
             for params, grads, states, steps in adamw.values():
                 lr = self._lr_for(group, params[0])
                 ref.adamw_foreach_step_(
                     params, grads, states, steps, lr,
                     betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
                 )
+        self._warn_fallbacks(fallbacks)
         if buckets:
             outs = self._fused.run(list(buckets.values()), _GATE_KEYS)
             if self.diagnostics_enabled:
                 ordered = [(b, i) for b in buckets.values() for i in range(len(b["params"]))]
                 for (b, i), out in zip(ordered, outs, strict=True):
-                    p, state = b["params"][i], b["states"][i]
+                    p, state = b["keys"][i], b["states"][i]
                     self._diagnostics[p] = (
                         out if b["rule"] == "muon"
                         else _matrix_diagnostics(out, state, b["group"], b["gate_on"]))
@@ -429,29 +597,41 @@ class MatrixOptimizer(Optimizer):
             self._update_matrix(job, ortho)
         return loss
 
-    def _takes_fused_path(self, gi: int, pi: int, p: Tensor, grad: Tensor, group: dict[str, Any]) -> bool:
-        """Whether this matrix runs on the Triton kernels this step. A matrix the kernels do
-        not cover runs eager, with a warning naming it and the reason, once."""
+    def _fused_path_blocker(self, p: Tensor, grad: Tensor, group: dict[str, Any]) -> str | None:
+        """Why this matrix does not run on the Triton kernels this step: None when it does,
+        "" when the backend does not ask for them, else the reason (which is warned about)."""
         if self.backend == "eager" or (self.backend == "auto" and not p.is_cuda):
-            return False
+            return ""
         if not fused.kernels_available():
-            reason = "triton or trasmuon_kernels cannot be imported"
-        elif type(self)._orthogonalize is not MatrixOptimizer._orthogonalize:
-            reason = f"{type(self).__name__} orthogonalizes in its own way (e.g. distributed)"
-        else:
-            reason = fused.unsupported_reason(p, grad, group)
-        if reason is None:
-            return True
-        if (id(p), reason) not in self._fallback_warned:
-            self._fallback_warned.add((id(p), reason))
-            warnings.warn(
-                f"{type(self).__name__}: {self._label(gi, pi)} runs on the eager backend: {reason}",
-                stacklevel=3,
-            )
-        return False
+            return "triton or trasmuon_kernels cannot be imported"
+        if type(self)._orthogonalize is not MatrixOptimizer._orthogonalize:
+            return f"{type(self).__name__} orthogonalizes in its own way (e.g. distributed)"
+        return fused.unsupported_reason(p, grad, group)
+
+    def _warn_fallbacks(self, fallbacks: list[tuple[int, int, Tensor, str]]) -> None:
+        """One warning for all matrices that run eager although the Triton backend was asked
+        for, the first time this set of (matrix, reason) occurs."""
+        if not fallbacks:
+            return
+        signature = frozenset((id(p), reason) for _, _, p, reason in fallbacks)
+        if signature in self._fallback_warned:
+            return
+        self._fallback_warned.add(signature)
+        by_reason: dict[str, list[str]] = {}
+        for gi, pi, _, reason in fallbacks:
+            by_reason.setdefault(reason, []).append(self._label(gi, pi))
+        lines = []
+        for reason, labels in by_reason.items():
+            shown = ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
+            lines.append(f"{len(labels)} matrices because {reason}: {shown}")
+        warnings.warn(
+            f"{type(self).__name__}: backend={self.backend!r}, but these run on the eager "
+            "backend: " + "; ".join(lines),
+            stacklevel=3,
+        )
 
     def _orthogonalize(self, jobs: list[MatrixJob]) -> list[Tensor]:
-        """Newton-Schulz for every matrix of this step (SPEC step 3), in job order."""
+        """Newton-Schulz for every matrix of this step (docs/rule.md step 3), in job order."""
         return [
             ref.newton_schulz(
                 job.ns_input,
@@ -481,7 +661,7 @@ class MatrixOptimizer(Optimizer):
             if self.diagnostics_enabled:
                 d_out, d_in = self._full_shape(job)
                 step_size = ref.muon_lr(job.lr, group["adjust_lr_fn"], d_out, d_in)
-                self._diagnostics[p] = {"step_size": torch.as_tensor(step_size)}
+                self._diagnostics[job.key] = {"step_size": torch.as_tensor(step_size)}
             return
         shape = self._full_shape(job)
         gate_on = job.rule == "trasmuon" and ref.gate_is_on(group["clip"], shape[1], group["clip_min_cols"])
@@ -493,7 +673,7 @@ class MatrixOptimizer(Optimizer):
             energy_source=group["energy_source"], shape=shape, row_reduce=self._row_reduce(job),
         )
         if self.diagnostics_enabled:
-            self._diagnostics[p] = _matrix_diagnostics(out, job.state, group, gate_on)
+            self._diagnostics[job.key] = _matrix_diagnostics(out, job.state, group, gate_on)
 
     def _init_state(self, p: Tensor, group: dict[str, Any], rule: str) -> dict[str, Tensor]:
         state = self.state[p]
@@ -509,7 +689,7 @@ class MatrixOptimizer(Optimizer):
             state["momentum"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
         if rule == "muon":
             return state
-        d_out, d_in = p.shape
+        d_out, d_in = oriented(p, group["orientation"]).shape
         if "row_v" not in state:
             state["row_v"] = torch.zeros(d_out, dtype=sdt, device=p.device)
         if rule == "trasmuon" and ref.gate_is_on(group["clip"], d_in, group["clip_min_cols"]):
@@ -596,7 +776,7 @@ class TrasMuon(MatrixOptimizer):
 
     2D params take the TrasMuon rule and all others AdamW (with the group's lr, betas, eps,
     weight_decay), unless their param group names a ``rule``. Arguments and defaults follow
-    SPEC.md; see docs/ for each one and the paper equation it maps to.
+    docs/rule.md, which maps each one to the paper's equation and to the code.
     """
 
     matrix_rule = "trasmuon"
@@ -681,7 +861,7 @@ class Muon(MatrixOptimizer):
 
     Unlike torch.optim.Muon it also takes non-2D params, which go to AdamW with betas
     ``(momentum, adamw_beta2)``. A param group may set ``momentum`` (it becomes
-    ``betas[0]``). Newton-Schulz normalizes by ``||X||_F + eps`` (SPEC step 3) where
+    ``betas[0]``). Newton-Schulz normalizes by ``||X||_F + eps`` (docs/rule.md step 3) where
     torch.optim.Muon uses ``max(||X||_F, eps)``; the two agree to bf16 rounding.
     """
 

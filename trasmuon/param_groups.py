@@ -11,10 +11,18 @@ move. Three kinds of parameters do not fit that picture and go to AdamW instead:
   (Adam) scaling has been found to train better than a spectral step;
 - every parameter that is not 2D: biases, norm gains, scalars (no matrix to orthogonalize),
   and conv kernels (which the matrix rules would need flattened first).
+
+Orientation. The matrix rules read a weight as (out_features, in_features), nn.Linear's
+layout: rows are output features (the row normalization acts on them) and columns input
+features (the column gate acts on them). Hugging Face ``transformers`` models built on
+``transformers.pytorch_utils.Conv1D`` (GPT-2 and its relatives) store their weights as
+(in_features, out_features); those matrices go in a group of their own with
+``orientation="in_out"``, so the rules see them the right way round.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,6 +33,15 @@ from .optimizer import MATRIX_RULES
 # Module names (last component of the qualified name) taken as output heads by default.
 HEAD_NAMES = ("lm_head", "head", "classifier", "output_head")
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+
+
+def stores_in_out(module: nn.Module) -> bool:
+    """Whether ``module``'s ``weight`` is stored (in_features, out_features): a
+    ``transformers`` Conv1D (checked only if transformers is imported: a model built from it
+    cannot exist otherwise)."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(utils, "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
 
 
 def split_params(
@@ -48,7 +65,9 @@ def split_params(
         matrix_options, adamw_options: extra group keys (``lr``, ``weight_decay``, ...).
 
     Returns a list of param groups whose params are ``(name, parameter)`` pairs, so the
-    optimizer's errors and diagnostics name them. Empty groups are left out.
+    optimizer's errors and diagnostics name them: the (out, in) matrices, the (in, out)
+    matrices of ``transformers`` Conv1D modules (``orientation="in_out"``), and the AdamW
+    params. Empty groups are left out.
     """
     if matrix_rule is not None and matrix_rule not in MATRIX_RULES:
         raise ValueError(f"matrix_rule must be None or one of {MATRIX_RULES}, got {matrix_rule!r}")
@@ -72,18 +91,22 @@ def split_params(
         elif head == "auto" and id(getattr(module, "weight", None)) in embedding_weights:
             to_adamw.add(id(module.weight))
 
-    matrix, other = [], []
+    in_out = {id(m.weight) for m in model.modules() if stores_in_out(m)}
+    matrix, matrix_in_out, other = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if p.ndim == 2 and id(p) not in to_adamw:
-            matrix.append((name, p))
+            (matrix_in_out if id(p) in in_out else matrix).append((name, p))
         else:
             other.append((name, p))
 
     groups = []
     if matrix:
         groups.append({"params": matrix, "rule": matrix_rule, **(matrix_options or {})})
+    if matrix_in_out:
+        groups.append({"params": matrix_in_out, "rule": matrix_rule, "orientation": "in_out",
+                       **(matrix_options or {})})
     if other:
         groups.append({"params": other, "rule": "adamw", **(adamw_options or {})})
     return groups

@@ -1,7 +1,7 @@
 """Eager reference math for TrasMuon, NorMuon, Muon and AdamW.
 
-This module is the one place where the update rule of ``shared/SPEC.md`` is written down
-as code. The eager backend of the optimizers calls these functions, the Triton kernels in
+This module is the one place where the update rules of docs/rule.md are written down as
+code. The eager backend of the optimizers calls these functions, the Triton kernels in
 ``trasmuon_kernels`` are tested against them, and the benchmarks import them. Every
 function accepts leading batch dimensions (a stack of same-shape matrices) so that a
 bucketed kernel can be compared with one call.
@@ -13,6 +13,7 @@ name ends in ``_`` update their first arguments in place.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable, MutableMapping, Sequence
@@ -22,7 +23,7 @@ from torch import Tensor
 
 NSTriple = tuple[float, float, float]
 
-# SPEC step 3: the released TrasMuon schedule, one (a, b, c) triple per Newton-Schulz step.
+# docs/rule.md step 3: the released TrasMuon schedule, one (a, b, c) triple per Newton-Schulz step.
 TRASMUON_NS_COEFFICIENTS: tuple[NSTriple, ...] = (
     (4.0848, -6.8946, 2.9270),
     (3.9505, -6.3029, 2.6377),
@@ -33,9 +34,9 @@ TRASMUON_NS_COEFFICIENTS: tuple[NSTriple, ...] = (
 # Keller Jordan's quintic, used every step by Muon (and by torch.optim.Muon).
 MUON_NS_COEFFICIENTS: NSTriple = (3.4445, -4.7750, 2.0315)
 
-# SPEC step 6: added to ||O_base||_F before dividing.
+# docs/rule.md step 6: added to ||O_base||_F before dividing.
 ETA_HAT_EPS = 1e-12
-# SPEC step 9: added to S before dividing C by it.
+# docs/rule.md step 9: added to S before dividing C by it.
 SCHEDULE_FREE_EPS = 1e-12
 
 ENERGY_SOURCES = ("momentum", "grad", "update")
@@ -49,7 +50,7 @@ def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------------------
-# Newton-Schulz (SPEC step 3)
+# Newton-Schulz (docs/rule.md step 3)
 # --------------------------------------------------------------------------------------
 def is_ns_triple(value: object) -> bool:
     return (
@@ -79,11 +80,39 @@ def ns_schedule(
     return triples + (triples[-1],) * (steps - len(triples))
 
 
+# How a CPU computes the bf16/fp16 products of Newton-Schulz (see ``newton_schulz``).
+CPU_PRODUCTS = ("emulated", "native")
+
+
+@functools.cache
+def default_cpu_products(dtype: torch.dtype) -> str:
+    """"native" where this CPU has matrix instructions for ``dtype`` (AVX512-BF16 or AMX
+    tiles for bf16, AMX-FP16 for fp16), where PyTorch's own low-precision matmul is the faster
+    path; "emulated" elsewhere, where PyTorch's CPU bf16/fp16 matmul is many times slower than
+    the float32 emulation. Measurements: docs/benchmarks.md."""
+    cpu = getattr(torch, "cpu", None)
+
+    def has(name: str) -> bool:
+        probe = getattr(cpu, name, None)
+        try:
+            return bool(probe()) if probe is not None else False
+        except Exception:  # a build without the probe
+            return False
+
+    if dtype == torch.bfloat16 and (has("_is_avx512_bf16_supported") or has("_is_amx_tile_supported")):
+        return "native"
+    if dtype == torch.float16 and has("_is_amx_fp16_supported"):
+        return "native"
+    return "emulated"
+
+
 def newton_schulz(
     matrix: Tensor,
     schedule: Sequence[NSTriple],
     eps: float,
     dtype: torch.dtype = torch.bfloat16,
+    *,
+    cpu_products: str | None = None,
 ) -> Tensor:
     """Approximate the orthogonal polar factor of ``matrix`` (shape ``(..., d_out, d_in)``).
 
@@ -93,17 +122,22 @@ def newton_schulz(
     accumulates in float32 and rounds once to ``dtype`` (``baddbmm`` fuses the b A and
     a X terms, as the kernels do). Returns a tensor of ``dtype`` shaped like ``matrix``.
 
-    On the CPU a bf16/fp16 product is computed in float32 on the (exactly representable)
-    low-precision operands and rounded to ``dtype`` after each product: the arithmetic of
-    a GEMM with float32 accumulation, and 40-70x faster than PyTorch's CPU bf16 kernels
-    on machines without native bf16 instructions.
+    On the CPU a bf16/fp16 product is computed either by PyTorch's native low-precision
+    matmul (``cpu_products="native"``) or in float32 on the (exactly representable)
+    low-precision operands, rounded to ``dtype`` after each product (``"emulated"``): the
+    same arithmetic up to accumulation order. None picks by the CPU's capability
+    (``default_cpu_products``).
     """
     if matrix.ndim < 2:
         raise ValueError(f"newton_schulz needs a matrix, got shape {tuple(matrix.shape)}")
+    if cpu_products is not None and cpu_products not in CPU_PRODUCTS:
+        raise ValueError(f"cpu_products must be None or one of {CPU_PRODUCTS}, got {cpu_products!r}")
     d_out, d_in = matrix.shape[-2:]
     transpose = d_out > d_in
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    emulate = matrix.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+    low = dtype in (torch.bfloat16, torch.float16)
+    emulate = matrix.device.type == "cpu" and low and (
+        (cpu_products or default_cpu_products(dtype)) == "emulated")
 
     def rounded(t: Tensor) -> Tensor:
         t = t.to(dtype)
@@ -123,7 +157,7 @@ def newton_schulz(
 
 
 # --------------------------------------------------------------------------------------
-# Momentum (SPEC step 2)
+# Momentum (docs/rule.md step 2)
 # --------------------------------------------------------------------------------------
 def momentum_update_(momentum: Tensor, grad: Tensor, beta: float) -> None:
     """M <- beta*M + (1-beta)*G, as M + (1-beta)*(G - M) (``lerp``, like torch.optim.Muon)."""
@@ -136,7 +170,7 @@ def nesterov_input(momentum: Tensor, grad: Tensor, beta: float) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------
-# Row scaling and step size (SPEC steps 4-6)
+# Row scaling and step size (docs/rule.md steps 4-6)
 # --------------------------------------------------------------------------------------
 def row_sumsq(ortho: Tensor, acc_dtype: torch.dtype = torch.float32) -> Tensor:
     """sum_j O_ij^2 per row, accumulated in ``acc_dtype``: shape ``(..., d_out)``."""
@@ -179,7 +213,7 @@ def eta_hat_from_sumsq(
 
 
 # --------------------------------------------------------------------------------------
-# Column energies and the robust reference (SPEC steps 7-8)
+# Column energies and the robust reference (docs/rule.md steps 7-8)
 # --------------------------------------------------------------------------------------
 def column_energy(source: Tensor, acc_dtype: torch.dtype = torch.float32) -> Tensor:
     """E_j = sum_i S_ij^2, accumulated in ``acc_dtype``: shape ``(..., d_in)``."""
@@ -216,12 +250,12 @@ def gate_from_ratio(ratio: Tensor, alpha: float, c_min: float, trigger: float | 
 
 
 def gate_is_on(clip: bool, d_in: int, clip_min_cols: int) -> bool:
-    """Whether a matrix has a column gate at all (SPEC step 10)."""
+    """Whether a matrix has a column gate at all (docs/rule.md step 10)."""
     return bool(clip) and d_in >= clip_min_cols
 
 
 def gate_updates_at(step: int, warmup_steps: int, clip_period: int) -> bool:
-    """SPEC step 10: the gate EMA moves at t > warmup and (t mod period == 0 or t == 1)."""
+    """Step 10 of docs/rule.md: the gate EMA moves at t > warmup and (t mod period == 0 or t == 1)."""
     return step > warmup_steps and (step % clip_period == 0 or step == 1)
 
 
@@ -269,7 +303,7 @@ def gate_stage_(
     schedule_free: bool,
     sf_mix: float,
 ) -> Tensor:
-    """SPEC steps 8-11 for a gated matrix (or a stack): returns the applied gate c.
+    """Steps 8-11 of docs/rule.md for a gated matrix (or a stack): returns the applied gate c.
 
     ``energy`` has shape ``(..., d_in)``; ``state`` holds ``c_ema`` (and ``sf_lr2_sum``,
     ``sf_c_lr2_sum``, ``c_last`` with ``schedule_free``) from ``init_gate_state`` and gets
@@ -307,7 +341,7 @@ def gate_stage_(
 
 
 # --------------------------------------------------------------------------------------
-# The weight update (SPEC steps 1 and 12)
+# The weight update (docs/rule.md steps 1 and 12)
 # --------------------------------------------------------------------------------------
 def matrix_update(
     ortho: Tensor, row_factor: Tensor, col_gate: Tensor | None, acc_dtype: torch.dtype
@@ -360,7 +394,7 @@ def _no_reduce(partial: Tensor) -> Tensor:
 def momentum_stage_(
     grad: Tensor, state: MutableMapping[str, Tensor], beta1: float, nesterov: bool
 ) -> tuple[Tensor, Tensor]:
-    """SPEC step 2 for a matrix rule: update ``state["momentum"]`` and return
+    """Step 2 of docs/rule.md for a matrix rule: update ``state["momentum"]`` and return
     ``(ns_input, grad_wide)``: what Newton-Schulz orthogonalizes, and G in state dtype."""
     momentum = state["momentum"]
     grad_wide = grad.to(momentum.dtype)
@@ -387,7 +421,7 @@ def trasmuon_update_stage_(
     shape: tuple[int, int] | None = None,
     row_reduce: RowReduce = _no_reduce,
 ) -> dict[str, Tensor | None]:
-    """SPEC steps 1 and 4-12 for one TrasMuon (``gate_on``) or NorMuon matrix, given O.
+    """Steps 1 and 4-12 of docs/rule.md for one TrasMuon (``gate_on``) or NorMuon matrix, given O.
 
     ``param``, ``grad_wide``, ``ortho`` and the state may hold a block of whole rows of the
     matrix (a row-sharded parameter): ``shape`` is then the full (d_out, d_in), and
@@ -453,7 +487,7 @@ def trasmuon_matrix_step_(
     gate_kwargs: dict,
     energy_source: str,
 ) -> dict[str, Tensor | None]:
-    """One whole TrasMuon/NorMuon step for one matrix (or a stack), SPEC steps 1-12:
+    """One whole TrasMuon/NorMuon step for one matrix (or a stack), steps 1-12 of docs/rule.md:
     ``momentum_stage_``, ``newton_schulz``, ``trasmuon_update_stage_``."""
     ns_in, grad_wide = momentum_stage_(grad, state, betas[0], nesterov)
     ortho = newton_schulz(ns_in, ns_schedule_, eps, ns_dtype)
@@ -577,7 +611,7 @@ def row_stats_(
     scale: float,
     lr: float | Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """SPEC steps 4-6 given O's row sums of squares, as ``trasmuon_update_stage_``: updates
+    """Steps 4-6 of docs/rule.md given O's row sums of squares, as ``trasmuon_update_stage_``: updates
     ``row_v`` in place and returns ``(rowscale, eta_hat)``."""
     row_second_moment_update_(row_v, rowsumsq, d_in, beta2)
     rowscale = row_scale(row_v, eps)

@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 DEFAULT_VENV = REPO / ".authors-venv"
 
-# Our argument name -> the authors' (SPEC.md lists both spellings).
+# Our argument name -> the authors' (docs/rule.md lists both spellings).
 ARG_NAMES = {
     "betas": "betas", "eps": "eps", "weight_decay": "weight_decay", "scale": "scale_factor",
     "clip": "col_gate_enabled", "clip_alpha": "col_gate_alpha", "clip_min": "col_gate_cmin",

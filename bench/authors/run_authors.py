@@ -15,7 +15,7 @@ from trasmuon import TrasMuon
 
 
 def float64_newton_schulz(G, *, ns_iters, eps, use_triton):
-    """SPEC step 3 in float64 with the authors' coefficients: lets the comparison isolate
+    """Step 3 of docs/rule.md in float64 with the authors' coefficients: lets the comparison isolate
     everything but Newton-Schulz's bf16 rounding (``--ns float64``)."""
     x = G.double()
     tall = x.size(-2) > x.size(-1)

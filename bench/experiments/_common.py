@@ -26,11 +26,16 @@ from torch import nn
 import trasmuon
 
 REPO = Path(__file__).resolve().parents[2]
+# Where a run writes by default: out/ is ignored by git, so running an experiment never
+# rewrites the committed results. The published results and plots (docs/experiments.md)
+# live in these two directories and are updated only on purpose, with
+# ``--out bench/results/experiments --plot-dir docs/img``.
+DEFAULT_OUT = REPO / "out" / "experiments"
 RESULTS_DIR = REPO / "bench" / "results" / "experiments"
 IMG_DIR = REPO / "docs" / "img"
 
-# The compared optimizers and the paper's ablations (SPEC "Ablations": NOCLIP = clip=False;
-# Clip-only = schedule_free=False; Clip-sf = the defaults).
+# The compared optimizers and the paper's ablations (docs/rule.md, "Ablations": NOCLIP =
+# clip=False; Clip-only = schedule_free=False; Clip-sf = the defaults).
 LABELS = {
     "trasmuon": "TrasMuon",
     "normuon": "NorMuon",
@@ -64,11 +69,12 @@ def base_parser(description: str, default_seeds: Sequence[int], name: str) -> ar
                         dest="seeds", help="seed(s): model init, data order and bursts")
     parser.add_argument("--quick", action="store_true",
                         help="a tiny configuration that runs in seconds (a smoke test)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR,
-                        help=f"directory of the JSON results ({name}.json, {name}_quick.json)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help=f"directory of the JSON results ({name}.json, {name}_quick.json); "
+                             "the published ones are in bench/results/experiments")
     parser.add_argument("--plot-dir", type=Path, default=None,
-                        help="directory of the PNG plots (default: docs/img, or --out "
-                             "with --quick so a smoke test never overwrites the published plots)")
+                        help="directory of the PNG plots (default: --out; the published ones "
+                             "are in docs/img)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads. 1 by default: these models are small, and on a "
                              "busy 2-core machine several threads per process are many times "
@@ -84,7 +90,7 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.threads is not None and args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.plot_dir is None:
-        args.plot_dir = args.out if args.quick else IMG_DIR
+        args.plot_dir = args.out
     return args
 
 

@@ -175,7 +175,7 @@ def summarize(runs: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
 
 
 def normuon_equals_noclip(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """SPEC: clip=False is NorMuon. Largest loss difference between the two, same inputs."""
+    """The rule says clip=False is NorMuon. Largest loss difference between the two, same inputs."""
     by_key = {(r["kappa"], r["setting"], r["seed"], r["optimizer"]): r for r in runs}
     worst = 0.0
     pairs = 0

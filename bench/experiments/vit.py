@@ -2,9 +2,9 @@
 Appendix E.4 analogue).
 
 The data come from the Debian package ``dataset-fashion-mnist`` (gzipped idx files under
-/usr/share/datasets/fashion-mnist; the script runs ``apt-get install -y
-dataset-fashion-mnist`` when they are missing and it can, and says what to do when it
-cannot; ``--data DIR`` points at any directory holding the four idx files).
+/usr/share/datasets/fashion-mnist; when they are missing the script prints the command that
+installs them and exits, it installs nothing itself; ``--data DIR`` points at any directory
+holding the four idx files).
 
 Model: 7 x 7 patches (16 tokens) and a class token, width 64, 3 pre-norm blocks with 4
 heads and MLP width 128, learned positions, a linear head. Each optimizer trains the same
@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import gzip
 import math
-import shutil
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -83,21 +81,10 @@ CONFIGS = {
 # Data
 # ----------------------------------------------------------------------------------------
 def ensure_data(data_dir: Path) -> Path:
-    """The directory with the four idx files, installing the Debian package if needed."""
+    """The directory with the four idx files, or an exit that says how to get them (the
+    script never installs anything itself)."""
     if all((data_dir / f).exists() for f in FILES.values()):
         return data_dir
-    if data_dir == DATA_DIR and shutil.which("apt-get") is not None:
-        print(f"Fashion-MNIST not found in {data_dir}: running apt-get install -y {DEB_PACKAGE}")
-        try:
-            done = subprocess.run(["apt-get", "install", "-y", DEB_PACKAGE], capture_output=True,
-                                  text=True, timeout=600)
-        except (OSError, subprocess.SubprocessError) as exc:
-            done = None
-            print(f"apt-get failed: {exc}")
-        if done is not None and done.returncode != 0:
-            print(done.stderr.strip()[-2000:])
-        if all((data_dir / f).exists() for f in FILES.values()):
-            return data_dir
     raise SystemExit(
         f"Fashion-MNIST is not available in {data_dir}. Install it with\n"
         f"    sudo apt-get update && sudo apt-get install -y {DEB_PACKAGE}\n"
