@@ -56,7 +56,8 @@ def test_momentum_burst_identity_is_exact(cls, burst_step):
     model, opt = make(cls)
     ref_model, ref_opt = make(cls)
     bursts = ColumnBurst(opt, every=100, start=burst_step, scale=7.0, n_cols=3, seed=1)
-    b1 = opt.param_groups[0]["betas"][0]
+    group = opt.param_groups[0]
+    b1 = group["momentum"] if "momentum" in group else group["betas"][0]
     for step in range(1, burst_step + 1):
         for m in (model, ref_model):
             backward(m, step)
@@ -82,7 +83,8 @@ def test_momentum_burst_identity_is_exact(cls, burst_step):
 def test_momentum_burst_in_a_random_basis_is_exact():
     model, opt = make(trasmuon.NorMuon)
     bursts = ColumnBurst(opt, every=2, scale=0.1, n_cols=2, basis="random", redraw=True, seed=3)
-    b1 = opt.param_groups[0]["betas"][0]
+    group = opt.param_groups[0]
+    b1 = group["momentum"] if "momentum" in group else group["betas"][0]
     p = model.fc2.weight
     for step in (1, 2):
         backward(model, step)

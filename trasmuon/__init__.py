@@ -1,11 +1,11 @@
 """trasmuon: the TrasMuon optimizer (arXiv 2602.13498) and its Muon-family baselines."""
 
-from . import bursts, reference
+from . import bursts, reference, rules
 from .bursts import BurstEvent, ColumnBurst
 from .optimizer import (
     BACKENDS,
-    GROUP_DEFAULTS,
     MATRIX_RULES,
+    ORIENTATIONS,
     RULES,
     AdamW,
     MatrixOptimizer,
@@ -17,8 +17,8 @@ from .param_groups import split_params
 
 __all__ = [
     "BACKENDS",
-    "GROUP_DEFAULTS",
     "MATRIX_RULES",
+    "ORIENTATIONS",
     "RULES",
     "AdamW",
     "BurstEvent",
@@ -29,6 +29,7 @@ __all__ = [
     "TrasMuon",
     "bursts",
     "reference",
+    "rules",
     "split_params",
 ]
 

@@ -1,0 +1,419 @@
+"""The step plan: which parameters a step updates, grouped into buckets, with everything the
+backends need to run them, built once and reused while nothing it depends on changes.
+
+A :class:`Bucket` is the unit every stage runs on: the parameters of one param group that
+take one rule, have one (oriented) shape, one param and grad dtype, one device and one
+layout (replicated or row-sharded), and have a gradient this step. AdamW buckets hold
+parameters of any shapes. Each bucket gets a program for its backend from its rule
+(:meth:`trasmuon.rules.Rule.program`).
+
+The plan is keyed by a fingerprint of what it depends on (:func:`fingerprint`): the groups'
+hyperparameters other than lr, which params have gradients, their shapes, dtypes, devices,
+layouts and strides. A step whose fingerprint differs rebuilds the plan before anything is
+changed; a step whose fingerprint matches reuses it, so the Triton backend issues the same
+launches with the same arguments step after step (lr and the step counters are read from
+device memory, gradient addresses from device tables refreshed in place when they move).
+
+Per step (:meth:`StepPlan.begin`): the step counters advance, the device copies of every
+group's lr are written, and the gradient tables are refreshed. Then the optimizer runs the
+AdamW buckets and the matrix pipeline (see :mod:`trasmuon.rules`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import reference as ref
+from .rules import MatrixRule, Program, Rule, StateEntry
+
+try:  # torch >= 2.5
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch 2.4
+    from torch.distributed._tensor import DTensor
+
+BACKENDS = ("eager", "triton", "auto")
+# How a 2D parameter stores its matrix: "out_in" is nn.Linear's (out_features, in_features),
+# "in_out" is transformers' Conv1D (in_features, out_features). The matrix rules always act
+# on the (out, in) matrix: rows are output features, columns input features.
+ORIENTATIONS = ("out_in", "in_out")
+# Group keys that are not hyperparameters a plan depends on.
+_NOT_PLANNED = frozenset({"params", "param_names", "lr", "initial_lr", "max_lr", "min_lr",
+                          "base_lr", "base_momentum", "max_momentum", "swa_lr"})
+
+
+def oriented(tensor: Tensor, orientation: str) -> Tensor:
+    """The (out, in) view of a matrix stored with ``orientation`` (see ``ORIENTATIONS``)."""
+    return tensor.mT if orientation == "in_out" else tensor
+
+
+def local(tensor: Tensor) -> Tensor:
+    """This rank's part of a DTensor (the tensor itself otherwise)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+class RuleState(MutableMapping):
+    """A parameter's state as a rule sees it: DTensor entries as their local shard, per-element
+    entries of an (in, out) matrix through their ``.mT`` view. In-place updates land in the
+    stored tensors; a new entry is stored as given (rules create only replicated entries)."""
+
+    def __init__(self, state: MutableMapping[str, Any], transposed: frozenset[str] = frozenset()) -> None:
+        self._state = state
+        self._transposed = transposed
+
+    def __getitem__(self, key: str) -> Any:
+        value = local(self._state[key])
+        return value.mT if key in self._transposed else value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        old = self._state.get(key)
+        if isinstance(old, DTensor):
+            local(old).copy_(value.mT if key in self._transposed else value)
+        else:
+            self._state[key] = value.mT if key in self._transposed else value
+
+    def __delitem__(self, key: str) -> None:
+        del self._state[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._state)
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+
+@dataclass(eq=False)
+class Bucket:
+    """Same-rule, same-shape parameters of one param group on one device (any shapes for
+    AdamW): what one program runs."""
+
+    rule: Rule
+    backend: str
+    group_index: int
+    group: dict[str, Any]
+    params: list[Tensor]
+    labels: list[str]
+    states: list[dict[str, Any]]
+    device: torch.device
+    param_dtype: torch.dtype
+    grad_dtype: torch.dtype
+    hyper: Callable[[], Mapping[str, Any]]  # the hyperparameters the rule reads, this step
+    orientation: str = "out_in"
+    shape: tuple[int, ...] = ()  # matrices: the global (d_out, d_in) of the (out, in) matrix
+    sharded: bool = False  # row-sharded DTensors (FSDP2): this rank holds rows row_range
+    process_group: Any = None
+    row_range: tuple[int, int] | None = None
+    reductions: dict[str, Tensor] = field(default_factory=dict)  # name -> (B, n)
+    program: Program | None = None
+    # Set by the stages each step.
+    ns_input: Any = None
+    ortho: Any = None
+
+    @property
+    def count(self) -> int:
+        return len(self.params)
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        return ref.state_dtype(self.param_dtype)
+
+    @property
+    def local_rows(self) -> int:
+        if self.row_range is None:
+            return self.shape[0]
+        return self.row_range[1] - self.row_range[0]
+
+    def views(self) -> list[Tensor]:
+        """This rank's (out, in) view of every parameter."""
+        return [oriented(local(p), self.orientation) for p in self.params]
+
+    def grads(self) -> list[Tensor]:
+        return [oriented(local(p.grad), self.orientation) for p in self.params]
+
+    def rule_states(self) -> list[RuleState]:
+        transposed = frozenset(("momentum",)) if self.orientation == "in_out" else frozenset()
+        return [RuleState(s, transposed) for s in self.states]
+
+    def steps(self) -> list[int]:
+        """Each parameter's step t (eager backend: host counters)."""
+        return [int(s["step"].item()) for s in self.states]
+
+
+# --------------------------------------------------------------------------------------
+# State creation
+# --------------------------------------------------------------------------------------
+def _extent_shape(entry: StateEntry, bucket: Bucket, param: Tensor) -> tuple[int, ...]:
+    if entry.extent == "param":
+        return tuple(param.shape)
+    if entry.extent == "rows":
+        return (bucket.shape[0],)
+    if entry.extent == "cols":
+        return (bucket.shape[1],)
+    return ()
+
+
+def state_shapes(rule: Rule, group: Mapping[str, Any], param_shape: tuple[int, ...],
+                 orientation: str) -> dict[str, tuple[int, ...]]:
+    """The shape of every state tensor ``rule`` keeps for a parameter stored as
+    ``param_shape`` (``step`` included)."""
+    shape = param_shape
+    if rule.matrix and len(param_shape) == 2 and orientation == "in_out":
+        shape = param_shape[::-1]
+    shapes: dict[str, tuple[int, ...]] = {"step": ()}
+    for entry in rule.state_entries(group, shape):
+        if entry.extent == "param":
+            shapes[entry.name] = tuple(param_shape)
+        elif entry.extent == "rows":
+            shapes[entry.name] = (shape[0],)
+        elif entry.extent == "cols":
+            shapes[entry.name] = (shape[1],)
+        else:
+            shapes[entry.name] = ()
+    return shapes
+
+
+def init_state(bucket: Bucket) -> None:
+    """Create the missing (non-lazy) state of every parameter of ``bucket``: float32 (float64
+    for float64 params), per-row state of a row-sharded matrix as a ``Shard(0)`` DTensor,
+    per-column and per-matrix state replicated."""
+    sdt = bucket.state_dtype
+    entries = bucket.rule.state_entries(bucket.group, bucket.shape)
+    for p, state in zip(bucket.params, bucket.states, strict=True):
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        for entry in entries:
+            if entry.lazy or entry.name in state:
+                continue
+            if entry.extent == "param":
+                value = torch.full_like(p, entry.fill, dtype=sdt, memory_format=torch.preserve_format)
+            elif entry.extent == "rows" and bucket.sharded:
+                from torch.distributed.tensor import Shard
+
+                rows = bucket.local_rows
+                value = DTensor.from_local(
+                    torch.full((rows,), entry.fill, dtype=sdt, device=bucket.device),
+                    p.device_mesh, [Shard(0)], run_check=False, shape=(bucket.shape[0],), stride=(1,),
+                )
+            else:
+                value = torch.full(_extent_shape(entry, bucket, p), entry.fill, dtype=sdt,
+                                   device=bucket.device)
+            state[entry.name] = value
+
+
+# --------------------------------------------------------------------------------------
+# Fingerprint
+# --------------------------------------------------------------------------------------
+def _frozen(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, Tensor):
+        return ("tensor", id(value))
+    return value
+
+
+def fingerprint(groups: list[dict[str, Any]]) -> tuple:
+    """What a plan depends on: per group its hyperparameters (lr excepted: it is read every
+    step) and, per param with a gradient, its identity, shape, dtypes, device, layout and
+    strides. Two steps with equal fingerprints run the same plan."""
+    parts: list[Any] = []
+    for gi, group in enumerate(groups):
+        parts.append((gi, id(group), tuple(
+            (k, _frozen(v)) for k, v in sorted(group.items()) if k not in _NOT_PLANNED)))
+        for p in group["params"]:
+            g = p.grad
+            if g is None or p.numel() == 0:
+                continue
+            if isinstance(g, DTensor):
+                gl = g.to_local()
+                parts.append((id(p), p.dtype, tuple(p.shape), g.dtype, gl.stride(), gl.device, True))
+            else:
+                parts.append((id(p), p.dtype, tuple(p.shape), g.dtype, g.stride(), g.device))
+    return tuple(parts)
+
+
+# --------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------
+class StepPlan:
+    """Buckets of one step, their programs, and the per-device buffers they share."""
+
+    def __init__(self, key: tuple, adamw: list[Bucket], matrices: list[Bucket]) -> None:
+        self.key = key
+        self.adamw = adamw
+        self.matrices = matrices
+        self.devices = _DeviceScalars()
+        self.reduce_buffers: dict[tuple[torch.device, torch.dtype, int], Tensor] = {}
+        self.local_buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    @property
+    def buckets(self) -> list[Bucket]:
+        return [*self.adamw, *self.matrices]
+
+    def allocate_reductions(self) -> None:
+        """One flat buffer per (device, dtype) for the sums over rows of replicated matrices,
+        and one per (device, dtype, process group) for those of row-sharded matrices (all-
+        reduced once per step); every bucket's ``reductions`` are (B, n) views into them."""
+        sizes: dict[tuple, int] = {}
+        layout: list[tuple[Bucket, str, int, tuple]] = []
+        for b in self.matrices:
+            assert isinstance(b.rule, MatrixRule)
+            for name, n in b.rule.reductions(b.group, b.shape).items():
+                key = (b.device, b.state_dtype, id(b.process_group)) if b.sharded else (b.device, b.state_dtype)
+                layout.append((b, name, n, key))
+                sizes[key] = sizes.get(key, 0) + b.count * n
+        buffers = {key: torch.zeros(size, dtype=key[1], device=key[0]) for key, size in sizes.items()}
+        offsets = dict.fromkeys(sizes, 0)
+        for b, name, n, key in layout:
+            start = offsets[key]
+            b.reductions[name] = buffers[key][start:start + b.count * n].view(b.count, n)
+            offsets[key] = start + b.count * n
+        for key, buf in buffers.items():
+            (self.reduce_buffers if len(key) == 3 else self.local_buffers)[key] = buf
+
+    def sharded_reductions(self) -> list[tuple[Any, Tensor]]:
+        """(process group, buffer) of every buffer that must be all-reduced this step."""
+        groups = {id(b.process_group): b.process_group for b in self.matrices if b.sharded}
+        return [(groups[key[2]], buf) for key, buf in self.reduce_buffers.items()]
+
+    def begin(self) -> None:
+        """Advance the step counters and publish this step's lr values and gradients."""
+        for b in self.buckets:
+            if b.backend == "eager":
+                for s in b.states:
+                    s["step"] += 1
+        self.devices.begin()
+        for b in self.buckets:
+            refresh = getattr(b.program, "begin", None)
+            if refresh is not None:
+                refresh()
+
+    def end(self) -> None:
+        for b in self.buckets:
+            done = getattr(b.program, "end", None)
+            if done is not None:
+                done()
+
+
+class _DeviceScalars:
+    """Device-resident scalars of the Triton programs: per device one float32 tensor of lr
+    slots (one per param group) and one of step counters (one per parameter).
+
+    ``begin`` writes the lr values of float-lr groups into a fixed host staging buffer and
+    copies it to the device (so the copy's arguments never change; the copy of the previous
+    step must have finished reading the buffer, which an event checks), copies tensor lrs on
+    the device, and advances every counter with one add."""
+
+    def __init__(self) -> None:
+        self._slots: dict[torch.device, dict[int, dict[str, Any]]] = {}
+        self.lr: dict[torch.device, Tensor] = {}
+        self._staging: dict[torch.device, Tensor] = {}
+        self._events: dict[torch.device, Any] = {}
+        self._counter_users: dict[torch.device, list[list[dict[str, Any]]]] = {}
+        self.counters: dict[torch.device, Tensor] = {}
+        self.launches: dict[torch.device, list[Any]] = {}
+
+    def lr_slot(self, device: torch.device, group_index: int, group: dict[str, Any]) -> int:
+        """The index of ``group``'s lr slot on ``device`` (reserved on first use)."""
+        slots = self._slots.setdefault(device, {})
+        slots.setdefault(group_index, group)
+        return list(slots).index(group_index)
+
+    def reserve_counters(self, device: torch.device, states: list[dict[str, Any]]) -> int:
+        """Reserve consecutive step counters for ``states``; returns the first index."""
+        users = self._counter_users.setdefault(device, [])
+        start = sum(len(u) for u in users)
+        users.append(states)
+        return start
+
+    def allocate(self) -> None:
+        """Allocate the device tensors once every program has reserved its slots, and move
+        each parameter's ``step`` into its counter (the state entry becomes a 0-d view)."""
+        from trasmuon_kernels._launch import TorchLaunch
+
+        for device, slots in self._slots.items():
+            lr = self.lr[device] = torch.zeros(len(slots), dtype=torch.float32, device=device)
+            staging = self._staging[device] = torch.zeros(
+                len(slots), dtype=torch.float32, pin_memory=device.type == "cuda")
+            self.launches.setdefault(device, []).append(TorchLaunch(
+                "copy(lr)", lambda lr=lr, staging=staging: lr.copy_(staging, non_blocking=True),
+                (lr, staging)))
+        for device, users in self._counter_users.items():
+            values = [float(s["step"]) if "step" in s else 0.0 for states in users for s in states]
+            counters = self.counters[device] = torch.tensor(values, dtype=torch.float32).to(device)
+            i = 0
+            for states in users:
+                for s in states:
+                    s["step"] = counters[i]
+                    i += 1
+            self.launches.setdefault(device, []).append(TorchLaunch(
+                "add(step)", lambda c=counters: c.add_(1.0), (counters,)))
+
+    def lr_tensor(self, device: torch.device, slot: int) -> Tensor:
+        return self.lr[device][slot]
+
+    def counter_view(self, device: torch.device, start: int, count: int) -> Tensor:
+        return self.counters[device][start:start + count]
+
+    def begin(self) -> None:
+        for device, launches in self.launches.items():
+            tensor_lrs = []
+            if device in self._staging:
+                event = self._events.get(device)
+                if event is not None and not event.query():
+                    event.synchronize()  # the last copy has not read the staging buffer yet
+                values = self._staging[device].numpy()
+                for slot, group in enumerate(self._slots[device].values()):
+                    lr = group["lr"]
+                    if isinstance(lr, Tensor):
+                        tensor_lrs.append((slot, lr))
+                    else:
+                        values[slot] = lr
+            for launch in launches:
+                launch()
+            for slot, lr in tensor_lrs:  # copied on the device: never read on the host
+                self.lr[device][slot:slot + 1].copy_(lr.detach().reshape(1), non_blocking=True)
+            if device.type == "cuda" and device in self._staging:
+                event = self._events.setdefault(device, torch.cuda.Event())
+                event.record()
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def split_counts(count: int, world: int, loads: list[float], cost: float) -> list[tuple[int, int]]:
+    """Contiguous ranges of ``count`` matrices for ``world`` ranks, sizes as even as possible,
+    the larger ones to the ranks with the smallest ``loads`` so far (updated in place by
+    ``cost`` per matrix). Deterministic: every rank computes the same split."""
+    base, extra = divmod(count, world)
+    order = sorted(range(world), key=lambda r: (loads[r], r))
+    sizes = [base] * world
+    for r in order[:extra]:
+        sizes[r] += 1
+    ranges, start = [], 0
+    for r in range(world):
+        ranges.append((start, start + sizes[r]))
+        start += sizes[r]
+        loads[r] += sizes[r] * cost
+    return ranges
+
+
+__all__ = [
+    "BACKENDS",
+    "ORIENTATIONS",
+    "Bucket",
+    "RuleState",
+    "StepPlan",
+    "ceil_div",
+    "fingerprint",
+    "init_state",
+    "local",
+    "oriented",
+    "split_counts",
+    "state_shapes",
+]
+

@@ -1,0 +1,161 @@
+"""Update rules as objects, and the registry from rule names to rules.
+
+A rule declares
+
+* its hyperparameters (:class:`Hyperparameter`: name, default, check), which are exactly the
+  keys a param group of that rule holds;
+* its state (:class:`StateEntry`: name, extent, fill value), from which the optimizer creates
+  missing state and checks loaded state;
+* its stages, for each backend: :meth:`Rule.program` returns the object that runs one bucket
+  of same-shape parameters through the rule, built once per step plan (see
+  :mod:`trasmuon.plan`). The eager program is the reference and runs anywhere; the Triton
+  program issues prepared kernel launches with the same semantics.
+
+Matrix rules share one pipeline (:class:`MatrixRule`): ``prepare`` (the momentum pass: the
+Newton–Schulz input and sums over rows), ``orthogonalize`` (done by the plan, or by the
+distributed exchange around it), ``post`` (what needs O locally), an all-reduce of the
+step's sums over rows when matrices are row-sharded, and ``finish`` (the weight update).
+
+Adding a rule is one module that defines a :class:`Rule` subclass and calls :func:`register`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ._checks import Check
+
+if TYPE_CHECKING:
+    from ..plan import Bucket, StepPlan
+
+__all__ = [
+    "MATRIX_RULES",
+    "REGISTRY",
+    "Hyperparameter",
+    "MatrixRule",
+    "Program",
+    "Rule",
+    "StateEntry",
+    "get_rule",
+    "register",
+]
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """One key of a param group: its default, a check, and what a valid value is (for the
+    error message)."""
+
+    name: str
+    default: Any
+    check: Check
+    expected: str
+
+
+@dataclass(frozen=True)
+class StateEntry:
+    """One state tensor of a parameter. ``extent``: ``"param"`` (one entry per element,
+    stored like the parameter), ``"rows"`` (d_out entries of the (out, in) matrix),
+    ``"cols"`` (d_in entries) or ``"scalar"``. ``lazy`` entries are created by the rule's own
+    first use (e.g. ``energy_ref`` at the first gated step), not with the rest."""
+
+    name: str
+    extent: str
+    fill: float = 0.0
+    lazy: bool = False
+
+
+class Program:
+    """A bucket's work for one backend, built once per plan. Matrix programs implement
+    ``prepare``, ``post`` and ``finish``; the AdamW program implements ``run``. ``collect``
+    asks a program to keep what ``diagnostics`` reads."""
+
+    collect: bool = False
+
+    def diagnostics(self) -> list[dict[str, Any]]:
+        """Per parameter, the observables of the last step as device tensors."""
+        return []
+
+
+class Rule:
+    """An update rule. Subclasses set ``name``, ``hyperparameters`` and implement
+    ``state_entries`` and ``program``."""
+
+    name: ClassVar[str]
+    matrix: ClassVar[bool] = False  # needs 2D parameters
+    hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = ()
+
+    def __init__(self) -> None:
+        self.keys: frozenset[str] = frozenset(h.name for h in self.hyperparameters)
+        self.defaults: dict[str, Any] = {h.name: h.default for h in self.hyperparameters}
+        self._by_name: dict[str, Hyperparameter] = {h.name: h for h in self.hyperparameters}
+
+    def __repr__(self) -> str:
+        return f"<rule {self.name!r}>"
+
+    def check_group(self, group: Mapping[str, Any], where: str, keys: frozenset[str] | None = None) -> None:
+        """Raise a ValueError naming ``where`` and the key for the first invalid value."""
+        for key in sorted(keys if keys is not None else self.keys):
+            hp = self._by_name[key]
+            value = group[key]
+            if not hp.check(value):
+                raise ValueError(f"{where}: {key} must be {hp.expected}, got {value!r}")
+
+    def state_entries(self, group: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[StateEntry, ...]:
+        """The state of a parameter of (oriented) ``shape`` in ``group``."""
+        raise NotImplementedError
+
+    def program(self, bucket: Bucket, backend: str, plan: StepPlan) -> Program:
+        """The object that runs ``bucket`` on ``backend`` ("eager" or "triton") within
+        ``plan`` (whose device scalars a Triton program reserves)."""
+        raise NotImplementedError
+
+    def unsupported_by_triton(self, group: Mapping[str, Any], param: Any, grad: Any) -> str | None:
+        """Why the Triton program cannot take this parameter (None when it can)."""
+        return None
+
+
+class MatrixRule(Rule):
+    """A rule for 2D parameters on the shared matrix pipeline."""
+
+    matrix = True
+    # Whether ``post`` needs O's row sums of squares (the Triton orthogonalize stage then
+    # reduces them in Newton–Schulz's last epilogue).
+    needs_row_sumsq: ClassVar[bool] = False
+
+    def ns_schedule(self, group: Mapping[str, Any]) -> tuple[tuple[float, float, float], ...]:
+        from .. import reference as ref
+
+        return ref.ns_schedule(group["ns_coefficients"], group["ns_steps"])
+
+    def reductions(self, group: Mapping[str, Any], shape: tuple[int, int]) -> dict[str, int]:
+        """Per matrix, the sums over rows the rule needs (name -> length). A row-sharded
+        matrix computes them on its rows and the plan all-reduces them, once per step for
+        all matrices."""
+        return {}
+
+
+REGISTRY: dict[str, Rule] = {}
+
+
+def register(rule: Rule) -> Rule:
+    """Add ``rule`` to the registry under its name (the value of a param group's ``rule``)."""
+    if rule.name in REGISTRY:
+        raise ValueError(f"a rule named {rule.name!r} is already registered")
+    REGISTRY[rule.name] = rule
+    return rule
+
+
+def get_rule(name: str) -> Rule:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown rule {name!r}; registered rules: {tuple(REGISTRY)}") from None
+
+
+# The rules this package ships (each module registers itself).
+from . import adamw, muon, normuon, trasmuon  # noqa: E402, F401
+
+MATRIX_RULES: tuple[str, ...] = tuple(name for name, r in REGISTRY.items() if r.matrix)

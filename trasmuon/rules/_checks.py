@@ -1,0 +1,78 @@
+"""Value checks for hyperparameters: small predicates, each paired with the words an error
+message uses for a valid value."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .. import reference as ref
+
+Check = Callable[[object], bool]
+
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def in_range(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Check:
+    def check(v: object) -> bool:
+        if not is_real(v):
+            return False
+        above = v > lo if lo_open else v >= lo
+        below = v < hi if hi_open else v <= hi
+        return above and below
+
+    return check
+
+
+def is_bool(v: object) -> bool:
+    return isinstance(v, bool)
+
+
+def int_at_least(lo: int) -> Check:
+    return lambda v: is_int(v) and v >= lo
+
+
+def one_of(values: tuple) -> Check:
+    return lambda v: any(v is x or v == x for x in values)
+
+
+def valid_betas(v: object) -> bool:
+    return (
+        isinstance(v, (tuple, list))
+        and len(v) == 2
+        and all(in_range(0.0, 1.0, hi_open=True)(b) for b in v)
+    )
+
+
+def valid_ns_coefficients(v: object) -> bool:
+    if ref.is_ns_triple(v):
+        return all(math.isfinite(x) for x in v)
+    return (
+        isinstance(v, (tuple, list))
+        and len(v) > 0
+        and all(ref.is_ns_triple(t) and all(math.isfinite(x) for x in t) for t in v)
+    )
+
+
+def valid_lr(v: object) -> bool:
+    """A finite float >= 0, or a one-element floating tensor (its value is checked when the
+    group is added, not at every step: reading a CUDA tensor would sync the host)."""
+    if isinstance(v, Tensor):
+        return v.numel() == 1 and v.is_floating_point()
+    return in_range(0.0, math.inf)(v)
+
+
+def tensor_lr_value_ok(v: object) -> bool:
+    return not isinstance(v, Tensor) or bool(v.detach().cpu().item() >= 0.0)
+
+
+NS_DTYPES: tuple[torch.dtype, ...] = ref.NS_DTYPES

@@ -1,0 +1,136 @@
+"""What the matrix rules share: their common hyperparameters, the momentum stage, and the
+pieces of their Triton programs (device pointer tables, stacked per-matrix state)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .. import reference as ref
+from . import Hyperparameter
+from ._checks import (
+    in_range,
+    int_at_least,
+    is_bool,
+    one_of,
+    valid_betas,
+    valid_lr,
+    valid_ns_coefficients,
+)
+
+if TYPE_CHECKING:
+    from ..plan import Bucket
+
+ORIENTATIONS = ("out_in", "in_out")
+
+
+def lr(default: float) -> Hyperparameter:
+    return Hyperparameter("lr", default, valid_lr, "a finite float >= 0 or a one-element tensor")
+
+
+def betas(default: tuple[float, float]) -> Hyperparameter:
+    return Hyperparameter("betas", default, valid_betas, "a pair (beta1, beta2) with each in [0, 1)")
+
+
+def eps(default: float) -> Hyperparameter:
+    return Hyperparameter("eps", default, in_range(0.0, math.inf, lo_open=True), "a finite float > 0")
+
+
+def weight_decay(default: float) -> Hyperparameter:
+    return Hyperparameter("weight_decay", default, in_range(0.0, math.inf), "a finite float >= 0")
+
+
+def nesterov(default: bool) -> Hyperparameter:
+    return Hyperparameter("nesterov", default, is_bool, "a bool")
+
+
+def ns_coefficients(default: Any) -> Hyperparameter:
+    return Hyperparameter("ns_coefficients", default, valid_ns_coefficients,
+                          "one (a, b, c) triple or a sequence of them")
+
+
+NS_STEPS = Hyperparameter("ns_steps", 5, lambda v: int_at_least(1)(v) and v <= 100, "an int in [1, 100]")
+NS_DTYPE = Hyperparameter("ns_dtype", torch.bfloat16, one_of(ref.NS_DTYPES), f"one of {ref.NS_DTYPES}")
+ORIENTATION = Hyperparameter("orientation", "out_in", one_of(ORIENTATIONS), f"one of {ORIENTATIONS}")
+
+
+# --------------------------------------------------------------------------------------
+# Eager pieces
+# --------------------------------------------------------------------------------------
+def eager_lr(bucket: Bucket) -> float | Tensor:
+    """The group's lr as the eager reference takes it: a float, or a 0-d tensor on the
+    bucket's device in the state dtype."""
+    value = bucket.group["lr"]
+    if isinstance(value, Tensor):
+        return value.detach().reshape(()).to(device=bucket.device, dtype=bucket.state_dtype)
+    return float(value)
+
+
+def eager_momentum(bucket: Bucket, beta1: float, nesterov_: bool) -> list[Tensor]:
+    """The momentum stage of every matrix (docs/rule.md step 2): updates the momenta and
+    sets ``bucket.ns_input``; returns the gradients in state dtype."""
+    wide, inputs = [], []
+    for grad, state in zip(bucket.grads(), bucket.rule_states(), strict=True):
+        ns_in, grad_wide = ref.momentum_stage_(grad, state, beta1, nesterov_)
+        inputs.append(ns_in)
+        wide.append(grad_wide)
+    bucket.ns_input = inputs
+    return wide
+
+
+# --------------------------------------------------------------------------------------
+# Triton pieces
+# --------------------------------------------------------------------------------------
+class PointerTable:
+    """A kernel argument for a list of same-layout tensors: a device table of their
+    addresses (``trasmuon_kernels._common.TensorBucket``) whose entries can be rewritten in
+    place when the tensors move (gradients), so prepared launches keep their arguments."""
+
+    def __init__(self, tensors: Sequence[Tensor], *, stand_in: bool = False) -> None:
+        from trasmuon_kernels._common import TensorBucket
+
+        first = tensors[0]
+        self.bucket = TensorBucket.of(list(tensors))
+        if stand_in:
+            # The launch passes ``base`` only for its element type: point it at a small
+            # buffer of ours so that no stale gradient is kept alive by the launch.
+            base = torch.empty(16, dtype=first.dtype, device=first.device).as_strided(
+                first.shape, (0, 0))
+            self.bucket = type(self.bucket)(
+                base=base, table=self.bucket.table, count=self.bucket.count, shape=self.bucket.shape,
+                strides=self.bucket.strides, aligned=self.bucket.aligned, tensors=None)
+        self.ptrs = tuple(t.data_ptr() for t in tensors)
+
+    def refresh(self, tensors: Sequence[Tensor]) -> None:
+        """Write the new addresses into the table (same layout and alignment: the plan's
+        fingerprint covers those)."""
+        ptrs = tuple(t.data_ptr() for t in tensors)
+        if ptrs == self.ptrs:
+            return
+        host = torch.tensor(ptrs, dtype=torch.int64)
+        table = self.bucket.table
+        if table.is_cuda:
+            table.copy_(host.pin_memory(), non_blocking=True)
+        else:
+            table.copy_(host)
+        self.ptrs = ptrs
+
+
+def stacked_state(states: Sequence[Any], key: str, shape: tuple[int, ...], fill: float,
+                  device: torch.device) -> Tensor:
+    """One contiguous (B, *shape) float32 tensor whose rows become ``states[i][key]`` (views):
+    existing values are copied in, missing ones start at ``fill``."""
+    stack = torch.full((len(states), *shape), fill, dtype=torch.float32, device=device)
+    for i, s in enumerate(states):
+        if key in s:
+            stack[i].copy_(s[key])
+        s[key] = stack[i]
+    return stack
+
+
+def ns_eps(group: Mapping[str, Any]) -> float:
+    return float(group["eps"])
