@@ -13,6 +13,7 @@ from .optimizer import (
     NorMuon,
     TrasMuon,
 )
+from .namo import NAMO, NAMOD
 from .param_groups import split_params
 
 __all__ = [
@@ -25,6 +26,8 @@ __all__ = [
     "ColumnBurst",
     "MatrixOptimizer",
     "Muon",
+    "NAMO",
+    "NAMOD",
     "NorMuon",
     "TrasMuon",
     "bursts",

@@ -318,7 +318,7 @@ def _tall(shape: tuple[int, int]) -> bool:
 
 
 def _ns_args(b: Bucket) -> tuple[Any, float, torch.dtype]:
-    return b.rule.ns_schedule(b.group), float(b.group["eps"]), b.group["ns_dtype"]
+    return b.rule.ns_schedule(b.group), b.rule.ns_eps(b.group), b.group["ns_dtype"]
 
 
 def _eager_ns(b: Bucket, x: Tensor) -> Tensor:

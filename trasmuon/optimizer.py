@@ -657,7 +657,7 @@ _ALL_STATE_KEYS = frozenset({"step", "momentum", "exp_avg", "exp_avg_sq", "row_v
                              "energy_ref", "sf_lr2_sum", "sf_c_lr2_sum", "c_last"})
 
 
-def _option_kwargs(backend: str, check_finite: bool, diagnostics: bool, process_group: Any,
+def option_kwargs(backend: str, check_finite: bool, diagnostics: bool, process_group: Any,
                    check_consistency: bool) -> dict[str, Any]:
     return {"backend": backend, "check_finite": check_finite, "diagnostics": diagnostics,
             "process_group": process_group, "check_consistency": check_consistency}
@@ -717,7 +717,7 @@ class TrasMuon(MatrixOptimizer):
             energy_eps=energy_eps, energy_source=energy_source, warmup_steps=warmup_steps,
             schedule_free=schedule_free, sf_mix=sf_mix,
         )
-        super().__init__(params, defaults, **_option_kwargs(
+        super().__init__(params, defaults, **option_kwargs(
             backend, check_finite, diagnostics, process_group, check_consistency))
 
 
@@ -751,7 +751,7 @@ class NorMuon(MatrixOptimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, nesterov=nesterov,
             ns_coefficients=ns_coefficients, ns_steps=ns_steps, ns_dtype=ns_dtype, scale=scale,
         )
-        super().__init__(params, defaults, **_option_kwargs(
+        super().__init__(params, defaults, **option_kwargs(
             backend, check_finite, diagnostics, process_group, check_consistency))
 
 
@@ -797,7 +797,7 @@ class Muon(MatrixOptimizer):
             ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps,
             adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, adamw_beta2=adamw_beta2,
         )
-        super().__init__(params, defaults, **_option_kwargs(
+        super().__init__(params, defaults, **option_kwargs(
             backend, check_finite, diagnostics, process_group, check_consistency))
 
     def fallback_adamw(self, group: dict[str, Any]) -> dict[str, Any]:
@@ -827,6 +827,6 @@ class AdamW(MatrixOptimizer):
         check_consistency: bool = True,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        super().__init__(params, defaults, **_option_kwargs(
+        super().__init__(params, defaults, **option_kwargs(
             backend, check_finite, diagnostics, process_group, check_consistency))
 

@@ -498,22 +498,6 @@ def trasmuon_matrix_step_(
     )
 
 
-def adamw_step_(
-    param: Tensor,
-    grad: Tensor,
-    state: MutableMapping[str, Tensor],
-    step: int,
-    lr: float | Tensor,
-    *,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """One AdamW step for one tensor (``adamw_foreach_step_`` on a list of one)."""
-    adamw_foreach_step_([param], [grad], [state], [step], lr,
-                        betas=betas, eps=eps, weight_decay=weight_decay)
-
-
 def adamw_foreach_step_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -556,6 +540,131 @@ def adamw_foreach_step_(
     torch._foreach_div_(updates, bias_correction1)
     for param, update in zip(params, updates, strict=True):
         apply_update_(param, update, decay)
+
+
+# --------------------------------------------------------------------------------------
+# NAMO and NAMO-D (arXiv 2602.17080; docs/rule.md, "NAMO and NAMO-D")
+# --------------------------------------------------------------------------------------
+# Newton-Schulz normalization of both rules: X / (||X||_F + 1e-7), with Muon's triple.
+NAMO_NS_EPS = 1e-7
+# Added to the first-moment bias correction 1 - b1^t before dividing by it.
+NAMO_BIAS_EPS = 1e-12
+WEIGHT_DECAY_MODES = ("adaptive", "lr")
+
+
+def namo_base_step(lr: float | Tensor, betas: tuple[float, float], step: int) -> float | Tensor:
+    """base = lr * sqrt(1 - b2^t) / (1 - b1^t + 1e-12) (the bias corrections in double)."""
+    b1, b2 = betas
+    return lr * (math.sqrt(1.0 - b2**step) / (1.0 - b1**step + NAMO_BIAS_EPS))
+
+
+def namo_shape_factor(scale: float, d_out: int, d_in: int) -> float:
+    """scale * sqrt(max(m, n)): applied to the update's step only, not to the decay's."""
+    return scale * math.sqrt(max(d_out, d_in))
+
+
+def second_moment_update_(v: Tensor, sumsq: Tensor, beta2: float) -> None:
+    """v <- b2 v + (1 - b2) * sumsq (a scalar for NAMO, per column for NAMO-D)."""
+    v.mul_(beta2).add_(sumsq, alpha=1.0 - beta2)
+
+
+def namo_alpha(base: float | Tensor, n_sumsq: Tensor, v: Tensor, eps: float) -> Tensor:
+    """NAMO's adaptive step: alpha = base * ||N||_F / (sqrt(v) + eps)."""
+    return base * n_sumsq.sqrt() / (v.sqrt() + eps)
+
+
+def namod_raw_scale(n_col_sumsq: Tensor, v_cols: Tensor, eps: float) -> Tensor:
+    """NAMO-D's per-column scale before the clamp: d_j = ||N_:,j|| / (sqrt(V_j) + eps)."""
+    return n_col_sumsq.sqrt() / (v_cols.sqrt() + eps)
+
+
+def namod_clamp(d: Tensor, clamp: float) -> Tensor:
+    """Clamp d toward the mean of the unclamped d, to [clamp * mean, mean / clamp], when
+    0 < clamp <= 1 and the mean is finite and > 0; otherwise d is left as it is (clamp = 1
+    makes every column equal to the mean, clamp = 0 turns the clamp off)."""
+    if not 0.0 < clamp <= 1.0:
+        return d
+    mean = d.mean(dim=-1, keepdim=True)
+    clamped = torch.minimum(torch.maximum(d, clamp * mean), mean / clamp)
+    usable = torch.isfinite(mean) & (mean > 0)
+    return torch.where(usable, clamped, d)
+
+
+def namo_step_sizes(scale_step: Tensor, shape: float) -> tuple[Tensor, Tensor]:
+    """(step_wd, step_up) = (min(s, 1), min(s * shape, 1)) for the adaptive step s (NAMO's
+    alpha, or NAMO-D's base * d_j)."""
+    return scale_step.clamp(max=1.0), (scale_step * shape).clamp(max=1.0)
+
+
+def namo_decay_factor(mode: str, lr: float | Tensor, weight_decay: float, step_wd: Tensor) -> float | Tensor:
+    """"adaptive": 1 - weight_decay * step_wd, clamped at >= 0 (per column for NAMO-D);
+    "lr": 1 - lr * weight_decay, the AdamW/Muon form."""
+    if mode == "lr":
+        return weight_decay_factor(lr, weight_decay)
+    if mode != "adaptive":
+        raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {mode!r}")
+    return (1.0 - weight_decay * step_wd).clamp(min=0.0)
+
+
+def namo_update_stage_(
+    param: Tensor,
+    ortho: Tensor,
+    state: MutableMapping[str, Tensor],
+    step: int,
+    lr: float | Tensor,
+    *,
+    grad_sumsq: Tensor,
+    n_sumsq: Tensor,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    scale: float,
+    weight_decay_mode: str,
+    shape: tuple[int, int] | None = None,
+) -> dict[str, Tensor]:
+    """NAMO's steps 1 and 4-7 for one matrix given O and the two sums of squares (of G before
+    the momentum, and of the Newton-Schulz input N), which a row-sharded matrix all-reduces
+    first. Updates ``state["grad_sq_avg"]`` and the weights; returns what diagnostics read."""
+    acc = state["grad_sq_avg"].dtype
+    d_out, d_in = shape if shape is not None else tuple(param.shape[-2:])
+    second_moment_update_(state["grad_sq_avg"], grad_sumsq, betas[1])
+    base = namo_base_step(lr, betas, step)
+    alpha = namo_alpha(base, n_sumsq, state["grad_sq_avg"], eps)
+    step_wd, step_up = namo_step_sizes(alpha, namo_shape_factor(scale, d_out, d_in))
+    decay = namo_decay_factor(weight_decay_mode, lr, weight_decay, step_wd)
+    apply_update_(param, ortho.to(acc) * step_up, decay)
+    return {"alpha": alpha, "step_wd": step_wd, "step_up": step_up}
+
+
+def namod_update_stage_(
+    param: Tensor,
+    ortho: Tensor,
+    state: MutableMapping[str, Tensor],
+    step: int,
+    lr: float | Tensor,
+    *,
+    grad_col_sumsq: Tensor,
+    n_col_sumsq: Tensor,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    scale: float,
+    clamp: float,
+    weight_decay_mode: str,
+    shape: tuple[int, int] | None = None,
+) -> dict[str, Tensor]:
+    """NAMO-D's steps 1 and 4-7 for one matrix given O and the column sums of squares of G
+    and of N; column j of the decay and of the update is scaled by its own d_j."""
+    acc = state["col_grad_sq_avg"].dtype
+    d_out, d_in = shape if shape is not None else tuple(param.shape[-2:])
+    second_moment_update_(state["col_grad_sq_avg"], grad_col_sumsq, betas[1])
+    base = namo_base_step(lr, betas, step)
+    raw = namod_raw_scale(n_col_sumsq, state["col_grad_sq_avg"], eps)
+    d = namod_clamp(raw, clamp)
+    step_wd, step_up = namo_step_sizes(base * d, namo_shape_factor(scale, d_out, d_in))
+    decay = namo_decay_factor(weight_decay_mode, lr, weight_decay, step_wd)
+    apply_update_(param, ortho.to(acc) * step_up, decay)
+    return {"d_raw": raw, "d": d, "step_wd": step_wd, "step_up": step_up}
 
 
 # --------------------------------------------------------------------------------------

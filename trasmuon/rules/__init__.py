@@ -16,7 +16,8 @@ Newton–Schulz input and sums over rows), ``orthogonalize`` (done by the plan, 
 distributed exchange around it), ``post`` (what needs O locally), an all-reduce of the
 step's sums over rows when matrices are row-sharded, and ``finish`` (the weight update).
 
-Adding a rule is one module that defines a :class:`Rule` subclass and calls :func:`register`.
+Adding a rule is one module in this package that defines a :class:`Rule` subclass and calls
+:func:`register` (modules are discovered on import).
 """
 
 from __future__ import annotations
@@ -130,6 +131,11 @@ class MatrixRule(Rule):
 
         return ref.ns_schedule(group["ns_coefficients"], group["ns_steps"])
 
+    def ns_eps(self, group: Mapping[str, Any]) -> float:
+        """What Newton–Schulz adds to ||X||_F before dividing (the group's ``eps`` unless the
+        rule fixes it)."""
+        return float(group["eps"])
+
     def reductions(self, group: Mapping[str, Any], shape: tuple[int, int]) -> dict[str, int]:
         """Per matrix, the sums over rows the rule needs (name -> length). A row-sharded
         matrix computes them on its rows and the plan all-reduces them, once per step for
@@ -155,7 +161,16 @@ def get_rule(name: str) -> Rule:
         raise ValueError(f"unknown rule {name!r}; registered rules: {tuple(REGISTRY)}") from None
 
 
-# The rules this package ships (each module registers itself).
-from . import adamw, muon, normuon, trasmuon  # noqa: E402, F401
+def _discover() -> None:
+    """Import every public module of this package: each one registers its rule(s), so a new
+    rule is a new module here and nothing else."""
+    import importlib
+    import pkgutil
 
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_discover()
 MATRIX_RULES: tuple[str, ...] = tuple(name for name, r in REGISTRY.items() if r.matrix)
