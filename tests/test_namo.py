@@ -79,7 +79,7 @@ def test_options_follow_the_oracle(cls, options):
 
 @pytest.mark.parametrize("clamp", [1.0, 0.0, 0.01, 0.5])
 def test_namod_clamp_settings(clamp):
-    worst, opt, p, oracle = run_both(NAMOD, (10, 14), clamp=clamp, steps=6)
+    worst, _, _, oracle = run_both(NAMOD, (10, 14), clamp=clamp, steps=6)
     assert worst < 1e-11, worst
     d = oracle.last["d"]
     if clamp == 1.0:  # every column takes the mean scale
@@ -90,7 +90,7 @@ def test_namod_clamp_settings(clamp):
 
 def test_zero_columns_and_zero_gradients_give_no_nan_and_no_update():
     for cls in (NAMO, NAMOD):
-        worst, opt, p, _ = run_both(cls, (8, 12), zero_col=True, zero_steps=(1, 2, 7))
+        worst, *_ = run_both(cls, (8, 12), zero_col=True, zero_steps=(1, 2, 7))
         assert worst < 1e-11
         torch.manual_seed(0)
         q = nn.Parameter(torch.randn(5, 7))
@@ -104,7 +104,7 @@ def test_zero_columns_and_zero_gradients_give_no_nan_and_no_update():
 
 def test_first_step_size_is_one_plus_beta1_times_lr():
     lr, b1 = 0.01, 0.95
-    _, opt, p, oracle = run_both(NAMO, (6, 9), steps=1, lr=lambda t: lr, diagnostics=True)
+    _, opt, _, oracle = run_both(NAMO, (6, 9), steps=1, lr=lambda t: lr, diagnostics=True)
     # alpha = (1 + b1) lr * sqrt(v) / (sqrt(v) + eps): exact up to eps / sqrt(v) ~ 1e-8 here.
     diag = opt.diagnostics()["group0.param0"]
     assert diag["alpha"] == pytest.approx((1 + b1) * lr, rel=1e-7)
@@ -114,7 +114,7 @@ def test_first_step_size_is_one_plus_beta1_times_lr():
 @pytest.mark.parametrize("cls", [NAMO, NAMOD])
 def test_step_up_never_exceeds_one(cls):
     # A huge lr saturates the step sizes at 1: the update is O itself, never more.
-    _, opt, p, oracle = run_both(cls, (10, 14), steps=5, lr=lambda t: 50.0, diagnostics=True)
+    _, opt, _, oracle = run_both(cls, (10, 14), steps=5, lr=lambda t: 50.0, diagnostics=True)
     assert np.max(oracle.last["step_up"]) == 1.0
     diag = opt.diagnostics()["group0.param0"]
     assert diag.get("step_up", diag.get("step_up_max")) <= 1.0

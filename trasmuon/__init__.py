@@ -2,6 +2,7 @@
 
 from . import bursts, reference, rules
 from .bursts import BurstEvent, ColumnBurst
+from .namo import NAMO, NAMOD
 from .optimizer import (
     BACKENDS,
     MATRIX_RULES,
@@ -13,12 +14,13 @@ from .optimizer import (
     NorMuon,
     TrasMuon,
 )
-from .namo import NAMO, NAMOD
 from .param_groups import split_params
 
 __all__ = [
     "BACKENDS",
     "MATRIX_RULES",
+    "NAMO",
+    "NAMOD",
     "ORIENTATIONS",
     "RULES",
     "AdamW",
@@ -26,8 +28,6 @@ __all__ = [
     "ColumnBurst",
     "MatrixOptimizer",
     "Muon",
-    "NAMO",
-    "NAMOD",
     "NorMuon",
     "TrasMuon",
     "bursts",

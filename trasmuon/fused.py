@@ -1,5 +1,5 @@
-"""The Triton backend: one optimizer step for buckets of same-shape matrices, SPEC's kernel
-data flow with one launch per stage per bucket.
+"""The Triton backend: one optimizer step for buckets of same-shape matrices, the kernel data
+flow of docs/backends.md with one launch per stage per bucket.
 
 A bucket is the matrix params of one param group with one rule, shape, dtype, device and
 step count that have a gradient this step. Buckets are formed at every step by a pass over
@@ -137,21 +137,21 @@ class FusedMatrixStep:
                 energy_source=source if source in ("momentum", "grad") else None,
             )
             param_bucket = self._bucket_of(params, cache=True)
+            # The kernels take what the rule defines (schedule, rank, epsilons) as arguments.
+            schedule = ref.ns_schedule(group["ns_coefficients"], group["ns_steps"])
             if rule == "muon":
-                ortho = newton_schulz(pass1.x, group["ns_coefficients"], group["eps"],
-                                      steps=group["ns_steps"], fro_sumsq=pass1.x_sqnorm)
+                ortho = newton_schulz(pass1.x, schedule, group["eps"], fro_sumsq=pass1.x_sqnorm)
                 step_size = ref.muon_lr(lr, group["adjust_lr_fn"], d_out, d_in)
                 update_pass_(param_bucket, ortho, lr=lr, weight_decay=group["weight_decay"],
                              step_size=step_size)
                 outputs.extend({"step_size": torch.as_tensor(step_size)} for _ in params)
                 continue
             rowsumsq = torch.empty(count, d_out, dtype=torch.float32, device=params[0].device)
-            ortho = newton_schulz(pass1.x, group["ns_coefficients"], group["eps"],
-                                  steps=group["ns_steps"], fro_sumsq=pass1.x_sqnorm,
+            ortho = newton_schulz(pass1.x, schedule, group["eps"], fro_sumsq=pass1.x_sqnorm,
                                   row_sumsq_out=rowsumsq)
             rowscale, eta = row_stats_(
                 stacked_state(states, "row_v", rowsumsq[0]), rowsumsq, d_in=d_in, beta2=beta2,
-                eps=group["eps"], scale=group["scale"], lr=lr,
+                eps=group["eps"], scale=group["scale"], lr=lr, eta_eps=ref.ETA_HAT_EPS,
             )
             gate = energy = None
             if gate_on:
@@ -164,8 +164,10 @@ class FusedMatrixStep:
                     ["sf_lr2_sum", "sf_c_lr2_sum", "c_last"] if group["schedule_free"] else [])
                 like = {"energy_ref": eta[0], "sf_lr2_sum": eta[0]}
                 gate_state = {k: stacked_state(states, k, like.get(k, energy[0])) for k in keys}
+                gate_kwargs = {k: group[k] for k in gate_keys if k != "energy_quantile"}
                 gate = gate_stage_(gate_state, energy, step, lr, first=first,
-                                   **{k: group[k] for k in gate_keys})
+                                   k=ref.quantile_rank(d_in, group["energy_quantile"]),
+                                   sf_eps=ref.SCHEDULE_FREE_EPS, **gate_kwargs)
             update_pass_(param_bucket, ortho, lr=lr, weight_decay=group["weight_decay"],
                          eta_hat=eta, rowscale=rowscale, col_gate=gate)
             for i in range(count):
