@@ -66,7 +66,8 @@ def test_lm_quick(scripts, tmp_path):
     assert saved["corpus"]["bytes"] == scripts["lm"].CONFIGS["quick"].corpus_bytes
     assert len(saved["corpus"]["sha256"]) == 64
     assert {(r["optimizer"], r["schedule"]) for r in saved["runs"]} == {
-        (o, s) for o in ("trasmuon", "normuon", "muon", "adamw") for s in ("warmup", "no_warmup")}
+        (o, s) for o in ("trasmuon", "normuon", "muon", "namo", "namo_d", "adamw")
+        for s in ("warmup", "no_warmup")}
     for r in saved["runs"]:
         assert len(r["train_loss"]) == scripts["lm"].CONFIGS["quick"].steps
         assert lm_learned(r), (r["optimizer"], r["schedule"], r["final_val_loss"])
@@ -101,7 +102,8 @@ def test_diagnostic_quick(scripts, tmp_path):
 
 def test_pinn_quick(scripts, tmp_path):
     saved = run(scripts["pinn"], tmp_path)
-    assert {r["optimizer"] for r in saved["runs"]} == {"muon", "trasmuon", "normuon", "adamw"}
+    assert {r["optimizer"] for r in saved["runs"]} == {"muon", "trasmuon", "normuon", "namo",
+                                                      "namo_d", "adamw"}
     for r in saved["runs"]:
         assert r["roi_events"] and pinn_learned(r), (r["optimizer"], r["final_rel_l2"])
 

@@ -40,16 +40,24 @@ LABELS = {
     "trasmuon": "TrasMuon",
     "normuon": "NorMuon",
     "muon": "Muon",
+    "namo": "NAMO",
+    "namo_d": "NAMO-D",
     "adamw": "AdamW",
+    "namo_lr": "NAMO (lr decay)",
+    "namo_d_lr": "NAMO-D (lr decay)",
     "noclip": "TrasMuon-noClip",
     "clip_only": "Clip-only",
     "clip_sf": "Clip-sf",
 }
 COLORS = {
     "trasmuon": "tab:red", "normuon": "tab:blue", "muon": "tab:green", "adamw": "tab:gray",
+    "namo": "tab:purple", "namo_d": "tab:brown", "namo_lr": "tab:pink", "namo_d_lr": "tab:olive",
     "noclip": "tab:blue", "clip_only": "tab:orange", "clip_sf": "tab:red",
 }
 MAIN_FOUR = ("trasmuon", "normuon", "muon", "adamw")
+# The six compared rules, and the weight-decay-mode ablation of NAMO and NAMO-D.
+MAIN_SIX = ("trasmuon", "normuon", "muon", "namo", "namo_d", "adamw")
+NAMO_WD_ABLATION = ("namo", "namo_lr", "namo_d", "namo_d_lr")
 # Betas and eps of every AdamW-updated parameter (embeddings, heads, 1-D params, and all
 # params of the AdamW baseline): identical under every compared optimizer.
 ADAMW_BETAS = (0.9, 0.95)
@@ -129,10 +137,14 @@ def make_optimizer(
 
     Hidden matrices (``split_params``) take the named rule; embeddings, heads and non-2D
     params take AdamW with ``ADAMW_BETAS``, ``ADAMW_EPS``, ``lr`` and ``weight_decay`` under
-    every optimizer. All rules share the one ``lr``. Each matrix rule keeps its own
-    defaults except: Muon uses ``adjust_lr_fn="match_rms_adamw"`` (update RMS 0.2*lr, the
-    same calibration as NorMuon's and TrasMuon's ``scale=0.2``), so one lr fits all four.
-    The AdamW baseline puts every param on AdamW with the same betas.
+    every optimizer. All rules share the one ``lr`` and the one ``weight_decay``. Each matrix
+    rule keeps its own defaults except: Muon uses ``adjust_lr_fn="match_rms_adamw"`` (update
+    RMS 0.2*lr, the same calibration as NorMuon's and TrasMuon's ``scale=0.2`` and NAMO's
+    ``scale=0.2`` shape factor, whose update RMS is 0.2 times its adaptive step, about lr),
+    so one lr means the same nominal update size for all five orthogonalized rules. NAMO and
+    NAMO-D decay their weights by their adaptive step (the authors' form); ``namo_lr`` and
+    ``namo_d_lr`` decay by lr (the ablation). The AdamW baseline puts every param on AdamW
+    with the same betas.
     """
     adamw_options = dict(lr=lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=weight_decay)
     groups = trasmuon.split_params(model, head=head, adamw_options=adamw_options)
@@ -143,6 +155,10 @@ def make_optimizer(
         return trasmuon.Muon(groups, adjust_lr_fn="match_rms_adamw", **kw)
     if name == "normuon":
         return trasmuon.NorMuon(groups, **kw)
+    if name in ("namo", "namo_lr"):
+        return trasmuon.NAMO(groups, weight_decay_mode="lr" if name == "namo_lr" else "adaptive", **kw)
+    if name in ("namo_d", "namo_d_lr"):
+        return trasmuon.NAMOD(groups, weight_decay_mode="lr" if name == "namo_d_lr" else "adaptive", **kw)
     if name in ("trasmuon", "clip_sf"):
         return trasmuon.TrasMuon(groups, **kw)
     if name == "noclip":

@@ -35,7 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
 
 NAME = "lm"
-OPTIMIZERS = C.MAIN_FOUR
+OPTIMIZERS = C.MAIN_SIX
+# What --optimizers accepts: the six, and the NAMO weight-decay ablation.
+CHOICES = (*C.MAIN_SIX, "namo_lr", "namo_d_lr")
 SCHEDULES = ("warmup", "no_warmup")
 # Directories and files of the stdlib left out of the default corpus: tests, installed
 # packages, and files generated for one build (their bytes differ between machines).
@@ -418,7 +420,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threshold", type=float, default=None,
                         help="one loss threshold (default: two, the highest final EMA train "
                              "loss of all optimizers and of the orthogonalized ones)")
-    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
+    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=CHOICES)
+    parser.add_argument("--weight-decay", type=float, default=None,
+                        help="override the config's weight decay (the same for every optimizer); "
+                             "results then go to lm_wd<value>.json")
     parser.add_argument("--full", action="store_true",
                         help="first sweep lr in {lr/3, lr, 3lr} per optimizer, then compare "
                              "each at its best lr")
@@ -429,6 +434,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg = replace(cfg, steps=args.steps, eval_every=max(1, min(cfg.eval_every, args.steps)))
     if args.lr is not None:
         cfg = replace(cfg, lr=args.lr)
+    if args.weight_decay is not None:
+        cfg = replace(cfg, weight_decay=args.weight_decay)
     seeds = args.seeds
     clock = C.Stopwatch()
 
@@ -472,7 +479,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "wall_seconds": clock(),
     }
     result["ratio_summary"] = ratio_summary(result) if len(seeds) > 1 else None
-    stem = C.result_name(NAME + ("_full" if args.full else ""), args.quick)
+    wd_tag = f"_wd{args.weight_decay:g}" if args.weight_decay is not None else ""
+    stem = C.result_name(NAME + ("_full" if args.full else "") + wd_tag, args.quick)
     save_json = C.save_json(args.out / f"{stem}.json", result)
     for seed in seeds:
         print()

@@ -62,7 +62,7 @@ class Config:
     decay_frac: float = 0.2
     eval_every: int = 100
     eval_grid: int = 128
-    optimizers: tuple[str, ...] = ("muon", "trasmuon", "normuon", "adamw")
+    optimizers: tuple[str, ...] = ("muon", "trasmuon", "normuon", "namo", "namo_d", "adamw")
     # u*(x, y) = sin(a1 pi x) sin(a2 pi y): (1, 4) is the paper's problem; the quick smoke
     # test solves the smooth (1, 1) one, which a tiny net learns within its few steps.
     modes: tuple[float, float] = (1.0, 4.0)
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--optimizers", nargs="+", default=None,
-                        choices=("muon", "trasmuon", "normuon", "adamw"))
+                        choices=C.MAIN_SIX)
     args = C.finish_args(parser.parse_args(argv))
     key = "quick" if args.quick else ("cuda" if args.device.type == "cuda" else "cpu")
     cfg = CONFIGS[key]

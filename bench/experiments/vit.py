@@ -66,7 +66,7 @@ class Config:
     burst_frac: float = 0.25
     train_subset: int | None = None  # None: all 60,000
     test_subset: int | None = None  # None: all 10,000
-    optimizers: tuple[str, ...] = C.MAIN_FOUR
+    optimizers: tuple[str, ...] = C.MAIN_SIX
 
 
 CONFIGS = {
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--bursts", choices=("both", "on", "off"), default="both")
-    parser.add_argument("--optimizers", nargs="+", default=None, choices=C.MAIN_FOUR)
+    parser.add_argument("--optimizers", nargs="+", default=None, choices=C.MAIN_SIX)
     args = C.finish_args(parser.parse_args(argv))
     key = "quick" if args.quick else ("cuda" if args.device.type == "cuda" else "cpu")
     cfg = CONFIGS[key]
