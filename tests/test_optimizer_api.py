@@ -530,3 +530,37 @@ def test_triton_on_a_cpu_without_the_interpreter_warns_once_per_plan(monkeypatch
     assert len(msgs) == 1, msgs
     # Every parameter with a gradient (the AdamW ones have a kernel too), in one line.
     assert "8 parameters" in msgs[0] and "'fc1.weight'" in msgs[0] and "cpu" in msgs[0], msgs
+
+
+# ------------------------------------------------------------------------------------------
+# torch.compile
+# ------------------------------------------------------------------------------------------
+def test_compiled_training_step_breaks_the_graph_at_the_optimizer_and_never_recompiles():
+    """The step is a clean graph break (``torch.compiler.disable``): a compiled function that
+    calls ``opt.step()`` compiles once, does not recompile per step or per parameter, and
+    gives the uncompiled run's bits."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    ref_model = copy.deepcopy(model)
+    opt = TrasMuon(split_params(model), lr=0.02, backend="eager")
+    ref_opt = TrasMuon(split_params(ref_model), lr=0.02, backend="eager")
+
+    def train_step(m, o, x, y):
+        loss = nn.functional.cross_entropy(m(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        o.step()
+        o.zero_grad()
+        return loss
+
+    counter = CompileCounter()
+    compiled = torch.compile(train_step, backend=counter)
+    frames = []
+    for x, y in make_batches(6):
+        compiled(model, opt, x, y)
+        train_step(ref_model, ref_opt, x, y)
+        frames.append(counter.frame_count)
+    assert frames[0] >= 1 and frames[-1] == frames[0], frames
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+        assert torch.equal(p, q)
