@@ -39,9 +39,10 @@ HYPERPARAMETERS = (
 class NAMORule(MatrixRule):
     name = "namo"
     hyperparameters = HYPERPARAMETERS
-    # The second-moment state and the two sums over rows of this rule.
+    # The second-moment state, and the two sums over rows: the column energies of G and of N
+    # (NAMO adds each up; NAMO-D uses them column by column).
     second_moment = StateEntry("grad_sq_avg", "scalar")
-    sums = ("grad_sumsq", "n_sumsq")
+    sums = ("grad_col_sumsq", "n_col_sumsq")
 
     def ns_eps(self, group: Mapping[str, Any]) -> float:
         return ref.NAMO_NS_EPS
@@ -50,7 +51,7 @@ class NAMORule(MatrixRule):
         return (StateEntry("momentum", "param"), self.second_moment)
 
     def reductions(self, group: Mapping[str, Any], shape: tuple[int, int]) -> dict[str, int]:
-        return dict.fromkeys(self.sums, 1)
+        return dict.fromkeys(self.sums, shape[1])
 
     def program(self, bucket: Bucket, backend: str, plan: StepPlan | None = None) -> Program:
         if backend == "triton":
@@ -79,13 +80,11 @@ class EagerNAMO(Program):
         g = b.group
         acc = b.state_dtype
         grad_sums, n_sums = (b.reductions[k] for k in b.rule.sums)
-        for i, grad in enumerate(b.grads()):
-            energy = ref.column_energy(grad, acc)  # of the raw gradient, before the momentum
-            grad_sums[i].copy_(energy if self.columns else energy.sum(-1, keepdim=True))
+        for i, grad in enumerate(b.grads()):  # the raw gradient, before the momentum
+            grad_sums[i].copy_(ref.column_energy(grad, acc))
         M.eager_momentum(b, g["betas"][0], g["nesterov"])  # sets b.ns_input = N
         for i, n in enumerate(b.ns_input):
-            energy = ref.column_energy(n, acc)
-            n_sums[i].copy_(energy if self.columns else energy.sum(-1, keepdim=True))
+            n_sums[i].copy_(ref.column_energy(n, acc))
 
     def post(self) -> None:
         pass
@@ -105,8 +104,8 @@ class EagerNAMO(Program):
                                               grad_col_sumsq=grad_sums[i], n_col_sumsq=n_sums[i],
                                               clamp=g["clamp"], **common)
             else:
-                out = ref.namo_update_stage_(view, ortho, state, step, lr, grad_sumsq=grad_sums[i][0],
-                                             n_sumsq=n_sums[i][0], **common)
+                out = ref.namo_update_stage_(view, ortho, state, step, lr, grad_sumsq=grad_sums[i].sum(),
+                                             n_sumsq=n_sums[i].sum(), **common)
             if self.collect:
                 self._out.append(out)
 

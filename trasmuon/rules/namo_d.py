@@ -4,8 +4,7 @@ Its stages are NAMO's with column sums over rows in place of Frobenius norms."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import Hyperparameter, Program, StateEntry, register
 from ._checks import in_range
@@ -21,10 +20,6 @@ class NAMODRule(NAMORule):
     name = "namo_d"
     hyperparameters = (*HYPERPARAMETERS, CLAMP)
     second_moment = StateEntry("col_grad_sq_avg", "cols")
-    sums = ("grad_col_sumsq", "n_col_sumsq")
-
-    def reductions(self, group: Mapping[str, Any], shape: tuple[int, int]) -> dict[str, int]:
-        return dict.fromkeys(self.sums, shape[1])
 
     def program(self, bucket: Bucket, backend: str, plan: StepPlan | None = None) -> Program:
         if backend == "triton":
