@@ -1,8 +1,9 @@
 """The memory-bound passes on the GPU: parity with the eager reference and achieved bandwidth.
 
-    python bench/gpu_memory_passes.py                   # H100: -> bench/results/gpu_memory_passes_<gpu>.json
+    python bench/gpu_memory_passes.py                   # GPU: -> bench/results/gpu_memory_passes_<gpu>.json
     python bench/gpu_memory_passes.py --interpret-smoke # CPU, TRITON_INTERPRET=1: parity part, tiny shapes
-    python bench/gpu_memory_passes.py --aot-check       # no GPU needed: compile every kernel variant for sm_90
+
+(What the kernels compile to for sm_90 without a GPU: ``bench/compile_report.py``.)
 
 For each bucket shape (4096x4096, the stack 12x768x3072 and its transpose) it records
 
@@ -37,6 +38,15 @@ GATE_KWARGS = dict(
     clip_beta=0.9, energy_beta=0.99, energy_quantile=0.5, energy_eps=1e-12,
     schedule_free=True, sf_mix=0.3,
 )
+
+
+def _kernel_gate_kwargs(d_in: int) -> dict:
+    """GATE_KWARGS for the gate kernel: the rank and the schedule-free eps resolved from the
+    rule, as the fused step does."""
+    from trasmuon import reference as ref
+
+    kw = {k: v for k, v in GATE_KWARGS.items() if k != "energy_quantile"}
+    return dict(kw, k=ref.quantile_rank(d_in, GATE_KWARGS["energy_quantile"]), sf_eps=ref.SCHEDULE_FREE_EPS)
 
 
 def _timing():
@@ -106,7 +116,8 @@ def parity(shape: tuple[int, int, int], device) -> list[dict]:
     v0 = (torch.rand(count, d_out, generator=gen) * 1e-3).to(device)
     v_k, v_r, v64 = v0.clone(), v0.clone(), v0.double()
     lr = 0.02
-    rowscale, eta = row_stats_(v_k, rss, d_in=d_in, beta2=BETA2, eps=EPS, scale=SCALE, lr=lr)
+    rowscale, eta = row_stats_(v_k, rss, d_in=d_in, beta2=BETA2, eps=EPS, scale=SCALE, lr=lr,
+                               eta_eps=ref.ETA_HAT_EPS)
     rs_twin, eta_twin = ref.row_stats_(v_r, rss, d_in, beta2=BETA2, eps=EPS, scale=SCALE, lr=lr)
     rs64, eta64 = ref.row_stats_(v64, rss.double(), d_in, beta2=BETA2, eps=EPS, scale=SCALE, lr=lr)
     rows.append(_check("row_v", v_k, v64, twin=v_r, exact_expected=True))
@@ -123,7 +134,7 @@ def parity(shape: tuple[int, int, int], device) -> list[dict]:
     for s in (sk, sr):
         ref.init_gate_state(s, (count,), d_in, True, torch.device(device))
     for t in (1, 2):
-        gate = gate_stage_(sk, res.energy, t, lr, **GATE_KWARGS)
+        gate = gate_stage_(sk, res.energy, t, lr, **_kernel_gate_kwargs(d_in))
         gate_twin = ref.gate_stage_(sr, res.energy, t, lr, **GATE_KWARGS)
     rows.append(_check("gate", gate, gate_twin.double(), twin=gate_twin, exact_expected=True))
 
@@ -170,7 +181,8 @@ def bandwidth(shape: tuple[int, int, int], device, timing) -> list[dict]:
     ortho = torch.randn(count, d_out, d_in, device=device).to(torch.bfloat16) / (d_in**0.5)
     rss = row_sumsq(ortho)
     v = torch.rand(count, d_out, device=device)
-    rowscale, eta = row_stats_(v.clone(), rss, d_in=d_in, beta2=BETA2, eps=EPS, scale=SCALE, lr=1e-3)
+    rowscale, eta = row_stats_(v.clone(), rss, d_in=d_in, beta2=BETA2, eps=EPS, scale=SCALE, lr=1e-3,
+                               eta_eps=ref.ETA_HAT_EPS)
     gate = torch.rand(count, d_in, device=device) * 0.3 + 0.7
     w16 = torch.randn(count, d_out, d_in, device=device).to(torch.bfloat16)
     w32 = torch.randn(count, d_out, d_in, device=device)
@@ -194,8 +206,10 @@ def bandwidth(shape: tuple[int, int, int], device, timing) -> list[dict]:
             w16_list, ortho, lr=lr_t, weight_decay=WD, eta_hat=eta, rowscale=rowscale, col_gate=gate), 2 + 2 + 2),
         ("update_fp32_param", lambda: update_pass_(
             w32, ortho, lr=lr_t, weight_decay=WD, eta_hat=eta, rowscale=rowscale, col_gate=gate), 4 + 4 + 2),
-        ("row_stats", lambda: row_stats_(v, rss, d_in=d_in, beta2=BETA2, eps=EPS, scale=SCALE, lr=lr_t), None),
-        ("gate", lambda: gate_stage_(state, energy.abs(), step_t, lr_t, **GATE_KWARGS, first=False), None),
+        ("row_stats", lambda: row_stats_(v, rss, d_in=d_in, beta2=BETA2, eps=EPS, scale=SCALE, lr=lr_t,
+                                         eta_eps=ref.ETA_HAT_EPS), None),
+        ("gate", lambda: gate_stage_(state, energy.abs(), step_t, lr_t, **_kernel_gate_kwargs(d_in),
+                                     first=False), None),
     ]
     rows = []
     for name, fn, bytes_per_elem in cases:
@@ -208,176 +222,14 @@ def bandwidth(shape: tuple[int, int, int], device, timing) -> list[dict]:
     return rows
 
 
-# --------------------------------------------------------------------------------------
-# Ahead-of-time compile check (no GPU needed: Triton ships ptxas)
-# --------------------------------------------------------------------------------------
-_TORCH_TO_TRITON = {
-    "float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64",
-    "int64": "i64", "int32": "i32", "uint8": "u8", "int8": "i8", "bool": "i1",
-}
-
-
-def aot_check(arch: int = 90) -> list[dict]:
-    """Compile every kernel variant the launchers produce (captured from CPU launches of the
-    interpreter-shaped calls below) for ``sm_<arch>`` with the installed Triton. Catches API
-    misuse and type errors that the interpreter lets through; says nothing about speed."""
-    os.environ.pop("TRITON_INTERPRET", None)  # real JITFunctions, not interpreted ones
-    sys.path.insert(0, str(ROOT))
-    import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    import trasmuon_kernels.fro_sumsq as fro_mod
-    import trasmuon_kernels.gate as gate_mod
-    import trasmuon_kernels.gram as gram_mod
-    import trasmuon_kernels.momentum_energy as me_mod
-    import trasmuon_kernels.ns_apply as apply_mod
-    import trasmuon_kernels.update as up_mod
-
-    kernels = [me_mod._momentum_energy_kernel, me_mod._column_energy_kernel, me_mod._finalize_kernel,
-               gate_mod._kth_kernel, gate_mod._gate_kernel, up_mod._row_sumsq_kernel,
-               up_mod._row_stats_kernel, up_mod._update_kernel,
-               # Newton-Schulz kernels too (bench/gpu_newton_schulz.py times them)
-               gram_mod._sym_gram_kernel, apply_mod._ns_apply_kernel, fro_mod._fro_sumsq_kernel]
-    assert all(isinstance(k, triton.runtime.jit.JITFunction) for k in kernels)
-    captured: dict[tuple, tuple] = {}
-
-    def capture(kernel):
-        def run(*args, grid, warmup, **kwargs):
-            names = [p.name for p in kernel.params]
-            bound = dict(zip(names, args, strict=False))
-            options = {k: v for k, v in kwargs.items() if k not in names}
-            bound.update({k: v for k, v in kwargs.items() if k in names})
-            sig, constexprs, attrs = {}, {}, {}
-            for i, p in enumerate(kernel.params):
-                value = bound[p.name]
-                if p.is_constexpr:
-                    sig[p.name] = "constexpr"
-                    # the GPU path: no interpreter emulation of bf16
-                    constexprs[p.name] = False if p.name in ("EMULATE_BF16_RNE", "UPCAST") else value
-                elif isinstance(value, torch.Tensor):
-                    sig[p.name] = "*" + _TORCH_TO_TRITON[str(value.dtype).replace("torch.", "")]
-                    if value.data_ptr() % 16 == 0:
-                        attrs[(i,)] = [["tt.divisibility", 16]]
-                elif isinstance(value, bool):
-                    sig[p.name] = "i1"
-                elif isinstance(value, int) and value == 1 and not p.do_not_specialize:
-                    sig[p.name] = "constexpr"  # Triton specializes ints equal to 1 (unit strides)
-                    constexprs[p.name] = 1
-                elif isinstance(value, int):
-                    sig[p.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-                    if value % 16 == 0 and value != 0 and not p.do_not_specialize:
-                        attrs[(i,)] = [["tt.divisibility", 16]]
-                elif isinstance(value, float):
-                    sig[p.name] = "fp32"
-                else:
-                    raise TypeError(f"{kernel.__name__}: cannot type argument {p.name}={value!r}")
-            key = (kernel.__name__, tuple(sig.items()), tuple(sorted(constexprs.items())),
-                   tuple(sorted(options.items())), tuple(sorted(attrs)))
-            captured.setdefault(key, (kernel, sig, constexprs, attrs, options))
-
-        return run
-
-    for k in kernels:
-        k.run = capture(k)
-    os.environ["TRITON_INTERPRET"] = "1"  # only so that the launchers accept CPU tensors
-    try:
-        for shape in [(3, 257, 129), (2, 1, 40), (2, 33, 1), (2, 48, 256)]:
-            for tables in (False, True):
-                _drive_launchers(shape, tables)
-    finally:
-        os.environ.pop("TRITON_INTERPRET", None)
-    rows = []
-    for (name, *_), (kernel, sig, constexprs, attrs, options) in sorted(captured.items(), key=lambda kv: kv[0][0]):
-        opts = {k: v for k, v in options.items() if k in ("num_warps", "enable_fp_fusion")}
-        row = {"kernel": name, "constexprs": {k: str(v) for k, v in constexprs.items()},
-               "divisible_by_16": [kernel.params[i].name for (i,) in attrs]}
-        try:
-            src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
-            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
-            ptx = compiled.asm["ptx"]
-            row.update(ok=True, vector_loads=sum(".v4." in line or ".v2." in line
-                                                 for line in ptx.splitlines() if "ld.global" in line))
-        except Exception as exc:  # report every failure, not just the first
-            row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:2000]}")
-        rows.append(row)
-    return rows
-
-
-def _drive_launchers(shape, tables: bool) -> None:
-    """CPU launches of every launcher path (captured by ``aot_check``, not executed)."""
-    import torch
-
-    from trasmuon import reference as ref
-    from trasmuon_kernels._common import default_config
-    from trasmuon_kernels.gate import gate_stage_, kth_smallest
-    from trasmuon_kernels.momentum_energy import column_energy, momentum_energy_pass_
-    from trasmuon_kernels.update import row_stats_, row_sumsq, update_pass_
-
-    count, d_out, d_in = shape
-    cfg = default_config(d_out, d_in, tile=4096)
-    for gd in (torch.float32, torch.bfloat16, torch.float16):
-        grad = torch.randn(count, d_out, d_in).to(gd)
-        mom = torch.randn(count, d_out, d_in)
-        g_arg = list(grad) if tables else grad
-        m_arg = list(mom) if tables else mom
-        for nesterov, src in ((False, "momentum"), (True, "grad"), (False, None)):
-            momentum_energy_pass_(g_arg, m_arg, BETA1, nesterov=nesterov, energy_source=src, config=cfg)
-    momentum_energy_pass_(grad, mom, 0.3, ns_dtype=torch.float16, transpose_tall=True, config=cfg)
-    ortho = torch.randn(count, d_out, d_in).to(torch.bfloat16)
-    rs = torch.rand(count, d_out)
-    column_energy(ortho, row_scale=rs, config=cfg)
-    column_energy(ortho.mT.contiguous().mT, config=cfg)
-    row_sumsq(ortho, config=cfg)
-    for lr in (1e-3, torch.tensor(1e-3)):
-        row_stats_(torch.rand(count, d_out), rs, d_in=d_in, beta2=BETA2, eps=EPS, scale=SCALE, lr=lr)
-    energy = torch.rand(count, d_in)
-    kth_smallest(energy, 1)
-    kth_smallest(energy, 1, block=16)
-    for sf in (True, False):
-        for trigger in (3.0, None):
-            state: dict = {}
-            ref.init_gate_state(state, (count,), d_in, sf, torch.device("cpu"))
-            kw = dict(GATE_KWARGS, schedule_free=sf, clip_trigger=trigger)
-            gate_stage_(state, energy, 1, 1e-3, **kw, energy_cur_out=torch.empty(count))
-            gate_stage_(state, energy, torch.tensor(2.0), torch.tensor(1e-3), **kw,
-                        first=torch.zeros(count, dtype=torch.bool), block=16)
-    from trasmuon_kernels.newton_schulz import newton_schulz
-
-    x = torch.randn(count, d_out, d_in).to(torch.bfloat16)
-    newton_schulz(x, row_sumsq_out=torch.empty(count, d_out))
-    newton_schulz(x.float(), ref.MUON_NS_COEFFICIENTS, 1e-7, fro_sumsq=torch.rand(count))
-    gate = torch.rand(count, d_in)
-    for wd in (torch.float32, torch.bfloat16, torch.float16):
-        w = torch.randn(count, d_out, d_in).to(wd)
-        w_arg = list(w) if tables else w
-        update_pass_(w_arg, ortho, lr=1e-3, weight_decay=WD, eta_hat=torch.rand(count), rowscale=rs,
-                     col_gate=gate, config=cfg)
-        update_pass_(w_arg, ortho, lr=torch.tensor(1e-3), step_size=0.1, config=cfg)
-        update_pass_(w_arg, ortho, lr=1e-3, step_size=torch.tensor(0.1), config=cfg)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--interpret-smoke", action="store_true",
                     help="CPU + TRITON_INTERPRET=1: the parity part on tiny shapes, no timing")
-    ap.add_argument("--aot-check", action="store_true",
-                    help="compile every kernel variant for sm_90 (no GPU needed) and report")
+    ap.add_argument("--parity-only", action="store_true", help="the parity checks, no timings")
     ap.add_argument("--shapes", default=None, help="e.g. '1x4096x4096,12x768x3072'")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-
-    if args.aot_check:
-        rows = aot_check()
-        bad = [r for r in rows if not r["ok"]]
-        for r in rows:
-            status = "ok" if r["ok"] else "FAILED " + r["error"].splitlines()[0]
-            print(f"{r['kernel']:28s} {status}")
-        print(f"{len(rows) - len(bad)}/{len(rows)} kernel variants compile for sm_90")
-        if args.out:
-            args.out.write_text(json.dumps(rows, indent=1))
-        return 1 if bad else 0
 
     if args.interpret_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton or the kernels are imported
@@ -405,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         flag = "ok " if r not in failed else "BAD"
         print(f"{flag} {r['check']:34s} {r['shape']} bit_equal={r.get('bit_equal_to_twin')} "
               f"rel_fro={r.get('rel_fro_err', 0.0):.2e}")
-    if device.type == "cuda":
+    if device.type == "cuda" and not args.parity_only:
         copy_gbs = timing.copy_bandwidth_gbs(device)
         result["copy_gbs"] = copy_gbs
         result["passes"] = [row for shape in shapes for row in bandwidth(shape, device, timing)]
@@ -417,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                   + (f"{row['gbs']:.0f} GB/s ({row['fraction_of_copy']:.0%} of copy)" if "gbs" in row else ""))
         print(f"device-to-device copy: {copy_gbs:.0f} GB/s")
     out = args.out
-    if out is None and device.type == "cuda":
+    if out is None and device.type == "cuda" and not args.parity_only:
         slug = timing.device_name(device).replace(" ", "_").replace("/", "_")
         out = ROOT / "bench" / "results" / f"gpu_memory_passes_{slug}.json"
     if out is not None:

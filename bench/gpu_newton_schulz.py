@@ -1,7 +1,7 @@
 """Newton–Schulz on the GPU: our Triton kernels vs torch.optim.Muon's orthogonalization,
 torch.compile of the eager reference, and (optionally) the authors' Triton NS.
 
-One call on an H100 does everything and writes one JSON file:
+One call on a GPU does everything and writes one JSON file:
 
     python bench/gpu_newton_schulz.py                       # -> bench/results/gpu_newton_schulz_<gpu>.json
     python bench/gpu_newton_schulz.py --authors-venv /work/authors-venv   # + the authors' NS
@@ -15,7 +15,7 @@ For each shape (5 NS steps; 1024^2, 4096^2, 4096x11008 and the stacks 12x768x307
   - ``ours-fp32-in``: ``trasmuon_kernels.newton_schulz`` from the fp32 momentum, computing
     ||X||_F itself (preallocated ``out`` and workspace);
   - ``ours-bf16-in``: from bf16 X with ``fro_sumsq`` given, as in the fused optimizer step
-    (SPEC data flow: the momentum pass writes X and the norm);
+    (docs/backends.md: the momentum pass writes X and the norm);
   - ``torch-muon``: ``torch.optim._muon._zeropower_via_newtonschulz`` (2D only: a Python
     loop over a stack, as torch.optim.Muon does per parameter; it takes one triple, so it
     runs Muon's coefficients: same FLOPs);
@@ -267,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--autotune", action="store_true", help="also time our autotuned configs")
     ap.add_argument("--quick", action="store_true", help="shorter timing loops")
+    ap.add_argument("--no-compiled-reference", action="store_true",
+                    help="skip torch.compile of the eager reference (minutes of compiling)")
     ap.add_argument("--shapes", default=None, help="e.g. '1024x1024,12x768x3072'")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--authors-worker", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)
@@ -297,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     # torch.compile of the reference needs a C++ toolchain on the CPU and minutes of compile
     # for nothing useful in the smoke run: there it is checked eagerly.
     compiled_ref = None
-    if device.type == "cuda":
+    if device.type == "cuda" and not args.no_compiled_reference:
         compiled_ref = torch.compile(ref.newton_schulz, dynamic=False)
     rows = []
     for shape in shapes:

@@ -1,4 +1,4 @@
-"""Per-stage benchmarks (SPEC's kernel data flow): the eager reference of each stage and,
+"""Per-stage benchmarks (the fused step's data flow, docs/backends.md): the eager reference of each stage and,
 on a GPU, its Triton kernel, on a bucket of same-shape matrices. Memory passes report GB/s
 (bytes that must move: each input read once, each output written once), Newton-Schulz
 TFLOP/s (dense FLOP count of the 5-step chain, 2mnk per product)."""
@@ -41,7 +41,7 @@ def _stage(stage, impl, batch, d_out, d_in, device):
     if stage == "newton_schulz":
         x = rnd(batch, d_out, d_in).to(bf16)
         sched = ref.ns_schedule(ref.TRASMUON_NS_COEFFICIENTS, 5)
-        fn = (lambda: newton_schulz.newton_schulz(x)) if impl == "triton" else (
+        fn = (lambda: newton_schulz.newton_schulz(x, sched, 1e-8)) if impl == "triton" else (
             lambda: ref.newton_schulz(x, sched, 1e-8))
         return fn, 0, batch * _ns_flops(d_out, d_in)
     if stage == "gate":
@@ -49,7 +49,9 @@ def _stage(stage, impl, batch, d_out, d_in, device):
         state: dict = {}
         ref.init_gate_state(state, (batch,), d_in, True, torch.device(device))
         state["energy_ref"] = energy.median(dim=-1).values
-        fn = (lambda: gate.gate_stage_(state, energy, 4, 1e-3, **GATE_KW)) if impl == "triton" else (
+        kernel_kw = {k: v for k, v in GATE_KW.items() if k != "energy_quantile"}
+        kernel_kw.update(k=ref.quantile_rank(d_in, GATE_KW["energy_quantile"]), sf_eps=ref.SCHEDULE_FREE_EPS)
+        fn = (lambda: gate.gate_stage_(state, energy, 4, 1e-3, **kernel_kw)) if impl == "triton" else (
             lambda: ref.gate_stage_(state, energy, 4, 1e-3, **GATE_KW))
         return fn, batch * d_in * 4 * 7, 0.0
     w, o = rnd(batch, d_out, d_in).to(bf16), rnd(batch, d_out, d_in).to(bf16)
@@ -94,7 +96,7 @@ def test_newton_schulz_square_sweep(benchmark, bench_device, quick, square, stag
     elif stage_backend == "triton":
         from trasmuon_kernels.newton_schulz import newton_schulz
 
-        fn = lambda: newton_schulz(x)
+        fn = lambda: newton_schulz(x, ref.ns_schedule(ref.TRASMUON_NS_COEFFICIENTS, 5), 1e-8)
         name = "triton"
     else:
         sched = ref.ns_schedule(ref.TRASMUON_NS_COEFFICIENTS, 5)

@@ -3,8 +3,9 @@ compiled on a GPU): long-run parity, checkpoints across backends, fallbacks.
 
 The two backends see the same gradients. Their Newton-Schulz chains round in a different
 order (the kernel folds the normalization into its first product), so O differs by bf16
-noise, and reductions (column energies, row sums) sum in a different order; the momentum
-and the AdamW params are the same bits. Trigger decisions computed from the momentum's
+noise, and reductions (column energies, row sums) sum in a different order; the momentum is
+the same bits, and the AdamW params agree to float32 rounding (the AdamW kernel forms its
+bias corrections on the device in float32). Trigger decisions computed from the momentum's
 energies are therefore the same, and the weights stay within a bound relative to the
 distance they moved, a bound that does not grow with the number of steps.
 """
@@ -68,6 +69,7 @@ def test_200_steps_match_the_eager_backend():
     gen = torch.Generator().manual_seed(1)
     rel_history = []
     gated_steps = 0
+    worst_adamw = 0.0
     for step in range(1, 201):
         grads = grads_for(step, flat(eager_params), gen)
         for opt in (eager, fused):
@@ -94,8 +96,12 @@ def test_200_steps_match_the_eager_backend():
             moved = (p.detach().float() - p0.float()).norm()
             rel.append(((p.detach().float() - q.detach().float()).norm() / moved).item())
         rel_history.append(rel)
-        # AdamW params take the same ops on both backends.
-        assert torch.equal(eager_params[2], fused_params[2])
+        # AdamW: the kernel forms the bias corrections in float32 on the device (the eager
+        # step in double on the host), so the two agree to float32 rounding.
+        adam_e, adam_f, adam_0 = eager_params[2].detach(), fused_params[2].detach(), w0[3]
+        adam_rel = ((adam_e - adam_f).norm() / (adam_e - adam_0).norm()).item()
+        worst_adamw = max(worst_adamw, adam_rel)
+        assert adam_rel < 1e-5, (step, adam_rel)
     assert gated_steps > 50  # the gate acted in many steps
     # Measured (interpreter, seed 1): fp32 matrices 1.2e-2 at step 1 falling to 9e-4 at
     # step 200 (independent bf16 rounding noise of O, averaged over more and more steps);
@@ -203,13 +209,6 @@ def test_uncovered_settings_fall_back_to_eager_with_one_warning():
         else:
             assert not messages
     assert torch.equal(pe[0], pf[0])
-
-
-def test_distributed_subclasses_keep_their_own_orthogonalization():
-    from trasmuon.distributed import distributed
-
-    cls = distributed(TrasMuon)
-    assert cls._orthogonalize is not trasmuon.MatrixOptimizer._orthogonalize
 
 
 def test_fused_diagnostics_have_the_eager_keys():

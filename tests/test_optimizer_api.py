@@ -411,7 +411,7 @@ def test_cuda_step_does_not_sync_the_host():
 
 
 def test_exports():
-    assert set(trasmuon.RULES) == {"trasmuon", "normuon", "muon", "adamw"}
+    assert set(trasmuon.RULES) == {"trasmuon", "normuon", "muon", "namo", "namo_d", "adamw"}
     assert trasmuon.TrasMuon.matrix_rule == "trasmuon"
 
 

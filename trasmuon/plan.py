@@ -218,7 +218,7 @@ def _frozen(value: Any) -> Any:
 def fingerprint(groups: list[dict[str, Any]]) -> tuple:
     """What a plan depends on: per group its hyperparameters (lr excepted: it is read every
     step) and, per param with a gradient, its identity, shape, dtypes, device, layout and
-    strides. Two steps with equal fingerprints run the same plan."""
+    strides (and alignment). Two steps with equal fingerprints run the same plan."""
     parts: list[Any] = []
     for gi, group in enumerate(groups):
         parts.append((gi, id(group), tuple(
@@ -227,11 +227,13 @@ def fingerprint(groups: list[dict[str, Any]]) -> tuple:
             g = p.grad
             if g is None or p.numel() == 0:
                 continue
-            if isinstance(g, DTensor):
-                gl = g.to_local()
-                parts.append((id(p), p.dtype, tuple(p.shape), g.dtype, gl.stride(), gl.device, True))
-            else:
-                parts.append((id(p), p.dtype, tuple(p.shape), g.dtype, g.stride(), g.device))
+            # The layout of the gradient, and whether it is 16-byte aligned (the Triton
+            # programs' vectorized loads assume what the plan saw).
+            gl = g.to_local() if isinstance(g, DTensor) else g
+            strided = g.layout == torch.strided
+            parts.append((id(p), p.dtype, tuple(p.shape), g.dtype, g.layout,
+                          gl.stride() if strided else None, gl.device,
+                          strided and gl.data_ptr() % 16 == 0, type(g) is not Tensor))
     return tuple(parts)
 
 

@@ -1,7 +1,10 @@
 """What every kernel module shares: interpreter detection, device checks, bucket arguments
 (a 3D stack or a device table of ``data_ptr()``s), launch configs of the memory passes,
 float32 rounding of host scalars, output allocation, and the device helpers (pointer of a
-bucket's matrix, rounding to a dtype) that several kernels inline."""
+bucket's matrix, rounding to a dtype) that several kernels inline.
+
+Launch configs are pure functions of shapes, dtypes and a :class:`~._launch.DeviceProps`
+(never of a ``torch.device``), so the config an H200 would get can be computed anywhere."""
 
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._launch import INTERPRETER, DeviceProps, device_props
+
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1).
@@ -26,9 +31,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def check_device(name: str, tensor: torch.Tensor) -> None:
-    """Kernels run on CUDA tensors, or on CPU tensors under the interpreter."""
-    if tensor.is_cuda or (tensor.device.type == "cpu" and interpreting()):
+def check_device(name: str, tensor: torch.Tensor, props: DeviceProps | None = None) -> None:
+    """Kernels run on CUDA tensors, or on CPU tensors under the interpreter.
+
+    A launcher given explicit ``props`` also accepts CPU tensors: the caller plans launches for
+    another device (the sm_90 compile report compiles them without running them)."""
+    if tensor.is_cuda or (tensor.device.type == "cpu" and (interpreting() or props is not None)):
         return
     raise RuntimeError(
         f"{name} is on {tensor.device}; the Triton kernels need CUDA tensors "
@@ -69,12 +77,16 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def sm_count(device: torch.device) -> int:
-    """SMs of a CUDA device; 1 elsewhere (the interpreter runs programs one by one, so fewer,
-    larger programs are faster there)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
+def sm_count(props: DeviceProps | torch.device) -> int:
+    """SMs of the device (``props.sm_count``); 1 for the interpreter, which runs programs one
+    by one, so fewer, larger programs are faster there. A ``torch.device`` is looked up with
+    ``device_props`` first."""
+    return device_props(props).sm_count
+
+
+def props_for(tensor: Tensor, props: DeviceProps | None) -> DeviceProps:
+    """The props a launcher plans for: ``props`` when given, else those of ``tensor``'s device."""
+    return props if props is not None else device_props(tensor.device)
 
 
 @dataclass(frozen=True)
@@ -114,20 +126,49 @@ INTERPRETER_REDUCE_BLOCK_R = 16
 
 
 def default_config(
-    d_out: int, d_in: int, *, tile: int | None = None, reduces_columns: bool = False
+    d_out: int,
+    d_in: int,
+    *,
+    props: DeviceProps | None = None,
+    tile: int | None = None,
+    reduces_columns: bool = False,
 ) -> PassConfig:
-    """Tiles of about ``tile`` elements (default ``GPU_TILE``, or ``INTERPRETER_TILE`` under
-    the interpreter), as wide as the rows allow (up to 256 columns) so that every warp reads
-    whole 128-byte lines; 8 warps for a full GPU tile. ``reduces_columns``: the pass sums
-    over rows (short row blocks under the interpreter)."""
+    """Tiles of about ``tile`` elements (default ``GPU_TILE`` for a GPU's props,
+    ``INTERPRETER_TILE`` for the interpreter's), as wide as the rows allow (up to 256 columns)
+    so that every warp reads whole 128-byte lines; 8 warps for a full GPU tile.
+    ``reduces_columns``: the pass sums over rows (short row blocks for the interpreter).
+    ``props`` None (callers that predate it): the interpreter's when TRITON_INTERPRET is set,
+    else a GPU's."""
+    if props is None:
+        props = INTERPRETER if interpreting() else DeviceProps(kind="cuda")
+    on_gpu = props.is_cuda
     if tile is None:
-        tile = INTERPRETER_TILE if interpreting() else GPU_TILE
+        tile = GPU_TILE if on_gpu else INTERPRETER_TILE
     block_c = min(256, next_pow2(d_in))
     block_r = max(1, min(next_pow2(d_out), tile // block_c))
-    if reduces_columns and interpreting():
+    if reduces_columns and not on_gpu:
         block_r = min(block_r, INTERPRETER_REDUCE_BLOCK_R)
     num_warps = 8 if block_r * block_c >= GPU_TILE else 4
     return PassConfig(block_r=block_r, block_c=block_c, num_warps=num_warps)
+
+
+# Largest block of a per-matrix vector (a row of energies, the row statistics of a matrix)
+# that one program holds in registers; longer vectors are looped over.
+MAX_VECTOR_BLOCK = 4096
+
+
+def vector_block_config(n: int, props: DeviceProps, block: int | None = None) -> tuple[int, int]:
+    """(BLOCK, num_warps) of the one-program-per-matrix kernels (gate, k-th smallest, row
+    statistics) over vectors of ``n`` float32: ``block`` if given (a power of two), else the
+    whole vector up to ``MAX_VECTOR_BLOCK``; 8 warps from 2048 values on (8 per thread), else
+    4. The same for every device kind: these kernels are latency-bound, one program per
+    matrix, and the interpreter's cost does not depend on the block either."""
+    del props  # no device dependence (yet); part of the signature like every config
+    if block is None:
+        block = min(MAX_VECTOR_BLOCK, next_pow2(n))
+    elif isinstance(block, bool) or not isinstance(block, int) or block < 1 or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= 1, got {block!r}")
+    return block, 8 if block >= 2048 else 4
 
 
 @dataclass(frozen=True, eq=False)
@@ -162,8 +203,9 @@ class TensorBucket:
         return self.table is not None
 
     @staticmethod
-    def of(value: BucketLike, name: str = "tensors") -> TensorBucket:
-        """A bucket from a 3D tensor, a sequence of 2D tensors, or a bucket (returned as is)."""
+    def of(value: BucketLike, name: str = "tensors", props: DeviceProps | None = None) -> TensorBucket:
+        """A bucket from a 3D tensor, a sequence of 2D tensors, or a bucket (returned as is).
+        ``props``: as for ``check_device`` (explicit props accept CPU tensors)."""
         if isinstance(value, TensorBucket):
             return value
         if isinstance(value, Tensor):
@@ -172,7 +214,7 @@ class TensorBucket:
                     f"{name} must be a 3D stack (B, d_out, d_in) or a list of 2D tensors, got a "
                     f"tensor of shape {tuple(value.shape)}"
                 )
-            check_device(name, value)
+            check_device(name, value, props)
             b, d_out, d_in = value.shape
             return TensorBucket(
                 base=value,
@@ -203,7 +245,7 @@ class TensorBucket:
                         f"{name}[{i}] has strides {t.stride()}, but {name}[0] has "
                         f"{first.stride()}: a pointer-table bucket shares one layout"
                     )
-            check_device(name, first)
+            check_device(name, first, props)
             ptrs = [t.data_ptr() for t in tensors]
             table = torch.tensor(ptrs, dtype=torch.int64)
             if first.is_cuda:
@@ -264,6 +306,24 @@ def out_or_new(
     check_same_device(name, out, device)
     check_no_overlap(name, out)
     return out
+
+
+def workspace_or_new(name: str, buf: Tensor | None, need: int, device: torch.device) -> Tensor:
+    """The first ``need`` elements of ``buf``, a preallocated contiguous float32 buffer of at
+    least ``need`` elements on ``device`` (checked), or a new buffer of exactly ``need``.
+    Partial sums of the two-stage reductions live there, so that a prepared launch list
+    replays without allocating."""
+    if buf is None:
+        return torch.empty(need, dtype=torch.float32, device=device)
+    if not isinstance(buf, Tensor):
+        raise TypeError(f"{name} must be a tensor or None, got {type(buf).__name__}")
+    if buf.dtype != torch.float32 or not buf.is_contiguous() or buf.numel() < need:
+        raise ValueError(
+            f"{name} must be a contiguous float32 buffer of >= {need} elements, got "
+            f"{buf.dtype} with {buf.numel()} elements"
+        )
+    check_same_device(name, buf, device)
+    return buf.view(-1)[:need]
 
 
 def scalar_or_tensor(name: str, value: float | Tensor, device: torch.device) -> tuple[Tensor | None, float]:

@@ -3,7 +3,8 @@
 A :class:`Launch` is one kernel launch with every argument already computed: the kernel, its
 grid, its positional arguments and its constexprs/launch options. Launchers split into a
 ``prepare_*`` function (input checks, config, output allocation, argument list) that returns
-launches, and the public function that prepares and runs them. A caller that launches the same
+launches (a :class:`Prepared` list, whose ``result`` is what the public function returns), and
+the public function that prepares and runs them. A caller that launches the same
 work every step (the optimizer's step plan) prepares once and replays the list: no argument is
 recomputed, and two replays issue the same launches with the same arguments.
 
@@ -22,7 +23,7 @@ can ask for the config an H200 would get while running on a CPU.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -35,6 +36,7 @@ __all__ = [
     "DeviceProps",
     "Launch",
     "LaunchRecord",
+    "Prepared",
     "TorchLaunch",
     "device_props",
     "record_launches",
@@ -109,13 +111,16 @@ _stubbed = 0
 
 @dataclass(frozen=True, eq=False)
 class Launch:
-    """One Triton kernel launch with fixed arguments; calling it launches the kernel."""
+    """One Triton kernel launch with fixed arguments; calling it launches the kernel.
+    ``keepalive``: objects the arguments point into without holding them (the tensors behind
+    a device table of pointers), kept alive as long as the launch."""
 
     kernel: Any
     grid: tuple[int, ...]
     args: tuple[Any, ...]
     meta: Mapping[str, Any] = field(default_factory=dict)
     name: str = ""
+    keepalive: tuple[Any, ...] = ()
 
     @property
     def kernel_name(self) -> str:
@@ -167,7 +172,17 @@ class TorchLaunch:
 AnyLaunch = Launch | TorchLaunch
 
 
-def run_all(launches: list[AnyLaunch]) -> None:
+class Prepared(list):
+    """What a ``prepare_*`` function returns: its launches, in order (this is a plain list of
+    :class:`Launch` and :class:`TorchLaunch`), and ``result``, what the op's public function
+    returns (its output tensors, allocated by the prepare call when they were not given)."""
+
+    def __init__(self, launches: Iterable[AnyLaunch] = (), result: Any = None) -> None:
+        super().__init__(launches)
+        self.result = result
+
+
+def run_all(launches: Iterable[AnyLaunch]) -> None:
     """Issue ``launches`` in order."""
     for launch in launches:
         launch()

@@ -1,13 +1,13 @@
 """Per-matrix sum of squares ||bf16(X)||_F^2 of a stack (the Newton–Schulz normalization).
 
-In the fused optimizer step the momentum pass (SPEC data flow, memory pass 1) already
+In the fused optimizer step the momentum pass (docs/backends.md, stage 1) already
 reduces this and hands it to ``newton_schulz(..., fro_sumsq=...)``; this small reduction is
 what the NS launcher runs when it is not given. Values are rounded to bf16 before squaring
 (the NS input is X = bf16(M)), squares are accumulated in fp32.
 
 Deterministic, no atomics: each program reduces a block of ROWS rows of one matrix to one
-partial sum in ``partials[b, row_tile]``; the launcher adds the partials with one
-``torch.sum`` (or the kernel writes the result directly when a matrix has one row tile).
+partial sum in ``partials[b, row_tile]``; one ``torch.sum`` (a ``TorchLaunch``) adds the
+partials (or the kernel writes the result directly when a matrix has one row tile).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, interpreting
+from ._common import check_device, interpreting, props_for, workspace_or_new
+from ._launch import DeviceProps, Launch, Prepared, TorchLaunch, run_all
 from ._ns_jit import as_f32, tile_offset
 
 
@@ -58,33 +59,32 @@ def _fro_sumsq_kernel(
     tl.store(p_ptr + tile_offset(batch, stride_pb, rt, stride_pt, 0, 0), total)
 
 
-def fro_sumsq_config(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, int]:
-    """(ROWS, BLOCK_C): 8 x 512 on the GPU (16 KiB of bf16 per iteration, one program per 8
-    rows: thousands of programs for the benchmark shapes); 16 x 64 when interpreting."""
-    if device.type != "cuda":
+def fro_sumsq_config(n_rows: int, n_cols: int, props: DeviceProps) -> tuple[int, int]:
+    """(ROWS, BLOCK_C): 8 x 512 on a GPU (16 KiB of bf16 per iteration, one program per 8
+    rows: thousands of programs for the benchmark shapes); 16 x 64 for the interpreter."""
+    if not props.is_cuda:
         return 16, min(64, triton.next_power_of_2(max(1, n_cols)))
     return 8, min(512, max(16, triton.next_power_of_2(max(1, n_cols))))
 
 
-def fro_sumsq_partial_size(batch: int, n_rows: int, n_cols: int, device: torch.device) -> int:
+def fro_sumsq_partial_size(batch: int, n_rows: int, n_cols: int, props: DeviceProps) -> int:
     """Elements of the partial-sum buffer ``fro_sumsq`` needs (0: it writes ``out`` directly)."""
-    rows, _ = fro_sumsq_config(n_rows, n_cols, device)
+    rows, _ = fro_sumsq_config(n_rows, n_cols, props)
     tiles = triton.cdiv(n_rows, rows)
     return 0 if tiles == 1 else batch * tiles
 
 
-def fro_sumsq(
+def prepare_fro_sumsq(
     x: torch.Tensor,
     out: torch.Tensor | None = None,
     *,
     partials: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """sum_ij bf16(x)_ij^2 per matrix of a (B, m, n) stack (any float dtype, any strides).
-
-    out: optional (B,) fp32 result buffer. partials: optional preallocated contiguous fp32
-    buffer of at least ``fro_sumsq_partial_size(...)`` elements. Returns ``out``.
-    """
-    check_device("x", x)
+    props: DeviceProps | None = None,
+) -> Prepared:
+    """The launches of :func:`fro_sumsq` (same arguments): the partial sums kernel and, with
+    several row tiles, the ``torch.sum`` over the partials (a ``TorchLaunch``). ``out`` and
+    ``partials`` are allocated here when not given; ``result`` is ``out``."""
+    check_device("x", x, props)
     if x.ndim != 3:
         raise ValueError(f"fro_sumsq expects a (B, m, n) stack, got shape {tuple(x.shape)}")
     batch, m, n = x.shape
@@ -93,40 +93,48 @@ def fro_sumsq(
     elif out.shape != (batch,) or out.dtype != torch.float32:
         raise ValueError(f"out must be a float32 tensor of shape {(batch,)}")
     if batch == 0:
-        return out
+        return Prepared([], out)
     if m == 0 or n == 0:
-        return out.zero_()
-    rows, block_c = fro_sumsq_config(m, n, x.device)
+        return Prepared([TorchLaunch("zero_fro_sumsq", out.zero_, (out,))], out)
+    props = props_for(x, props)
+    rows, block_c = fro_sumsq_config(m, n, props)
     row_tiles = triton.cdiv(m, rows)
     if row_tiles == 1:
         target = out.unsqueeze(1)
     else:
-        need = batch * row_tiles
-        if partials is None:
-            partials = torch.empty(need, device=x.device, dtype=torch.float32)
-        elif (
-            partials.dtype != torch.float32
-            or partials.numel() < need
-            or not partials.is_contiguous()
-        ):
-            raise ValueError(f"partials must be a contiguous float32 buffer of >= {need} elements")
-        target = partials[:need].view(batch, row_tiles)
-    _fro_sumsq_kernel[(batch * row_tiles,)](
-        x,
-        target,
-        m,
-        n,
-        row_tiles,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        target.stride(0),
-        target.stride(1),
-        ROWS=rows,
-        BLOCK_C=block_c,
-        UPCAST=interpreting(),
-        num_warps=4,
-    )
+        need = fro_sumsq_partial_size(batch, m, n, props)
+        target = workspace_or_new("partials", partials, need, x.device).view(batch, row_tiles)
+    launches: list = [
+        Launch(
+            _fro_sumsq_kernel,
+            (batch * row_tiles,),
+            (
+                x, target, m, n, row_tiles,
+                x.stride(0), x.stride(1), x.stride(2), target.stride(0), target.stride(1),
+            ),
+            dict(ROWS=rows, BLOCK_C=block_c, UPCAST=interpreting(), num_warps=4),
+        )
+    ]
     if row_tiles > 1:
-        torch.sum(target, dim=1, out=out)
-    return out
+        launches.append(TorchLaunch(
+            "sum_fro_partials", lambda: torch.sum(target, dim=1, out=out), (target, out)
+        ))
+    return Prepared(launches, out)
+
+
+def fro_sumsq(
+    x: torch.Tensor,
+    out: torch.Tensor | None = None,
+    *,
+    partials: torch.Tensor | None = None,
+    props: DeviceProps | None = None,
+) -> torch.Tensor:
+    """sum_ij bf16(x)_ij^2 per matrix of a (B, m, n) stack (any float dtype, any strides).
+
+    out: optional (B,) fp32 result buffer. partials: optional preallocated contiguous fp32
+    buffer of at least ``fro_sumsq_partial_size(...)`` elements. ``props``: the device the
+    config is chosen for (default: ``x``'s). Returns ``out``.
+    """
+    prepared = prepare_fro_sumsq(x, out, partials=partials, props=props)
+    run_all(prepared)
+    return prepared.result

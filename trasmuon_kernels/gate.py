@@ -1,7 +1,8 @@
-"""The per-matrix gate kernel (SPEC "Kernel data flow" 2; SPEC steps 8-11).
+"""The per-matrix gate kernel (docs/backends.md, stage 4; docs/rule.md, steps 8-11).
 
 One program per matrix: the exact k-th smallest column energy E_cur (a bisection on the float
-bits, bit-identical to ``torch.kthvalue``'s value), the E_ref init/EMA, the schedule-free
+bits, bit-identical to ``torch.kthvalue``'s value; the 1-based rank k is the caller's, from the
+rule's quantile: ``reference.quantile_rank``), the E_ref init/EMA, the schedule-free
 accumulators S, C and c_avg, the ratio r, the clipped gate with its trigger, c_ema, the applied
 gate c and c_last, with exactly ``reference.gate_stage_``'s semantics and rounding. The step t,
 lr and the "first gated step" flag may live in device tensors, so no step needs a host sync.
@@ -26,22 +27,23 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from trasmuon import reference as ref
-
 from ._common import (
+    MAX_VECTOR_BLOCK,
     check_device,
     check_dtype,
     check_same_device,
     check_shape,
     device_fn,
     f32,
-    next_pow2,
     out_or_new,
+    props_for,
     scalar_or_tensor,
+    vector_block_config,
 )
+from ._launch import DeviceProps, Launch, Prepared, run_all
 
 # Largest block of columns one program holds in registers; wider rows are looped over.
-MAX_BLOCK = 4096
+MAX_BLOCK = MAX_VECTOR_BLOCK
 # Gate state the kernel reads and writes; the schedule-free keys only with schedule_free.
 _SF_KEYS = ("sf_lr2_sum", "sf_c_lr2_sum", "c_last")
 
@@ -131,7 +133,7 @@ def _gate_kernel(
     eref_ptr, cema_ptr, out_ptr, ecur_ptr,
     s_ptr, csum_ptr, clast_ptr,
     first_ptr, step_ptr, lr_ptr,
-    first_value, step_value, lr2_value,
+    first_value, step_value, lr2_value, step_stride,
     d_in, k, warmup_steps, clip_period,
     alpha, c_min, trigger, beta_c, one_minus_beta_c, beta_e, one_minus_beta_e,
     energy_eps, sf_mix, one_minus_sf_mix, sf_eps,
@@ -146,7 +148,7 @@ def _gate_kernel(
     e_row = e_ptr + b64 * seb
     row = b64 * d_in  # gate-state tensors are contiguous (B, d_in)
 
-    # SPEC step 8: E_cur, then E_ref = E_cur on the first gated step, else the EMA
+    # docs/rule.md, step 8: E_cur, then E_ref = E_cur on the first gated step, else the EMA
     # energy_ref.mul_(beta).add_(energy_cur, alpha=1-beta) (ATen fuses the add: one fma).
     e_cur = _kth_smallest_row(e_row, sej, d_in, k, BLOCK, ONE_BLOCK)
     if WRITE_ECUR:
@@ -162,7 +164,7 @@ def _gate_kernel(
         tl.store(first_ptr + b, 0)  # the flag is consumed
 
     if STEP_PTR:
-        t = tl.load(step_ptr).to(tl.int64)
+        t = tl.load(step_ptr + b64 * step_stride).to(tl.int64)  # stride 0: one t for all
     else:
         t = step_value.to(tl.int64)
     post_warmup = t > warmup_steps
@@ -186,7 +188,7 @@ def _gate_kernel(
         mask = cols < d_in
         cols64 = cols.to(tl.int64)
         e = tl.load(e_row + cols64 * sej, mask=mask, other=0.0)
-        # SPEC step 10: r = E / (E_ref + eps); c = clamp(1 / (1 + alpha ln(1 + r)), c_min, 1)
+        # docs/rule.md, step 10: r = E / (E_ref + eps); c = clamp(1 / (1 + alpha ln(1 + r)), c_min, 1)
         ratio = tl.div_rn(e, denom)
         gate = tl.div_rn(1.0, 1.0 + alpha * tl.log(1.0 + ratio))
         gate = tl.minimum(tl.maximum(gate, c_min), 1.0)
@@ -197,7 +199,7 @@ def _gate_kernel(
         c_ema = tl.where(gate_moves, tl.fma(gate, one_minus_beta_c, c_ema * beta_c), c_ema)
         tl.store(cema_ptr + row + cols64, c_ema, mask=mask)
         if SCHEDULE_FREE:
-            # SPEC step 9: C += lr^2 * c_last; c_avg = C / (S + eps) once S > 0, else 1
+            # docs/rule.md, step 9: C += lr^2 * c_last; c_avg = C / (S + eps) once S > 0, else 1
             c_last = tl.load(clast_ptr + row + cols64, mask=mask, other=1.0)
             c_sum = tl.load(csum_ptr + row + cols64, mask=mask, other=0.0)
             c_sum = tl.where(post_warmup, c_sum + c_last * lr2, c_sum)
@@ -206,7 +208,7 @@ def _gate_kernel(
             applied = one_minus_sf_mix * c_ema + sf_mix * c_avg
         else:
             applied = c_ema
-        # SPEC step 11: c = 1 until warmup is over
+        # docs/rule.md, step 11: c = 1 until warmup is over
         applied = tl.where(post_warmup, applied, 1.0)
         tl.store(out_ptr + row + cols64, applied, mask=mask)
         if SCHEDULE_FREE:
@@ -216,25 +218,19 @@ def _gate_kernel(
 # --------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------
-def _block_for(n: int, block: int | None) -> int:
-    if block is None:
-        return min(MAX_BLOCK, next_pow2(n))
-    if not isinstance(block, int) or block < 1 or block & (block - 1):
-        raise ValueError(f"block must be a power of two >= 1, got {block!r}")
-    return block
-
-
-def kth_smallest(
-    values: Tensor, k: int, *, out: Tensor | None = None, block: int | None = None
-) -> Tensor:
-    """The k-th smallest (1-based) entry of each row of ``values`` ((B, n) float32, any
-    strides): shape (B,), bit-identical to ``torch.kthvalue(values, k, dim=-1).values``
-    (NaN counts as the largest value). ``block``: columns per register block (power of two);
-    default min(4096, next_pow2(n))."""
+def prepare_kth_smallest(
+    values: Tensor,
+    k: int,
+    *,
+    out: Tensor | None = None,
+    block: int | None = None,
+    props: DeviceProps | None = None,
+) -> Prepared:
+    """The launch of :func:`kth_smallest` (same arguments); ``result`` is the (B,) values."""
     if not isinstance(values, Tensor) or values.ndim != 2:
         shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
         raise ValueError(f"values must be a 2D tensor (B, n), got {shape}")
-    check_device("values", values)
+    check_device("values", values, props)
     check_dtype("values", values, (torch.float32,))
     count, n = values.shape
     if n == 0:
@@ -242,33 +238,59 @@ def kth_smallest(
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
         raise ValueError(f"k must be an int in [1, {n}], got {k!r}")
     result = out_or_new("out", out, (count,), torch.float32, values.device)
-    blk = _block_for(n, block)
-    _kth_kernel[(count,)](
-        values, result, n, k, values.stride(0), values.stride(1),
-        BLOCK=blk, ONE_BLOCK=n <= blk, num_warps=8 if blk >= 2048 else 4,
+    blk, num_warps = vector_block_config(n, props_for(values, props), block)
+    launch = Launch(
+        _kth_kernel,
+        (count,),
+        (values, result, n, k, values.stride(0), values.stride(1)),
+        dict(BLOCK=blk, ONE_BLOCK=n <= blk, num_warps=num_warps),
     )
-    return result
+    return Prepared([launch], result)
 
 
-def _int_or_tensor(name: str, value: int | Tensor, device: torch.device) -> tuple[Tensor | None, int]:
+def kth_smallest(
+    values: Tensor,
+    k: int,
+    *,
+    out: Tensor | None = None,
+    block: int | None = None,
+    props: DeviceProps | None = None,
+) -> Tensor:
+    """The k-th smallest (1-based) entry of each row of ``values`` ((B, n) float32, any
+    strides): shape (B,), bit-identical to ``torch.kthvalue(values, k, dim=-1).values``
+    (NaN counts as the largest value). ``block``: columns per register block (power of two);
+    default min(4096, next_pow2(n))."""
+    prepared = prepare_kth_smallest(values, k, out=out, block=block, props=props)
+    run_all(prepared)
+    return prepared.result
+
+
+def _step_arg(value: int | Tensor, count: int, device: torch.device) -> tuple[Tensor | None, int, int]:
+    """(tensor or None, host value, stride): the step as an int, a one-element tensor (one t
+    for the bucket, stride 0) or a (B,) tensor of per-matrix steps."""
     if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be an int or a one-element tensor, got shape {tuple(value.shape)}")
         if value.is_complex() or value.dtype == torch.bool:
-            raise TypeError(f"{name} tensor must be an integer or float tensor, got {value.dtype}")
-        check_same_device(name, value, device)
-        return value.reshape(()), 0
+            raise TypeError(f"step tensor must be an integer or float tensor, got {value.dtype}")
+        check_same_device("step", value, device)
+        if value.numel() == 1:
+            return value.reshape(()), 0, 0
+        if value.ndim == 1 and value.shape[0] == count:
+            return value, 0, value.stride(0)
+        raise ValueError(
+            f"step must be an int, a one-element tensor or a ({count},) tensor, got shape {tuple(value.shape)}"
+        )
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int or a one-element tensor, got {type(value).__name__}")
-    return None, value
+        raise TypeError(f"step must be an int or a one-element tensor, got {type(value).__name__}")
+    return None, value, 0
 
 
-def gate_stage_(
+def prepare_gate_stage(
     state: MutableMapping[str, Tensor],
     energy: Tensor,
     step: int | Tensor,
     lr: float | Tensor,
     *,
+    k: int,
     warmup_steps: int,
     clip_period: int,
     clip_alpha: float,
@@ -276,38 +298,30 @@ def gate_stage_(
     clip_trigger: float | None,
     clip_beta: float,
     energy_beta: float,
-    energy_quantile: float,
     energy_eps: float,
     schedule_free: bool,
     sf_mix: float,
+    sf_eps: float,
     first: bool | Tensor | None = None,
     out: Tensor | None = None,
     energy_cur_out: Tensor | None = None,
     block: int | None = None,
-) -> Tensor:
-    """SPEC steps 8-11 for a bucket of B gated matrices in one launch; returns the applied gate
-    c, (B, d_in) float32. Same arguments and state as ``reference.gate_stage_`` (its eager twin):
-
-    ``state`` holds float32 contiguous ``c_ema`` (B, d_in) and, with ``schedule_free``,
-    ``sf_lr2_sum`` (B,), ``sf_c_lr2_sum`` and ``c_last`` (B, d_in) (``reference.init_gate_state``
-    makes them), all updated in place, and ``energy_ref`` (B,), which is created (uninitialized)
-    when missing. ``energy``: (B, d_in) float32, any strides. ``step``: the 1-based t, an int or
-    a one-element integer/float device tensor. ``lr``: a float or a one-element float tensor.
-
-    ``first``: whether this is the matrices' first gated step (E_ref := E_cur): a bool, or a
-    (B,) bool/integer device tensor (nonzero = first), which the kernel then clears in place.
-    None means "``energy_ref`` is not in ``state``", as the reference decides.
-    ``energy_cur_out``: optional (B,) float32 tensor to receive E_cur. ``block``: columns per
-    block (power of two); default min(4096, next_pow2(d_in)).
-    """
+    props: DeviceProps | None = None,
+) -> Prepared:
+    """The launch of :func:`gate_stage_` (same arguments); ``result`` is the applied gate.
+    ``state["energy_ref"]`` and ``out`` are created here when missing. Host scalars (``step``,
+    ``lr``, a bool ``first``) are fixed in the launch: a list replayed every step takes them
+    as device tensors."""
     if not isinstance(energy, Tensor) or energy.ndim != 2:
         shape = tuple(energy.shape) if isinstance(energy, Tensor) else type(energy).__name__
         raise ValueError(f"energy must be a 2D tensor (B, d_in), got {shape}")
-    check_device("energy", energy)
+    check_device("energy", energy, props)
     check_dtype("energy", energy, (torch.float32,))
     count, d_in = energy.shape
     if d_in == 0:
         raise ValueError("energy has no columns")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d_in:
+        raise ValueError(f"k (the 1-based rank of E_cur) must be an int in [1, {d_in}], got {k!r}")
     device = energy.device
 
     def state_tensor(key: str, shape: tuple[int, ...]) -> Tensor:
@@ -346,7 +360,7 @@ def gate_stage_(
         first_v = int(first)
     else:
         raise TypeError(f"first must be a bool, a tensor or None, got {type(first).__name__}")
-    step_t, step_v = _int_or_tensor("step", step, device)
+    step_t, step_v, step_stride = _step_arg(step, count, device)
     lr_t, _ = scalar_or_tensor("lr", lr, device)
     # lr*lr in double, rounded once (the reference adds the Python float lr*lr)
     lr2_v = f32(float(lr) * float(lr)) if lr_t is None else 0.0
@@ -362,29 +376,90 @@ def gate_stage_(
     if energy_cur_out is not None:
         e_cur = out_or_new("energy_cur_out", energy_cur_out, (count,), torch.float32, device)
 
-    k = ref.quantile_rank(d_in, energy_quantile)
-    blk = _block_for(d_in, block)
+    blk, num_warps = vector_block_config(d_in, props_for(energy, props), block)
     any_t = c_ema  # stands in for pointer arguments a constexpr flag leaves unused
-    _gate_kernel[(count,)](
-        energy, energy.stride(0), energy.stride(1),
-        e_ref, c_ema, applied, e_cur if e_cur is not None else any_t,
-        s_sum if schedule_free else any_t,
-        c_sum if schedule_free else any_t,
-        c_last if schedule_free else any_t,
-        first_t if first_t is not None else any_t,
-        step_t if step_t is not None else any_t,
-        lr_t if lr_t is not None else any_t,
-        first_v, step_v, lr2_v,
-        d_in, k, warmup_steps, clip_period,
-        f32(clip_alpha), f32(clip_min), f32(clip_trigger if clip_trigger is not None else 0.0),
-        f32(clip_beta), f32(1.0 - clip_beta), f32(energy_beta), f32(1.0 - energy_beta),
-        f32(energy_eps), f32(sf_mix), f32(1.0 - sf_mix), f32(ref.SCHEDULE_FREE_EPS),
-        FIRST_PTR=first_t is not None, STEP_PTR=step_t is not None, LR_PTR=lr_t is not None,
-        SCHEDULE_FREE=bool(schedule_free), HAS_TRIGGER=clip_trigger is not None,
-        WRITE_ECUR=e_cur is not None, BLOCK=blk, ONE_BLOCK=d_in <= blk,
-        num_warps=8 if blk >= 2048 else 4, enable_fp_fusion=False,
+    launch = Launch(
+        _gate_kernel,
+        (count,),
+        (
+            energy, energy.stride(0), energy.stride(1),
+            e_ref, c_ema, applied, e_cur if e_cur is not None else any_t,
+            s_sum if schedule_free else any_t,
+            c_sum if schedule_free else any_t,
+            c_last if schedule_free else any_t,
+            first_t if first_t is not None else any_t,
+            step_t if step_t is not None else any_t,
+            lr_t if lr_t is not None else any_t,
+            first_v, step_v, lr2_v, step_stride,
+            d_in, k, warmup_steps, clip_period,
+            f32(clip_alpha), f32(clip_min), f32(clip_trigger if clip_trigger is not None else 0.0),
+            f32(clip_beta), f32(1.0 - clip_beta), f32(energy_beta), f32(1.0 - energy_beta),
+            f32(energy_eps), f32(sf_mix), f32(1.0 - sf_mix), f32(sf_eps),
+        ),
+        dict(
+            FIRST_PTR=first_t is not None, STEP_PTR=step_t is not None, LR_PTR=lr_t is not None,
+            SCHEDULE_FREE=bool(schedule_free), HAS_TRIGGER=clip_trigger is not None,
+            WRITE_ECUR=e_cur is not None, BLOCK=blk, ONE_BLOCK=d_in <= blk,
+            num_warps=num_warps, enable_fp_fusion=False,
+        ),
     )
-    return applied
+    return Prepared([launch], applied)
 
 
-__all__ = ["MAX_BLOCK", "gate_stage_", "kth_smallest"]
+def gate_stage_(
+    state: MutableMapping[str, Tensor],
+    energy: Tensor,
+    step: int | Tensor,
+    lr: float | Tensor,
+    *,
+    k: int,
+    warmup_steps: int,
+    clip_period: int,
+    clip_alpha: float,
+    clip_min: float,
+    clip_trigger: float | None,
+    clip_beta: float,
+    energy_beta: float,
+    energy_eps: float,
+    schedule_free: bool,
+    sf_mix: float,
+    sf_eps: float,
+    first: bool | Tensor | None = None,
+    out: Tensor | None = None,
+    energy_cur_out: Tensor | None = None,
+    block: int | None = None,
+    props: DeviceProps | None = None,
+) -> Tensor:
+    """docs/rule.md, steps 8-11 for a bucket of B gated matrices in one launch; returns the
+    applied gate c, (B, d_in) float32. The arguments and state of ``reference.gate_stage_``
+    (its eager twin), except that the rank and the schedule-free eps are given, not derived:
+
+    ``k``: the 1-based rank of E_cur among the d_in energies (``reference.quantile_rank(d_in,
+    energy_quantile)``). ``sf_eps``: added to S before dividing C by it
+    (``reference.SCHEDULE_FREE_EPS``).
+
+    ``state`` holds float32 contiguous ``c_ema`` (B, d_in) and, with ``schedule_free``,
+    ``sf_lr2_sum`` (B,), ``sf_c_lr2_sum`` and ``c_last`` (B, d_in) (``reference.init_gate_state``
+    makes them), all updated in place, and ``energy_ref`` (B,), which is created (uninitialized)
+    when missing. ``energy``: (B, d_in) float32, any strides. ``step``: the 1-based t, an int, a
+    one-element integer/float device tensor, or a (B,) device tensor of per-matrix steps.
+    ``lr``: a float or a one-element float tensor.
+
+    ``first``: whether this is the matrices' first gated step (E_ref := E_cur): a bool, or a
+    (B,) bool/integer device tensor (nonzero = first), which the kernel then clears in place.
+    None means "``energy_ref`` is not in ``state``", as the reference decides.
+    ``energy_cur_out``: optional (B,) float32 tensor to receive E_cur. ``block``: columns per
+    block (power of two); default min(4096, next_pow2(d_in)).
+    """
+    prepared = prepare_gate_stage(
+        state, energy, step, lr, k=k, warmup_steps=warmup_steps, clip_period=clip_period,
+        clip_alpha=clip_alpha, clip_min=clip_min, clip_trigger=clip_trigger,
+        clip_beta=clip_beta, energy_beta=energy_beta, energy_eps=energy_eps,
+        schedule_free=schedule_free, sf_mix=sf_mix, sf_eps=sf_eps, first=first, out=out,
+        energy_cur_out=energy_cur_out, block=block, props=props,
+    )
+    run_all(prepared)
+    return prepared.result
+
+
+__all__ = ["MAX_BLOCK", "gate_stage_", "kth_smallest", "prepare_gate_stage", "prepare_kth_smallest"]

@@ -1,4 +1,4 @@
-"""Symmetric product C = alpha * s^2 * Z Z^T + beta * D for a stack of matrices (SPEC step 3).
+"""Symmetric product C = alpha * s^2 * Z Z^T + beta * D for a stack of matrices (docs/rule.md, step 3).
 
 The two symmetric products of one Newton–Schulz step are both this kernel:
 
@@ -12,10 +12,14 @@ The two symmetric products of one Newton–Schulz step are both this kernel:
 
 Only the T(T+1)/2 upper-triangle tiles (ti <= tj) of the T x T tile grid are launched: the
 program id is mapped to (ti, tj) in closed form (``_ns_jit.upper_tile``), there is no full
-grid with early exits. Each off-diagonal program writes its tile and the transpose of the
-same bf16 values at (tj, ti); a diagonal tile is symmetrized from its upper half before it is
-written. The output is therefore exactly symmetric (``torch.equal(C, C.mT)``), with or
-without ``D`` (``D`` must itself be exactly symmetric, which the first product guarantees).
+grid with early exits. Each program rounds its tile to bf16 once; an off-diagonal program
+writes the tile and the transpose of the same bf16 values at (tj, ti), a diagonal one takes
+the lower half of its tile from the transpose of its upper half. The output is therefore
+exactly symmetric (``torch.equal(C, C.mT)``), with or without ``D`` (``D`` must itself be
+exactly symmetric, which the first product guarantees). The mirror works on the bf16 tile,
+never on the fp32 accumulator, and its store masks are whole rows of the tile (16-byte
+stores); the 128x128 configs cap registers at 128 per thread (``maxnreg``), so two blocks
+of 8 warps share an SM (docs/kernels-newton-schulz.md, "Compiled for sm_90").
 
 fp32 accumulation, one rounding of the result to bf16 (round to nearest even), like
 ``torch.bmm``/``torch.baddbmm`` in bf16. Launch: one program per (matrix, upper tile), all
@@ -30,19 +34,22 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, interpreting
+from ._common import check_device, interpreting, props_for
+from ._launch import DeviceProps, Launch, Prepared, run_all
 from ._ns_jit import as_f32, dot_k_loop, round_to_bf16, tile_offset, upper_tile
 
 
 @dataclass(frozen=True)
 class GramConfig:
     """Tile config of the symmetric product: square BLOCK x BLOCK output tiles (the mirror
-    needs square tiles), BLOCK_K of the inner dimension per iteration."""
+    needs square tiles), BLOCK_K of the inner dimension per iteration. ``maxnreg``: a cap on
+    registers per thread (ptxas ``.maxnreg``), None for the compiler's choice."""
 
     block: int
     block_k: int
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None
 
 
 @triton.jit
@@ -64,7 +71,7 @@ def _sym_gram_kernel(
     stride_cr,
     stride_cc,
     alpha,
-    beta,
+    d_scale,
     eps,
     HAS_BIAS: tl.constexpr,
     HAS_SUMSQ: tl.constexpr,
@@ -93,41 +100,54 @@ def _sym_gram_kernel(
         + tile_offset(batch, stride_zb, col0, stride_zr, 0, stride_zk)
         + (offs_k[:, None] * stride_zk + offs[None, :] * stride_zr)
     )
-    acc = dot_k_loop(tl.zeros((BLOCK, BLOCK), dtype=tl.float32), a_ptrs, b_ptrs,
-                     stride_zk, stride_zk, row_ok, col_ok, offs_k, n_inner, BLOCK_K, UPCAST)
-
-    # Epilogue: normalization folded in, alpha, + beta * D, symmetrize, round once, mirror.
     if HAS_SUMSQ:
+        # Before the loop, while few registers are live: the IEEE sqrt and division expand to
+        # long sequences that, after it, pushed the epilogue over 128 registers.
         s = 1.0 / (tl.sqrt_rn(tl.load(sumsq_ptr + batch).to(tl.float32)) + eps)
-        acc = (acc * s) * s
-    acc = acc * alpha
     if HAS_BIAS:
+        # beta * D enters as the accumulator's initial value, divided by alpha (d_scale =
+        # beta / alpha, from the launcher), so that the epilogue holds nothing but the
+        # accumulator: alpha * (d_scale * D + Z Z^T) = alpha * Z Z^T + beta * D.
         d_ptrs = (
             d_ptr
             + tile_offset(batch, stride_db, row0, stride_dr, col0, stride_dc)
             + (offs[:, None] * stride_dr + offs[None, :] * stride_dc)
         )
         dval = tl.load(d_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = acc + beta * as_f32(dval, UPCAST)
-    # On a diagonal tile, take the upper half and mirror it into the lower half.
-    if ti == tj:
-        acc = tl.where(offs[:, None] > offs[None, :], tl.trans(acc), acc)
+        acc = as_f32(dval, UPCAST) * d_scale
+    else:
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    acc = dot_k_loop(acc, a_ptrs, b_ptrs, stride_zk, stride_zk, row_ok, col_ok, offs_k, n_inner,
+                     BLOCK_K, UPCAST)
+
+    # Epilogue: the normalization folded in, alpha, one rounding, symmetrize, mirror.
+    if HAS_SUMSQ:
+        acc = (acc * s) * s
+    acc = acc * alpha
     c16 = round_to_bf16(acc, UPCAST)
 
+    # The mirror works on the bf16 values, never on the fp32 accumulator (a transposed fp32
+    # copy held 64 more registers per thread: 207-209 in all, one block per SM). A diagonal
+    # tile takes its lower half from the transpose of its upper half; every tile is written at
+    # (ti, tj) and, off the diagonal, again through transposed addresses at (tj, ti): the same
+    # bf16 values, so C is exactly symmetric. Masks are whole rows/columns of the tile (no
+    # triangle), so both stores stay 16-byte vectors.
+    # (Conditions as vectors: the interpreter turns a block & a scalar condition into int32.)
+    off_diag = (offs * 0 + ti) != tj
+    c16 = tl.where((~off_diag)[:, None] & (offs[:, None] > offs[None, :]), tl.trans(c16), c16)
     c_ptrs = (
         c_ptr
         + tile_offset(batch, stride_cb, row0, stride_cr, col0, stride_cc)
         + (offs[:, None] * stride_cr + offs[None, :] * stride_cc)
     )
     tl.store(c_ptrs, c16, mask=row_ok[:, None] & col_ok[None, :])
-    # The transposed tile at (tj, ti): the same bf16 values, so C is exactly symmetric.
-    if ti != tj:
-        ct_ptrs = (
-            c_ptr
-            + tile_offset(batch, stride_cb, col0, stride_cr, row0, stride_cc)
-            + (offs[:, None] * stride_cr + offs[None, :] * stride_cc)
-        )
-        tl.store(ct_ptrs, tl.trans(c16), mask=col_ok[:, None] & row_ok[None, :])
+    # Element (i, j) of the tile also goes to C[col0 + j, row0 + i].
+    ct_ptrs = (
+        c_ptr
+        + tile_offset(batch, stride_cb, col0, stride_cr, row0, stride_cc)
+        + (offs[:, None] * stride_cc + offs[None, :] * stride_cr)
+    )
+    tl.store(ct_ptrs, c16, mask=(row_ok & off_diag)[:, None] & col_ok[None, :])
 
 
 # --------------------------------------------------------------------------------------
@@ -137,18 +157,17 @@ def _pow2_at_least(n: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(max(1, n)))
 
 
+# Registers per thread at which two blocks of 8 warps fit an SM (65536 / (2 * 256)): the
+# 128x128 configs are capped there, so one block's epilogue overlaps the other's main loop.
+TWO_BLOCKS_MAXNREG = 128
+
+
 def num_upper_tiles(d: int, block: int) -> int:
     t = triton.cdiv(d, block)
     return t * (t + 1) // 2
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
-def default_gram_config(batch: int, d: int, k: int, device: torch.device) -> GramConfig:
+def default_gram_config(batch: int, d: int, k: int, props: DeviceProps) -> GramConfig:
     """Heuristic tile config for a (batch, d, d) symmetric product with inner size k.
 
     GPU: 128x128 tiles (8 warps, 3 stages: 2 * 128*64 bf16 per stage, 96 KiB) when the
@@ -160,44 +179,115 @@ def default_gram_config(batch: int, d: int, k: int, device: torch.device) -> Gra
     these shapes; tests that need several tiles (the mirror, the triangular mapping) pass
     explicit small configs.
     """
-    if device.type != "cuda":
+    if not props.is_cuda:
         block = 16 if d <= 16 else (32 if d <= 32 else 64)
         return GramConfig(
             block=block, block_k=min(64, _pow2_at_least(k)), num_warps=4, num_stages=1
         )
-    sms = _sm_count(device)
     block = min(64, _pow2_at_least(d))
-    if d > 64 and batch * num_upper_tiles(d, 128) >= sms:
+    if d > 64 and batch * num_upper_tiles(d, 128) >= props.sm_count:
         block = 128
     block_k = min(64 if block >= 64 else 128, _pow2_at_least(k))
     if block == 128:
-        return GramConfig(block=128, block_k=block_k, num_warps=8, num_stages=3)
+        return GramConfig(block=128, block_k=block_k, num_warps=8, num_stages=3, maxnreg=TWO_BLOCKS_MAXNREG)
     if block == 64:
         return GramConfig(block=64, block_k=block_k, num_warps=4, num_stages=4)
     return GramConfig(block=block, block_k=block_k, num_warps=2 if block == 16 else 4, num_stages=4)
 
 
-def gram_candidates(d: int, k: int, device: torch.device) -> list[GramConfig]:
+def gram_candidates(d: int, k: int, props: DeviceProps) -> list[GramConfig]:
     """Configs the opt-in autotuner tries for this shape."""
-    if device.type != "cuda":
+    if not props.is_cuda:
         return [
             GramConfig(b, bk, 4, 1) for b in (16, 32) for bk in (16, 32) if b <= _pow2_at_least(d)
         ]
-    out = []
+    out: list[GramConfig] = []
     for block, warps in ((32, 4), (64, 4), (128, 8), (128, 4)):
-        if block > _pow2_at_least(d):
-            continue
+        block = min(block, _pow2_at_least(d))  # small matrices: one tile (never no candidate)
         for block_k in (32, 64, 128):
-            if block_k > _pow2_at_least(k) or (block == 128 and block_k == 128):
+            block_k = min(block_k, _pow2_at_least(k))
+            if block == 128 and block_k == 128:
                 continue
             for stages in (3, 4):
-                out.append(GramConfig(block, block_k, warps, stages))
+                cfg = GramConfig(block, block_k, warps, stages)
+                if cfg not in out:
+                    out.append(cfg)
     return out
 
 
 # --------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------
+def prepare_sym_gram(
+    z: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    transposed: bool = False,
+    alpha: float = 1.0,
+    bias: torch.Tensor | None = None,
+    beta: float = 0.0,
+    fro_sumsq: torch.Tensor | None = None,
+    eps: float = 0.0,
+    config: GramConfig | None = None,
+    props: DeviceProps | None = None,
+) -> Prepared:
+    """The launch of :func:`sym_gram` (same arguments): input checks, config and the full
+    argument list; ``result`` is ``out``. ``props``: the device the config is chosen for
+    (default: ``z``'s)."""
+    if z.ndim != 3 or out.ndim != 3:
+        raise ValueError("sym_gram expects (B, d, k) inputs and a (B, d, d) output")
+    check_device("z", z, props)
+    zt = z.mT if transposed else z
+    batch, d, k = zt.shape
+    if out.shape != (batch, d, d) or out.dtype != torch.bfloat16:
+        raise ValueError(
+            f"out must be a bf16 tensor of shape {(batch, d, d)}, got {out.dtype} {tuple(out.shape)}"
+        )
+    if bias is not None and bias.shape != (batch, d, d):
+        raise ValueError(f"bias must have shape {(batch, d, d)}")
+    if fro_sumsq is not None and fro_sumsq.shape != (batch,):
+        raise ValueError(f"fro_sumsq must have shape {(batch,)}")
+    if bias is not None and fro_sumsq is not None:
+        raise ValueError("sym_gram takes bias or fro_sumsq, not both (Newton-Schulz never needs both)")
+    if batch == 0 or d == 0:
+        return Prepared([], out)
+    cfg = config or default_gram_config(batch, d, k, props_for(z, props))
+    n_tri = num_upper_tiles(d, cfg.block)
+    d_arg = bias if bias is not None else out
+    s_arg = fro_sumsq if fro_sumsq is not None else out
+    # The kernel starts its accumulator at (beta / alpha) * bias and scales by alpha at the
+    # end; with alpha == 0 the product vanishes: no inner loop, the result is beta * bias.
+    alpha, d_scale, n_inner = float(alpha), 0.0, k
+    if bias is not None:
+        if alpha != 0.0:
+            d_scale = float(beta) / alpha
+        else:
+            alpha, d_scale, n_inner = 1.0, float(beta), 0
+    launch = Launch(
+        _sym_gram_kernel,
+        (batch * n_tri,),
+        (
+            zt, d_arg, out, s_arg,
+            d, n_inner, n_tri,
+            zt.stride(0), zt.stride(1), zt.stride(2),
+            d_arg.stride(0), d_arg.stride(1), d_arg.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            alpha, d_scale, float(eps),
+        ),
+        dict(
+            HAS_BIAS=bias is not None,
+            HAS_SUMSQ=fro_sumsq is not None,
+            BLOCK=cfg.block,
+            BLOCK_K=cfg.block_k,
+            UPCAST=interpreting(),
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+            **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
+        ),
+    )
+    return Prepared([launch], out)
+
+
 def sym_gram(
     z: torch.Tensor,
     out: torch.Tensor,
@@ -209,6 +299,7 @@ def sym_gram(
     fro_sumsq: torch.Tensor | None = None,
     eps: float = 0.0,
     config: GramConfig | None = None,
+    props: DeviceProps | None = None,
 ) -> torch.Tensor:
     """out = alpha * s^2 * Z Z^T + beta * bias, written for upper tiles and mirrored.
 
@@ -216,53 +307,13 @@ def sym_gram(
     ``transposed=True`` z is (B, k, d) and Z = z^T (the product is z^T z, read without a
     copy). out: (B, d, d) bf16, fully overwritten, exactly symmetric. bias: (B, d, d),
     exactly symmetric (e.g. a previous output of this function). fro_sumsq: (B,) fp32 sums of
-    squares; when given, s = 1 / (sqrt(fro_sumsq) + eps), else s = 1. Returns ``out``.
+    squares; when given, s = 1 / (sqrt(fro_sumsq) + eps), else s = 1 (not together with
+    ``bias``). ``props``: the device
+    the default config is chosen for (default: ``z``'s). Returns ``out``.
     """
-    if z.ndim != 3 or out.ndim != 3:
-        raise ValueError("sym_gram expects (B, d, k) inputs and a (B, d, d) output")
-    check_device("z", z)
-    zt = z.mT if transposed else z
-    batch, d, k = zt.shape
-    if out.shape != (batch, d, d) or out.dtype != torch.bfloat16:
-        raise ValueError(
-            f"out must be a bf16 tensor of shape {(batch, d, d)}, got {out.dtype} {tuple(out.shape)}"
-        )
-    if bias is not None and bias.shape != (batch, d, d):
-        raise ValueError(f"bias must have shape {(batch, d, d)}")
-    if fro_sumsq is not None and fro_sumsq.shape != (batch,):
-        raise ValueError(f"fro_sumsq must have shape {(batch,)}")
-    if batch == 0 or d == 0:
-        return out
-    cfg = config or default_gram_config(batch, d, k, z.device)
-    n_tri = num_upper_tiles(d, cfg.block)
-    d_arg = bias if bias is not None else out
-    s_arg = fro_sumsq if fro_sumsq is not None else out
-    _sym_gram_kernel[(batch * n_tri,)](
-        zt,
-        d_arg,
-        out,
-        s_arg,
-        d,
-        k,
-        n_tri,
-        zt.stride(0),
-        zt.stride(1),
-        zt.stride(2),
-        d_arg.stride(0),
-        d_arg.stride(1),
-        d_arg.stride(2),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        float(alpha),
-        float(beta),
-        float(eps),
-        HAS_BIAS=bias is not None,
-        HAS_SUMSQ=fro_sumsq is not None,
-        BLOCK=cfg.block,
-        BLOCK_K=cfg.block_k,
-        UPCAST=interpreting(),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+    prepared = prepare_sym_gram(
+        z, out, transposed=transposed, alpha=alpha, bias=bias, beta=beta,
+        fro_sumsq=fro_sumsq, eps=eps, config=config, props=props,
     )
-    return out
+    run_all(prepared)
+    return prepared.result

@@ -1,21 +1,23 @@
-"""Memory pass 1 of SPEC's kernel data flow, and the column-energy pass of ``energy_source="update"``.
+"""Memory pass 1 of the fused step (docs/backends.md, stage 1), and the column-energy pass of
+``energy_source="update"``.
 
 ``momentum_energy_pass_`` reads G and the float32 momentum M of a bucket of same-shape matrices
 once and, in one launch (plus a tiny fixed-order reduction launch):
 
-* updates M in place: M <- M + (1-b1)(G - M) (``reference.momentum_update_``, torch's lerp form);
+* updates M in place: M <- M + (1-b1)(G - M) (docs/rule.md, step 2; ``reference.momentum_update_``,
+  torch's lerp form);
 * writes the Newton-Schulz input X = ns_dtype(M), or of the Nesterov blend
   (``reference.nesterov_input``), optionally stored transposed for tall matrices;
-* reduces the column energies E_j = sum_i S_ij^2 of S = M or S = G (``reference.column_energy``);
+* reduces the column energies E_j = sum_i S_ij^2 of S = M or S = G (docs/rule.md, step 7;
+  ``reference.column_energy``);
 * reduces ||X||_F^2 of the rounded X in float32 (what ``reference.newton_schulz`` divides by).
 
 ``column_energy`` is the same column reduction for any stack (``energy_source="update"``: O with
 a row scale, after Newton-Schulz).
 
-The eager twin is ``reference.momentum_energy_pass_`` (and ``reference.update_energy``). This module
-also holds the helpers the other memory-pass modules share: bucket arguments (a 3D stack or a device
-table of ``data_ptr()``s), launch configs, float32 rounding of host scalars and the bf16 rounding
-used under the interpreter.
+The eager twin is ``reference.momentum_energy_pass_`` (and ``reference.update_energy``). Each
+launcher has a ``prepare_*`` twin that returns its launches (the pass kernel and the fixed-order
+finalize kernel) with every buffer allocated, for callers that replay them every step.
 """
 
 from __future__ import annotations
@@ -26,8 +28,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-from trasmuon import reference as ref
 
 from ._common import (
     FLOAT_DTYPES,
@@ -46,13 +46,17 @@ from ._common import (
     matrix_base,
     next_pow2,
     out_or_new,
+    props_for,
     round_to,
-    sm_count,
+    workspace_or_new,
 )
+from ._launch import DeviceProps, Launch, Prepared, run_all
 
-# Energy sources this pass computes; "update" (O_base) exists only after Newton-Schulz, and
+# Energy sources of the rule (docs/rule.md, step 7): S = M, G or O_base. This pass computes
+# the first two; "update" (O_base) exists only after Newton-Schulz (``column_energy``), and
 # None computes none (an ungated matrix).
-PASS1_ENERGY_SOURCES = (*(s for s in ref.ENERGY_SOURCES if s != "update"), None)
+ENERGY_SOURCES = ("momentum", "grad", "update")
+PASS1_ENERGY_SOURCES = ("momentum", "grad", None)
 # Column-energy selector of the kernel (a constexpr).
 _ENERGY_NONE, _ENERGY_MOMENTUM, _ENERGY_GRAD = 0, 1, 2
 # Programs per SM the row-split heuristic aims for (a few waves hide the tail).
@@ -223,42 +227,61 @@ class MomentumEnergyResult(NamedTuple):
     x_sqnorm: Tensor  # (B,) float32: ||X||_F^2 of the rounded X
 
 
-def _splits(config: PassConfig, count: int, d_out: int, n_cb: int, device: torch.device) -> tuple[int, int]:
-    """(row splits, rows per split): enough programs to fill the GPU a few times over, each
-    split a whole number of row blocks."""
+def _splits(
+    config: PassConfig, count: int, d_out: int, n_cb: int, props: DeviceProps
+) -> tuple[int, int]:
+    """(row splits, rows per split): enough programs to fill the GPU a few times over
+    (``_PROGRAMS_PER_SM`` per SM of ``props``), each split a whole number of row blocks."""
     row_blocks = triton.cdiv(d_out, config.block_r)
     if config.splits is not None:
         splits = min(config.splits, row_blocks)
     else:
-        target = _PROGRAMS_PER_SM * sm_count(device)
+        target = _PROGRAMS_PER_SM * props.sm_count
         splits = max(1, min(row_blocks, triton.cdiv(target, count * n_cb)))
     rows_per_split = triton.cdiv(row_blocks, splits) * config.block_r
     return triton.cdiv(d_out, rows_per_split), rows_per_split
 
 
-def _finalize(
+def pass_workspace_size(
+    count: int, d_out: int, d_in: int, config: PassConfig, props: DeviceProps, *,
+    energy: bool, sqnorm: bool,
+) -> int:
+    """float32 elements of the partial sums a column-reducing pass needs: (B, splits, d_in)
+    energy partials and (B, splits, column blocks) ||X||^2 partials."""
+    n_cb = triton.cdiv(d_in, config.block_c)
+    n_splits, _ = _splits(config, count, d_out, n_cb, props)
+    return count * n_splits * ((d_in if energy else 0) + (n_cb if sqnorm else 0))
+
+
+def _finalize_launch(
     epart: Tensor | None, fpart: Tensor | None, energy: Tensor | None, sqnorm: Tensor | None,
     count: int, d_in: int, n_splits: int, n_fpart: int,
-) -> None:
+) -> Launch:
     block = min(1024, next_pow2(d_in))
     n_cb = triton.cdiv(d_in, block) if energy is not None else 1
     # Unused pointer arguments get any live tensor; the constexpr flags keep them untouched.
     any_t = epart if epart is not None else fpart
-    _finalize_kernel[(count * n_cb,)](
-        any_t if epart is None else epart,
-        any_t if fpart is None else fpart,
-        any_t if energy is None else energy,
-        any_t if sqnorm is None else sqnorm,
-        d_in, n_splits, n_fpart, n_cb,
-        energy.stride(0) if energy is not None else 0,
-        energy.stride(1) if energy is not None else 0,
-        HAS_ENERGY=energy is not None, HAS_SQNORM=sqnorm is not None,
-        BLOCK=block, BLOCK_F=min(1024, next_pow2(max(n_fpart, 1))),
-        num_warps=4, enable_fp_fusion=False,
+    return Launch(
+        _finalize_kernel,
+        (count * n_cb,),
+        (
+            any_t if epart is None else epart,
+            any_t if fpart is None else fpart,
+            any_t if energy is None else energy,
+            any_t if sqnorm is None else sqnorm,
+            d_in, n_splits, n_fpart, n_cb,
+            energy.stride(0) if energy is not None else 0,
+            energy.stride(1) if energy is not None else 0,
+        ),
+        dict(
+            HAS_ENERGY=energy is not None, HAS_SQNORM=sqnorm is not None,
+            BLOCK=block, BLOCK_F=min(1024, next_pow2(max(n_fpart, 1))),
+            num_warps=4, enable_fp_fusion=False,
+        ),
     )
 
 
-def momentum_energy_pass_(
+def prepare_momentum_energy_pass(
     grad: BucketLike,
     momentum: BucketLike,
     beta: float,
@@ -270,23 +293,16 @@ def momentum_energy_pass_(
     x_out: Tensor | None = None,
     energy_out: Tensor | None = None,
     sqnorm_out: Tensor | None = None,
+    workspace: Tensor | None = None,
     config: PassConfig | None = None,
-) -> MomentumEnergyResult:
-    """Memory pass 1 (SPEC "Kernel data flow" 1) for a bucket of B same-shape matrices.
-
-    ``grad``: (B, d_out, d_in) fp32/bf16/fp16 stack or list of 2D tensors. ``momentum``: same
-    shape, float32, stack or list; updated in place. ``beta``: b1. ``nesterov``: X is built from
-    (1-b1)*G + b1*M instead of M. ``energy_source``: "momentum", "grad" or None (no energies:
-    for "update" call ``column_energy`` after Newton-Schulz). ``ns_dtype``: dtype of X.
-    ``transpose_tall``: for d_out > d_in, store X as the contiguous (B, d_in, d_out) matrix that
-    Newton-Schulz iterates on; the returned ``x`` is always indexed (B, d_out, d_in) (then a
-    ``.mT`` view), so ``x.mT`` is the pre-transposed contiguous operand. ``x_out``: a
-    (B, d_out, d_in) tensor of ``ns_dtype`` with any strides to write X into.
-
-    Returns ``(x, energy, x_sqnorm)``; eager twin: ``reference.momentum_energy_pass_``.
-    """
-    g = TensorBucket.of(grad, "grad")
-    m = TensorBucket.of(momentum, "momentum")
+    props: DeviceProps | None = None,
+) -> Prepared:
+    """The two launches of :func:`momentum_energy_pass_` (same arguments): the pass and the
+    fixed-order finalize of its partial sums. Outputs and partials are allocated here when not
+    given (``workspace``: a contiguous float32 buffer of at least ``pass_workspace_size(...)``
+    elements for the partials); ``result`` is the ``MomentumEnergyResult``."""
+    g = TensorBucket.of(grad, "grad", props)
+    m = TensorBucket.of(momentum, "momentum", props)
     check_dtype("grad", g.base, FLOAT_DTYPES)
     check_dtype("momentum", m.base, (torch.float32,))
     if m.count != g.count or m.shape != g.shape:
@@ -307,7 +323,8 @@ def momentum_energy_pass_(
         raise TypeError(f"ns_dtype must be one of {FLOAT_DTYPES}, got {ns_dtype!r}")
     if not isinstance(beta, (int, float)) or isinstance(beta, bool):
         raise TypeError(f"beta must be a float, got {type(beta).__name__}")
-    config = config or default_config(*g.shape, reduces_columns=True)
+    props = props_for(g.base, props)
+    config = config or default_config(*g.shape, props=props, reduces_columns=True)
     config.check()
 
     count, (d_out, d_in) = g.count, g.shape
@@ -325,48 +342,94 @@ def momentum_energy_pass_(
     sqnorm = out_or_new("sqnorm_out", sqnorm_out, (count,), torch.float32, device)
 
     n_cb = triton.cdiv(d_in, config.block_c)
-    n_splits, rows_per_split = _splits(config, count, d_out, n_cb, device)
-    epart = torch.empty((count, n_splits, d_in), dtype=torch.float32, device=device) if energy is not None else None
-    fpart = torch.empty((count, n_splits, n_cb), dtype=torch.float32, device=device)
+    n_splits, rows_per_split = _splits(config, count, d_out, n_cb, props)
+    need = pass_workspace_size(count, d_out, d_in, config, props, energy=energy is not None, sqnorm=True)
+    parts = workspace_or_new("workspace", workspace, need, device)
+    n_epart = count * n_splits * d_in if energy is not None else 0
+    epart = parts[:n_epart].view(count, n_splits, d_in) if energy is not None else None
+    fpart = parts[n_epart:].view(count, n_splits, n_cb)
     w, w_m1, small_w = lerp_weights(1.0 - beta)
     nw, nw_m1, small_nw = lerp_weights(beta)
     sg, sm, sx = g.strides, m.strides, x_out.stride()
-    _momentum_energy_kernel[(count * n_splits * n_cb,)](
-        g.base, g.table if g.uses_table else g.base,
-        m.base, m.table if m.uses_table else m.base,
-        x_out, epart if epart is not None else fpart, fpart,
-        d_out, d_in, rows_per_split, n_splits, n_cb,
-        sg[0], sg[1], sg[2], sm[0], sm[1], sm[2], sx[0], sx[1], sx[2],
-        w, w_m1, nw, nw_m1,
-        G_TABLE=g.uses_table, G_ALIGNED=g.aligned, M_TABLE=m.uses_table, M_ALIGNED=m.aligned,
-        SMALL_W=small_w, NESTEROV=bool(nesterov), SMALL_NW=small_nw,
-        ENERGY={"momentum": _ENERGY_MOMENTUM, "grad": _ENERGY_GRAD, None: _ENERGY_NONE}[energy_source],
-        EMULATE_BF16_RNE=interpreting(),
-        BLOCK_R=config.block_r, BLOCK_C=config.block_c,
-        num_warps=config.num_warps, enable_fp_fusion=False,
+    launch = Launch(
+        _momentum_energy_kernel,
+        (count * n_splits * n_cb,),
+        (
+            g.base, g.table if g.uses_table else g.base,
+            m.base, m.table if m.uses_table else m.base,
+            x_out, epart if epart is not None else fpart, fpart,
+            d_out, d_in, rows_per_split, n_splits, n_cb,
+            sg[0], sg[1], sg[2], sm[0], sm[1], sm[2], sx[0], sx[1], sx[2],
+            w, w_m1, nw, nw_m1,
+        ),
+        dict(
+            G_TABLE=g.uses_table, G_ALIGNED=g.aligned, M_TABLE=m.uses_table, M_ALIGNED=m.aligned,
+            SMALL_W=small_w, NESTEROV=bool(nesterov), SMALL_NW=small_nw,
+            ENERGY={"momentum": _ENERGY_MOMENTUM, "grad": _ENERGY_GRAD, None: _ENERGY_NONE}[energy_source],
+            EMULATE_BF16_RNE=interpreting(),
+            BLOCK_R=config.block_r, BLOCK_C=config.block_c,
+            num_warps=config.num_warps, enable_fp_fusion=False,
+        ),
+        keepalive=(g, m),
     )
-    _finalize(epart, fpart, energy, sqnorm, count, d_in, n_splits, n_splits * n_cb)
-    return MomentumEnergyResult(x_out, energy, sqnorm)
+    finalize = _finalize_launch(epart, fpart, energy, sqnorm, count, d_in, n_splits, n_splits * n_cb)
+    return Prepared([launch, finalize], MomentumEnergyResult(x_out, energy, sqnorm))
 
 
-def column_energy(
+def momentum_energy_pass_(
+    grad: BucketLike,
+    momentum: BucketLike,
+    beta: float,
+    *,
+    nesterov: bool = False,
+    energy_source: str | None = "momentum",
+    ns_dtype: torch.dtype = torch.bfloat16,
+    transpose_tall: bool = False,
+    x_out: Tensor | None = None,
+    energy_out: Tensor | None = None,
+    sqnorm_out: Tensor | None = None,
+    workspace: Tensor | None = None,
+    config: PassConfig | None = None,
+    props: DeviceProps | None = None,
+) -> MomentumEnergyResult:
+    """Memory pass 1 (docs/backends.md, stage 1) for a bucket of B same-shape matrices.
+
+    ``grad``: (B, d_out, d_in) fp32/bf16/fp16 stack or list of 2D tensors. ``momentum``: same
+    shape, float32, stack or list; updated in place. ``beta``: b1. ``nesterov``: X is built from
+    (1-b1)*G + b1*M instead of M. ``energy_source``: "momentum", "grad" or None (no energies:
+    for "update" call ``column_energy`` after Newton-Schulz). ``ns_dtype``: dtype of X.
+    ``transpose_tall``: for d_out > d_in, store X as the contiguous (B, d_in, d_out) matrix that
+    Newton-Schulz iterates on; the returned ``x`` is always indexed (B, d_out, d_in) (then a
+    ``.mT`` view), so ``x.mT`` is the pre-transposed contiguous operand. ``x_out``: a
+    (B, d_out, d_in) tensor of ``ns_dtype`` with any strides to write X into. ``workspace``:
+    optional preallocated float32 partials (``pass_workspace_size``). ``props``: the device the
+    config is chosen for (default: ``grad``'s).
+
+    Returns ``(x, energy, x_sqnorm)``; eager twin: ``reference.momentum_energy_pass_``.
+    """
+    prepared = prepare_momentum_energy_pass(
+        grad, momentum, beta, nesterov=nesterov, energy_source=energy_source, ns_dtype=ns_dtype,
+        transpose_tall=transpose_tall, x_out=x_out, energy_out=energy_out, sqnorm_out=sqnorm_out,
+        workspace=workspace, config=config, props=props,
+    )
+    run_all(prepared)
+    return prepared.result
+
+
+def prepare_column_energy(
     source: Tensor,
     *,
     row_scale: Tensor | None = None,
     out: Tensor | None = None,
+    workspace: Tensor | None = None,
     config: PassConfig | None = None,
-) -> Tensor:
-    """E_j = sum_i (rs_i * S_ij)^2 in float32 for a (B, d_out, d_in) stack of any strides and
-    dtype fp32/bf16/fp16; ``row_scale`` (B, d_out) float32 or None (rs = 1).
-
-    With ``source`` = Newton-Schulz output O and ``row_scale`` = 1/(sqrt(v)+eps) this is the
-    ``energy_source="update"`` energy of O_base (eager twin: ``reference.update_energy``);
-    without a row scale it is ``reference.column_energy``.
-    """
+    props: DeviceProps | None = None,
+) -> Prepared:
+    """The two launches of :func:`column_energy` (same arguments); ``result`` is the energy."""
     if not isinstance(source, Tensor) or source.ndim != 3:
         shape = tuple(source.shape) if isinstance(source, Tensor) else type(source).__name__
         raise ValueError(f"source must be a 3D stack (B, d_out, d_in), got {shape}")
-    check_device("source", source)
+    check_device("source", source, props)
     check_dtype("source", source, FLOAT_DTYPES)
     count, d_out, d_in = source.shape
     device = source.device
@@ -377,25 +440,66 @@ def column_energy(
         check_dtype("row_scale", row_scale, (torch.float32,))
         check_same_device("row_scale", row_scale, device)
     energy = out_or_new("out", out, (count, d_in), torch.float32, device)
-    config = config or default_config(d_out, d_in, reduces_columns=True)
+    props = props_for(source, props)
+    config = config or default_config(d_out, d_in, props=props, reduces_columns=True)
     config.check()
     n_cb = triton.cdiv(d_in, config.block_c)
-    n_splits, rows_per_split = _splits(config, count, d_out, n_cb, device)
-    epart = torch.empty((count, n_splits, d_in), dtype=torch.float32, device=device)
+    n_splits, rows_per_split = _splits(config, count, d_out, n_cb, props)
+    need = pass_workspace_size(count, d_out, d_in, config, props, energy=True, sqnorm=False)
+    epart = workspace_or_new("workspace", workspace, need, device).view(count, n_splits, d_in)
     ss = source.stride()
     rs = row_scale if row_scale is not None else epart
-    _column_energy_kernel[(count * n_splits * n_cb,)](
-        source, rs, epart,
-        d_out, d_in, rows_per_split, n_splits, n_cb,
-        ss[0], ss[1], ss[2],
-        row_scale.stride(0) if row_scale is not None else 0,
-        row_scale.stride(1) if row_scale is not None else 0,
-        HAS_ROW_SCALE=row_scale is not None,
-        BLOCK_R=config.block_r, BLOCK_C=config.block_c,
-        num_warps=config.num_warps, enable_fp_fusion=False,
+    launch = Launch(
+        _column_energy_kernel,
+        (count * n_splits * n_cb,),
+        (
+            source, rs, epart,
+            d_out, d_in, rows_per_split, n_splits, n_cb,
+            ss[0], ss[1], ss[2],
+            row_scale.stride(0) if row_scale is not None else 0,
+            row_scale.stride(1) if row_scale is not None else 0,
+        ),
+        dict(
+            HAS_ROW_SCALE=row_scale is not None,
+            BLOCK_R=config.block_r, BLOCK_C=config.block_c,
+            num_warps=config.num_warps, enable_fp_fusion=False,
+        ),
     )
-    _finalize(epart, None, energy, None, count, d_in, n_splits, 0)
-    return energy
+    finalize = _finalize_launch(epart, None, energy, None, count, d_in, n_splits, 0)
+    return Prepared([launch, finalize], energy)
 
 
-__all__ = ["MomentumEnergyResult", "column_energy", "momentum_energy_pass_"]
+def column_energy(
+    source: Tensor,
+    *,
+    row_scale: Tensor | None = None,
+    out: Tensor | None = None,
+    workspace: Tensor | None = None,
+    config: PassConfig | None = None,
+    props: DeviceProps | None = None,
+) -> Tensor:
+    """E_j = sum_i (rs_i * S_ij)^2 in float32 for a (B, d_out, d_in) stack of any strides and
+    dtype fp32/bf16/fp16; ``row_scale`` (B, d_out) float32 or None (rs = 1).
+
+    With ``source`` = Newton-Schulz output O and ``row_scale`` = 1/(sqrt(v)+eps) this is the
+    ``energy_source="update"`` energy of O_base (eager twin: ``reference.update_energy``);
+    without a row scale it is ``reference.column_energy``. ``workspace``: optional
+    preallocated float32 partials (``pass_workspace_size(..., energy=True, sqnorm=False)``).
+    """
+    prepared = prepare_column_energy(
+        source, row_scale=row_scale, out=out, workspace=workspace, config=config, props=props
+    )
+    run_all(prepared)
+    return prepared.result
+
+
+__all__ = [
+    "ENERGY_SOURCES",
+    "PASS1_ENERGY_SOURCES",
+    "MomentumEnergyResult",
+    "column_energy",
+    "momentum_energy_pass_",
+    "pass_workspace_size",
+    "prepare_column_energy",
+    "prepare_momentum_energy_pass",
+]

@@ -1,4 +1,4 @@
-"""The Newton–Schulz update product C = s * (alpha * Y + L @ R) for a stack (SPEC step 3).
+"""The Newton–Schulz update product C = s * (alpha * Y + L @ R) for a stack (docs/rule.md, step 3).
 
 One step's ``X <- a*X + B X`` is this kernel with the a*X term fused into the epilogue:
 
@@ -13,10 +13,10 @@ first step ``s = 1 / (sqrt(fro_sumsq[b]) + eps)`` applies the Frobenius normaliz
 raw input (``fro_sumsq=``); B was computed from the normalized Gram matrix, so
 s * (a*X0 + B X0) is exactly a*X + B X with X = s*X0.
 
-With ``row_sumsq_out=`` the epilogue also reduces sum_j bf16(C)_ij^2 of its tile (SPEC step
-4, the row second moment of the final O): each column tile writes its partial sums to
-``partials[b, tile_n, i]`` (no atomics) and the launcher adds the partials with one
-``torch.sum`` over the tile axis, so the result is deterministic; with a single column tile
+With ``row_sumsq_out=`` the epilogue also reduces sum_j bf16(C)_ij^2 of its tile (docs/rule.md,
+step 4: the row second moment of the final O): each column tile writes its partial sums to
+``partials[b, tile_n, i]`` (no atomics) and one ``torch.sum`` over the tile axis (a
+``TorchLaunch`` of the prepared list) adds them, so the result is deterministic; with a single column tile
 the kernel writes ``row_sumsq_out`` directly.
 
 fp32 accumulation, one rounding to bf16 (round to nearest even), like ``torch.baddbmm`` in
@@ -31,18 +31,25 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, interpreting
+from ._common import check_device, interpreting, props_for, workspace_or_new
+from ._launch import DeviceProps, Launch, Prepared, TorchLaunch, run_all
 from ._ns_jit import as_f32, bf16_to_f32, dot_k_loop, round_to_bf16, tile_offset
+from .gram import TWO_BLOCKS_MAXNREG
 
 
 @dataclass(frozen=True)
 class ApplyConfig:
+    """Tile config of the update product: BLOCK_M x BLOCK_N output tiles, BLOCK_K of the inner
+    dimension per iteration, GROUP_M row tiles per group of the tile order. ``maxnreg``: a cap
+    on registers per thread (ptxas ``.maxnreg``), None for the compiler's choice."""
+
     block_m: int
     block_n: int
     block_k: int
     group_m: int
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None
 
 
 @triton.jit
@@ -153,12 +160,6 @@ def _pow2_at_least(n: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(max(1, n)))
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
 def _clamp(cfg: ApplyConfig, m: int, n: int, k: int) -> ApplyConfig:
     return ApplyConfig(
         block_m=min(cfg.block_m, _pow2_at_least(m)),
@@ -167,18 +168,20 @@ def _clamp(cfg: ApplyConfig, m: int, n: int, k: int) -> ApplyConfig:
         group_m=cfg.group_m,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        maxnreg=cfg.maxnreg,
     )
 
 
 # GPU tiles, largest first: the heuristic takes the first that still gives every SM a tile.
+# The 128x128 tile is capped at 128 registers per thread: two blocks of 8 warps per SM.
 _GPU_APPLY_TILES = (
-    ApplyConfig(128, 128, 64, 8, 8, 3),
+    ApplyConfig(128, 128, 64, 8, 8, 3, maxnreg=TWO_BLOCKS_MAXNREG),
     ApplyConfig(64, 128, 64, 8, 4, 4),
     ApplyConfig(64, 64, 64, 8, 4, 4),
 )
 
 
-def default_apply_config(batch: int, m: int, n: int, k: int, device: torch.device) -> ApplyConfig:
+def default_apply_config(batch: int, m: int, n: int, k: int, props: DeviceProps) -> ApplyConfig:
     """Heuristic tile config for C (batch, m, n) with inner size k.
 
     GPU: 128x128x64 (8 warps, 3 stages) when there are at least as many tiles as SMs,
@@ -187,19 +190,18 @@ def default_apply_config(batch: int, m: int, n: int, k: int, device: torch.devic
     Interpreter: 64x64x64 (capped likewise): the interpreter's cost is per program and per
     op, so larger tiles are faster there; tests pass explicit small configs for coverage.
     """
-    if device.type != "cuda":
+    if not props.is_cuda:
         return _clamp(ApplyConfig(64, 64, 64, 4, 4, 1), m, n, k)
-    sms = _sm_count(device)
     for cfg in _GPU_APPLY_TILES:
         c = _clamp(cfg, m, n, k)
-        if batch * triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n) >= sms:
+        if batch * triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n) >= props.sm_count:
             return c
     return _clamp(_GPU_APPLY_TILES[-1], m, n, k)
 
 
-def apply_candidates(m: int, n: int, k: int, device: torch.device) -> list[ApplyConfig]:
+def apply_candidates(m: int, n: int, k: int, props: DeviceProps) -> list[ApplyConfig]:
     """Configs the opt-in autotuner tries for this shape (deduplicated after capping)."""
-    if device.type != "cuda":
+    if not props.is_cuda:
         raw = [ApplyConfig(bm, bn, 32, 4, 4, 1) for bm in (16, 32) for bn in (16, 32)]
     else:
         raw = []
@@ -226,10 +228,17 @@ def row_partial_tiles(n: int, config: ApplyConfig) -> int:
     return triton.cdiv(n, config.block_n)
 
 
+def row_partial_size(batch: int, m: int, n: int, config: ApplyConfig) -> int:
+    """Elements of the ``row_partials`` buffer a call with ``row_sumsq_out`` needs (0: the
+    kernel writes ``row_sumsq_out`` directly, one column tile)."""
+    tiles = row_partial_tiles(n, config)
+    return 0 if tiles == 1 else batch * tiles * m
+
+
 # --------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------
-def ns_apply(
+def prepare_ns_apply(
     left: torch.Tensor,
     right: torch.Tensor,
     addend: torch.Tensor,
@@ -241,17 +250,13 @@ def ns_apply(
     row_sumsq_out: torch.Tensor | None = None,
     row_partials: torch.Tensor | None = None,
     config: ApplyConfig | None = None,
-) -> torch.Tensor:
-    """out = s * (alpha * addend + left @ right), rounded once to bf16.
-
-    left: (B, M, K), right: (B, K, N), addend: (B, M, N), any float dtype (rounded to bf16 on
-    load) and any strides; out: (B, M, N) bf16, must not overlap the inputs. fro_sumsq:
-    (B,) fp32, s = 1 / (sqrt(fro_sumsq) + eps) when given, else 1. row_sumsq_out: (B, M)
-    fp32, receives sum_j out_ij^2 of the bf16 output. row_partials: optional preallocated
-    fp32 buffer of at least B * ceil(N / block_n) * M elements for the partial row sums
-    (allocated when needed and not given). Returns ``out``.
-    """
-    check_device("left", left)
+    props: DeviceProps | None = None,
+) -> Prepared:
+    """The launches of :func:`ns_apply` (same arguments): the product kernel and, when the
+    row sums span several column tiles, the ``torch.sum`` over their partials (a
+    ``TorchLaunch``). ``row_partials`` is allocated here when needed and not given; ``result``
+    is ``out``."""
+    check_device("left", left, props)
     if not (left.ndim == right.ndim == addend.ndim == out.ndim == 3):
         raise ValueError("ns_apply expects 3D (B, rows, cols) tensors")
     batch, m, k = left.shape
@@ -269,10 +274,11 @@ def ns_apply(
     ):
         raise ValueError(f"row_sumsq_out must be a float32 tensor of shape {(batch, m)}")
     if batch == 0 or m == 0 or n == 0:
-        if row_sumsq_out is not None:
-            row_sumsq_out.zero_()
-        return out
-    cfg = config or default_apply_config(batch, m, n, k, left.device)
+        if row_sumsq_out is None:
+            return Prepared([], out)
+        rsq = row_sumsq_out
+        return Prepared([TorchLaunch("zero_row_sumsq", rsq.zero_, (rsq,))], out)
+    cfg = config or default_apply_config(batch, m, n, k, props_for(left, props))
     tiles_m = triton.cdiv(m, cfg.block_m)
     tiles_n = triton.cdiv(n, cfg.block_n)
 
@@ -281,59 +287,76 @@ def ns_apply(
         if tiles_n == 1:
             partials = row_sumsq_out.unsqueeze(1)  # the kernel writes the final sums
         else:
-            need = batch * tiles_n * m
-            if row_partials is None:
-                row_partials = torch.empty(need, device=out.device, dtype=torch.float32)
-            elif (
-                row_partials.dtype != torch.float32
-                or row_partials.numel() < need
-                or not row_partials.is_contiguous()
-            ):
-                raise ValueError(
-                    f"row_partials must be a contiguous float32 buffer of >= {need} elements"
-                )
-            partials = row_partials[:need].view(batch, tiles_n, m)
+            need = row_partial_size(batch, m, n, cfg)
+            buf = workspace_or_new("row_partials", row_partials, need, out.device)
+            partials = buf.view(batch, tiles_n, m)
     q_arg = partials if partials is not None else out
     s_arg = fro_sumsq if fro_sumsq is not None else out
-    _ns_apply_kernel[(batch * tiles_m * tiles_n,)](
-        left,
-        right,
-        addend,
-        out,
-        s_arg,
-        q_arg,
-        m,
-        n,
-        k,
-        tiles_m,
-        tiles_n,
-        left.stride(0),
-        left.stride(1),
-        left.stride(2),
-        right.stride(0),
-        right.stride(1),
-        right.stride(2),
-        addend.stride(0),
-        addend.stride(1),
-        addend.stride(2),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        q_arg.stride(0),
-        q_arg.stride(1),
-        q_arg.stride(2),
-        float(alpha),
-        float(eps),
-        HAS_SUMSQ=fro_sumsq is not None,
-        ROW_SUMSQ=row_sumsq_out is not None,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m,
-        UPCAST=interpreting(),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
+    launches: list = [
+        Launch(
+            _ns_apply_kernel,
+            (batch * tiles_m * tiles_n,),
+            (
+                left, right, addend, out, s_arg, q_arg,
+                m, n, k, tiles_m, tiles_n,
+                left.stride(0), left.stride(1), left.stride(2),
+                right.stride(0), right.stride(1), right.stride(2),
+                addend.stride(0), addend.stride(1), addend.stride(2),
+                out.stride(0), out.stride(1), out.stride(2),
+                q_arg.stride(0), q_arg.stride(1), q_arg.stride(2),
+                float(alpha), float(eps),
+            ),
+            dict(
+                HAS_SUMSQ=fro_sumsq is not None,
+                ROW_SUMSQ=row_sumsq_out is not None,
+                BLOCK_M=cfg.block_m,
+                BLOCK_N=cfg.block_n,
+                BLOCK_K=cfg.block_k,
+                GROUP_M=cfg.group_m,
+                UPCAST=interpreting(),
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+                **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
+            ),
+        )
+    ]
     if partials is not None and tiles_n > 1:
-        torch.sum(partials, dim=1, out=row_sumsq_out)
-    return out
+        rsq = row_sumsq_out
+        launches.append(TorchLaunch(
+            "sum_row_partials",
+            lambda: torch.sum(partials, dim=1, out=rsq),
+            (partials, rsq),
+        ))
+    return Prepared(launches, out)
+
+
+def ns_apply(
+    left: torch.Tensor,
+    right: torch.Tensor,
+    addend: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    alpha: float,
+    fro_sumsq: torch.Tensor | None = None,
+    eps: float = 0.0,
+    row_sumsq_out: torch.Tensor | None = None,
+    row_partials: torch.Tensor | None = None,
+    config: ApplyConfig | None = None,
+    props: DeviceProps | None = None,
+) -> torch.Tensor:
+    """out = s * (alpha * addend + left @ right), rounded once to bf16.
+
+    left: (B, M, K), right: (B, K, N), addend: (B, M, N), any float dtype (rounded to bf16 on
+    load) and any strides; out: (B, M, N) bf16, must not overlap the inputs. fro_sumsq:
+    (B,) fp32, s = 1 / (sqrt(fro_sumsq) + eps) when given, else 1. row_sumsq_out: (B, M)
+    fp32, receives sum_j out_ij^2 of the bf16 output. row_partials: optional preallocated
+    contiguous fp32 buffer of at least ``row_partial_size(B, M, N, config)`` elements for the
+    partial row sums (allocated when needed and not given). ``props``: the device the default
+    config is chosen for (default: ``left``'s). Returns ``out``.
+    """
+    prepared = prepare_ns_apply(
+        left, right, addend, out, alpha=alpha, fro_sumsq=fro_sumsq, eps=eps,
+        row_sumsq_out=row_sumsq_out, row_partials=row_partials, config=config, props=props,
+    )
+    run_all(prepared)
+    return prepared.result

@@ -16,8 +16,16 @@ import pytest
 import torch
 
 from trasmuon import reference as ref
-from trasmuon_kernels.gate import gate_stage_, kth_smallest
+from trasmuon_kernels.gate import kth_smallest
 from trasmuon_kernels.testing import assert_close_to_reference, poison
+
+from .with_rule import gate_stage_
+
+# These check bit-exactness against the CPU reference under Triton's interpreter, on CPU
+# tensors; on a GPU machine the compiled kernels' parity is bench/gpu_memory_passes.py's.
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="interpreter tests on CPU tensors; on a GPU run bench/gpu_memory_passes.py"
+)
 
 # Measured worst case 4 ulp (c_last, sf_c_lr2_sum) over the continuous-gate sequences below;
 # a 3-ulp log difference moves c by at most ~6 ulp before the EMA divides it by 10.
@@ -270,7 +278,7 @@ def test_gate_errors():
 
 
 def test_trigger_boundary_is_inclusive():
-    # r == trigger keeps c = 1 (SPEC: c_j = 1 where r_j <= k); the next float above is clipped.
+    # r == trigger keeps c = 1 (docs/rule.md, step 10: c_j = 1 where r_j <= k); the next float above is clipped.
     energy = torch.ones(2, 9)
     energy[:, 3] = 3.0  # E_ref + eps == 1.0 in float32, so r = 3.0 exactly
     energy[:, 4] = torch.nextafter(torch.tensor(3.0), torch.tensor(4.0))
@@ -285,3 +293,26 @@ def test_trigger_boundary_is_inclusive():
     assert torch.equal(got, want)
     assert (got[:, 3] == 1.0).all() and (got[:, 5] == 1.0).all()
     assert (got[:, 4] == torch.tensor(kwargs["clip_min"])).all()
+
+
+def test_per_matrix_steps():
+    # A (B,) step tensor: every matrix moves on its own schedule, as if it ran alone.
+    kwargs = dict(DEFAULT_GATE, clip_period=2, warmup_steps=1)
+    count, d_in = 3, 24
+    energy = _energies(count, d_in, 1, 0)
+    start: dict[str, torch.Tensor] = {}
+    ref.init_gate_state(start, (count,), d_in, True, torch.device("cpu"))
+    start["energy_ref"] = energy.median(dim=-1).values
+    start["c_ema"] = torch.rand(count, d_in, generator=torch.Generator().manual_seed(3)) * 0.3 + 0.7
+    steps = torch.tensor([1, 2, 5], dtype=torch.int64)
+    together = {k: v.clone() for k, v in start.items()}
+    got = gate_stage_(together, energy, steps, 1e-3, first=False, **kwargs)
+    for i in range(count):
+        alone = {k: v[i : i + 1].clone() for k, v in start.items()}
+        want = gate_stage_(alone, energy[i : i + 1], int(steps[i]), 1e-3, first=False, **kwargs)
+        assert torch.equal(got[i : i + 1], want), f"matrix {i}"
+        for key in STATE_KEYS:
+            assert torch.equal(together[key][i : i + 1], alone[key]), f"matrix {i}: {key}"
+    assert not torch.equal(got[0], got[2])  # warmup: matrix 0 is ungated at t = 1
+    with pytest.raises(ValueError, match=r"a \(3,\) tensor"):
+        gate_stage_(together, energy, torch.ones(2), 1e-3, first=False, **kwargs)

@@ -78,6 +78,18 @@ def test_polynomial_fuses_bias(d, config):
     assert_close_to_reference(out, b * a64 + c * a64 @ a64, what="b A + c A A")
 
 
+def test_polynomial_with_zero_alpha_is_the_scaled_bias():
+    # The kernel starts from (beta / alpha) * D; alpha == 0 takes the no-product path.
+    z = bf16_input(1, 20, 30, seed=5) / 30**0.5
+    a_mat = poison(1, 20, 20, dtype=torch.bfloat16, device=DEVICE)
+    sym_gram(z, a_mat, config=SMALL)
+    out = poison(1, 20, 20, dtype=torch.bfloat16, device=DEVICE)
+    sym_gram(a_mat, out, alpha=0.0, bias=a_mat, beta=-3.0, config=SMALL)
+    assert torch.equal(out, (-3.0 * a_mat.float()).to(torch.bfloat16))
+    with pytest.raises(ValueError, match="not both"):
+        sym_gram(a_mat, out, bias=a_mat, fro_sumsq=torch.ones(1, device=DEVICE))
+
+
 def test_strided_input_without_copy():
     # A column slice of a wider buffer: the kernel reads it through its strides.
     base = bf16_input(2, 19, 64, seed=3)

@@ -18,11 +18,19 @@ import pytest
 import torch
 
 from trasmuon import reference as ref
-from trasmuon_kernels._common import GPU_TILE, PassConfig, TensorBucket, default_config
-from trasmuon_kernels.gate import gate_stage_
+from trasmuon_kernels._common import PassConfig, TensorBucket, default_config
+from trasmuon_kernels._launch import H200
 from trasmuon_kernels.momentum_energy import column_energy, momentum_energy_pass_
 from trasmuon_kernels.testing import assert_close_to_reference, poison
-from trasmuon_kernels.update import row_stats_, row_sumsq, update_pass_
+from trasmuon_kernels.update import row_sumsq, update_pass_
+
+from .with_rule import gate_stage_, row_stats_
+
+# These check bit-exactness against the CPU reference under Triton's interpreter, on CPU
+# tensors; on a GPU machine the compiled kernels' parity is bench/gpu_memory_passes.py's.
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="interpreter tests on CPU tensors; on a GPU run bench/gpu_memory_passes.py"
+)
 
 SHAPES = [(1, 37), (33, 1), (3, 1000), (257, 129)]
 COUNTS = [1, 7]
@@ -185,7 +193,7 @@ def test_update_strided_views_and_tiles():
     _, _, rowscale, eta, gate = _update_inputs(3, 23, 20, torch.float32, seed=4)
     gate_t = gate.t().contiguous().t()  # strided gate
     before = param.clone()
-    for config in (PassConfig(block_r=8, block_c=8), default_config(23, 20, tile=GPU_TILE)):
+    for config in (PassConfig(block_r=8, block_c=8), default_config(23, 20, props=H200)):
         p = param
         p.copy_(before)
         update_pass_(p, ortho, lr=0.01, weight_decay=0.1, eta_hat=eta, rowscale=rowscale,
@@ -219,10 +227,16 @@ def test_deliberate_errors_are_caught():
 
 def test_launcher_errors():
     param, ortho, rowscale, eta, gate = _update_inputs(2, 9, 10, torch.float32, seed=6)
-    with pytest.raises(ValueError, match="give eta_hat and rowscale"):
+    with pytest.raises(ValueError, match="give one row factor"):
         update_pass_(param, ortho, lr=0.01)
-    with pytest.raises(ValueError, match=r"step_size \(Muon\) excludes"):
+    with pytest.raises(ValueError, match="give one row factor"):
         update_pass_(param, ortho, lr=0.01, step_size=0.1, eta_hat=eta, rowscale=rowscale)
+    with pytest.raises(ValueError, match=r"step_size \(Muon\) excludes rowscale"):
+        update_pass_(param, ortho, lr=0.01, step_size=0.1, rowscale=rowscale)
+    with pytest.raises(ValueError, match="needs rowscale"):
+        update_pass_(param, ortho, lr=0.01, eta_hat=eta)
+    with pytest.raises(ValueError, match="needs eta_scale"):
+        update_pass_(param, ortho, lr=0.01, o_base_sumsq=eta, rowscale=rowscale)
     with pytest.raises(ValueError, match="ortho has shape"):
         update_pass_(param, ortho[:, :8], lr=0.01, eta_hat=eta, rowscale=rowscale)
     with pytest.raises(TypeError, match=r"param has dtype torch\.float64"):
@@ -317,3 +331,47 @@ def test_bucketed_step_matches_eager_step(energy_source):
         assert_close_to_reference(s_kernel["row_v"], s_ref["row_v"].double(), what=f"step {t}: v")
         assert_close_to_reference(w_kernel, w_ref.double(), what=f"step {t}: param")
     assert (w_kernel != w0).any()
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
+def test_eta_formed_in_the_update_pass(tensor_lr):
+    # row_stats_ also writes ||O_base||_F^2 (sumsq_out); the update pass that forms eta_hat
+    # from it (o_base_sumsq=...) writes the same bits as the one given row_stats_' eta_hat.
+    count, d_out, d_in = 3, 37, 20
+    gen = torch.Generator().manual_seed(11)
+    ortho = torch.randn(count, d_out, d_in, generator=gen).to(torch.bfloat16)
+    rss = row_sumsq(ortho)
+    v = torch.rand(count, d_out, generator=gen) * 1e-3
+    lr = torch.tensor(0.02) if tensor_lr else 0.02
+    sums = poison(count, 2, dtype=torch.float32)
+    sumsq = sums[:, 0]  # a strided view, as a caller's reduction buffer
+    rowscale, eta = row_stats_(v, rss, d_in=d_in, beta2=0.95, eps=1e-8, scale=0.2, lr=lr,
+                               sumsq_out=sumsq)
+    assert sums[:, 1].isnan().all()
+    assert_close_to_reference(sumsq, ref.o_base_sumsq(rss.double(), rowscale.double()), what="sumsq")
+    gate = torch.rand(count, d_in, generator=gen) * 0.3 + 0.7
+    w0 = torch.randn(count, d_out, d_in, generator=gen).to(torch.bfloat16)
+    given, formed = w0.clone(), w0.clone()
+    update_pass_(given, ortho, lr=lr, weight_decay=0.1, eta_hat=eta, rowscale=rowscale, col_gate=gate)
+    update_pass_(formed, ortho, lr=lr, weight_decay=0.1, o_base_sumsq=sumsq,
+                 eta_scale=0.2 * (d_out * d_in) ** 0.5, eta_eps=ref.ETA_HAT_EPS, rowscale=rowscale,
+                 col_gate=gate)
+    assert torch.equal(formed, given)
+    twin = w0.clone()
+    ref.weight_update_pass_(twin, ortho, lr, 0.1, eta_hat=eta, rowscale=rowscale, col_gate=gate)
+    assert torch.equal(formed, twin)
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
+def test_muon_step_scale(tensor_lr):
+    # step_size=lr with step_scale=factor is Muon's lr * factor, rounded as torch rounds it.
+    count, d_out, d_in = 2, 23, 20
+    gen = torch.Generator().manual_seed(12)
+    ortho = torch.randn(count, d_out, d_in, generator=gen).to(torch.bfloat16)
+    lr = torch.tensor(0.02) if tensor_lr else 0.02
+    factor = ref.muon_lr(1.0, None, d_out, d_in)
+    w0 = torch.randn(count, d_out, d_in, generator=gen)
+    got, twin = w0.clone(), w0.clone()
+    update_pass_(got, ortho, lr=lr, weight_decay=0.1, step_size=lr, step_scale=factor)
+    ref.weight_update_pass_(twin, ortho, lr, 0.1, step_size=ref.muon_lr(lr, None, d_out, d_in))
+    assert torch.equal(got, twin)

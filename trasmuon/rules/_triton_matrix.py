@@ -1,9 +1,300 @@
-"""The Triton programs of the matrix rules (placeholder while the kernels are refactored)."""
+"""The Triton programs of the matrix rules: every launch of a bucket prepared once per plan.
+
+A program holds, for its bucket of B matrices (this rank's rows of each):
+
+* device tables of the parameters', momenta's and gradients' addresses (the gradient table is
+  rewritten in place when gradients move, ``begin``);
+* the Newton–Schulz input X and its output O as (B, rows, d_in) bf16 stacks, and the small
+  per-matrix state (``row_v``, the gate state) stacked, with ``optimizer.state`` entries as
+  views of the stacks (so checkpoints keep their per-parameter layout);
+* lr and the step counters as device scalars of the plan (``trasmuon.plan``).
+
+Every launch reads what changes between steps from device memory, so two steps issue the same
+launches with the same arguments, and a step can be captured in a CUDA graph.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .. import reference as ref
+from . import Program
+from ._matrix import PointerTable
+
+if TYPE_CHECKING:
+    from ..plan import Bucket, StepPlan
+
+try:  # torch >= 2.5
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch 2.4
+    from torch.distributed._tensor import DTensor
+
+_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def unsupported_reason(group: Any, param: Any, grad: Any) -> str | None:
-    return "the Triton matrix programs are being rebuilt"
+def unsupported_reason(group: Mapping[str, Any], param: Tensor, grad: Tensor) -> str | None:
+    """Why a matrix cannot take the Triton program (None when it can)."""
+    if group["ns_dtype"] != torch.bfloat16:
+        return f"ns_dtype={group['ns_dtype']} (the Newton-Schulz kernels are bf16)"
+    if param.dtype not in _FLOAT:
+        return f"its dtype is {param.dtype} (the kernels take fp32, bf16 and fp16 params)"
+    if grad.dtype not in _FLOAT:
+        return f"its gradient dtype is {grad.dtype}"
+    return None
+
+
+def stack_state(bucket: Bucket, key: str, shape: tuple[int, ...], fill: float) -> Tensor:
+    """One contiguous (B, *shape) float32 stack on the bucket's device whose rows become the
+    state entries ``key`` of its parameters (existing values are copied in, missing ones start
+    at ``fill``). A row-sharded entry stays a DTensor whose local tensor is its row."""
+    stack = torch.full((bucket.count, *shape), fill, dtype=torch.float32, device=bucket.device)
+    for i, state in enumerate(bucket.states):
+        old = state.get(key)
+        if isinstance(old, DTensor):
+            stack[i].copy_(old.to_local())
+            state[key] = DTensor.from_local(stack[i], old.device_mesh, old.placements,
+                                            run_check=False, shape=old.shape, stride=old.stride())
+        else:
+            if old is not None:
+                stack[i].copy_(old)
+            state[key] = stack[i]
+    return stack
+
+
+class TritonMatrixProgram(Program):
+    """What every matrix rule's Triton program shares: tables, stacks, scalars, the momentum
+    pass and Newton–Schulz. Subclasses prepare ``post_launches`` and ``finish_launches``."""
+
+    # Columns of the momentum pass's energies: None, "momentum" or "grad".
+    energy_source: str | None = None
+
+    def __init__(self, bucket: Bucket, plan: StepPlan) -> None:
+        self.bucket = bucket
+        self.plan = plan
+        self.lr_slot = plan.devices.lr_slot(bucket.device, bucket.group_index, bucket.group)
+        self.counter = plan.devices.reserve_counters(bucket.device, bucket.states)
+        self.pass1: list[Any] = []
+        self.ns: list[Any] = []
+        self.post_launches: list[Any] = []
+        self.finish_launches: list[Any] = []
+
+    # ------------------------------------------------------------------------------
+    def build(self) -> None:
+        from trasmuon_kernels._launch import device_props
+        from trasmuon_kernels.momentum_energy import prepare_momentum_energy_pass
+
+        b = self.bucket
+        g = b.group
+        self.props = device_props(b.device)
+        self.lr = self.plan.devices.lr_tensor(b.device, self.lr_slot)
+        self.steps = self.plan.devices.counter_view(b.device, self.counter, b.count)
+        states = b.rule_states()
+        self.param_table = PointerTable(b.views())
+        self.momentum_table = PointerTable([s["momentum"] for s in states])
+        self.grad_table = PointerTable(b.grads(), stand_in=True)
+        rows, d_in = b.local_rows, b.shape[1]
+        self.x = torch.empty(b.count, rows, d_in, dtype=torch.bfloat16, device=b.device)
+        self.o = torch.empty_like(self.x)
+        self.x_sqnorm = torch.empty(b.count, dtype=torch.float32, device=b.device)
+        self.row_sumsq = (torch.empty(b.count, rows, dtype=torch.float32, device=b.device)
+                          if b.rule.needs_row_sumsq else None)
+        b.ns_input = self.x
+        self.pass1 = prepare_momentum_energy_pass(
+            self.grad_table.bucket, self.momentum_table.bucket, self.beta1(), nesterov=g["nesterov"],
+            energy_source=self.energy_source, x_out=self.x,
+            energy_out=self.pass1_energy_out(), sqnorm_out=self.x_sqnorm, props=self.props)
+        self.ns = self._ns(self.x, self.o, self.x_sqnorm, self.row_sumsq)
+        self.build_rule()
+
+    def beta1(self) -> float:
+        return self.bucket.group["betas"][0]
+
+    def pass1_energy_out(self) -> Tensor | None:
+        return None
+
+    def build_rule(self) -> None:
+        raise NotImplementedError
+
+    def _ns(self, x: Tensor, out: Tensor, fro: Tensor | None, row_sumsq: Tensor | None) -> list[Any]:
+        from trasmuon_kernels.newton_schulz import prepare_newton_schulz
+
+        b = self.bucket
+        schedule = b.rule.ns_schedule(b.group)
+        return prepare_newton_schulz(
+            x, schedule, b.rule.ns_eps(b.group), fro_sumsq=fro, out=out, row_sumsq_out=row_sumsq,
+            props=self.props, overwrite_input=len(schedule) % 2 == 1)
+
+    # The distributed exchanges' hooks ------------------------------------------------
+    def ortho_buffer(self) -> Tensor:
+        return self.o
+
+    def ns_launches(self, start: int, stop: int) -> list[Any]:
+        """Newton–Schulz of matrices [start, stop) of the bucket (this rank's share)."""
+        return self._ns(self.x[start:stop], self.o[start:stop], self.x_sqnorm[start:stop], None)
+
+    def full_ns_launches(self, x: Tensor, out: Tensor) -> list[Any]:
+        """Newton–Schulz of whole matrices assembled from every rank's rows."""
+        return self._ns(x, out, None, None)
+
+    def row_sumsq_launches(self) -> list[Any]:
+        """O's row sums of squares after an exchange (Newton–Schulz's epilogue cannot give the
+        rows a rank received)."""
+        if self.row_sumsq is None:
+            return []
+        from trasmuon_kernels.update import prepare_row_sumsq
+
+        return prepare_row_sumsq(self.o, out=self.row_sumsq, props=self.props)
+
+    # The stages ----------------------------------------------------------------------
+    def begin(self) -> None:
+        self.grad_table.refresh(self.bucket.grads())
+
+    def prepare(self) -> None:
+        for launch in self.pass1:
+            launch()
+
+    def orthogonalize(self) -> None:
+        for launch in self.ns:
+            launch()
+        self.bucket.ortho = self.o
+
+    def post(self) -> None:
+        for launch in self.post_launches:
+            launch()
+
+    def finish(self) -> None:
+        for launch in self.finish_launches:
+            launch()
+
+
+class TritonMuon(TritonMatrixProgram):
+    """Muon: W <- (1 - lr wd) W - lr * muon_lr_factor * O, lr read on the device."""
+
+    def beta1(self) -> float:
+        return self.bucket.group["momentum"]
+
+    def build_rule(self) -> None:
+        from trasmuon_kernels.update import prepare_update_pass
+
+        b = self.bucket
+        g = b.group
+        factor = ref.muon_lr(1.0, g["adjust_lr_fn"], *b.shape)
+        self.factor = factor
+        self.finish_launches = prepare_update_pass(
+            self.param_table.bucket, self.o, lr=self.lr, weight_decay=g["weight_decay"],
+            step_size=self.lr, step_scale=factor, props=self.props)
+
+    def diagnostics(self) -> list[dict[str, Any]]:
+        step = self.lr * self.factor
+        return [{"step_size": step} for _ in self.bucket.params]
+
+
+class TritonTrasMuon(TritonMatrixProgram):
+    """TrasMuon and NorMuon (``gate_on=False``): the momentum pass with the column energies,
+    Newton–Schulz with O's row sums, the row-stats kernel, the gate kernel and the update
+    kernel (which forms eta_hat from the complete ||O_base||_F^2)."""
+
+    def __init__(self, bucket: Bucket, plan: StepPlan, *, gate_on: bool) -> None:
+        super().__init__(bucket, plan)
+        self.gate_on = gate_on
+        source = bucket.group.get("energy_source", "momentum")
+        self.energy_source = source if gate_on and source != "update" else None
+        self._first: Tensor | None = None
+        self._pending_ref: list[int] = []
+
+    def pass1_energy_out(self) -> Tensor | None:
+        return self.bucket.reductions["energy"] if self.energy_source is not None else None
+
+    def build_rule(self) -> None:
+        from trasmuon_kernels.momentum_energy import prepare_column_energy
+        from trasmuon_kernels.update import prepare_row_stats, prepare_update_pass
+
+        b = self.bucket
+        g = b.group
+        d_out, d_in = b.shape
+        rows = b.local_rows
+        self.row_v = stack_state(b, "row_v", (rows,), 0.0)
+        self.rowscale = torch.empty(b.count, rows, dtype=torch.float32, device=b.device)
+        base_sumsq = b.reductions["o_base_sumsq"][:, 0]
+        post = prepare_row_stats(
+            self.row_v, self.row_sumsq, d_in=d_in, beta2=g["betas"][1], eps=g["eps"],
+            scale=g["scale"], lr=self.lr, eta_eps=ref.ETA_HAT_EPS, rowscale_out=self.rowscale,
+            sumsq_out=base_sumsq, props=self.props)
+        if self.gate_on and g["energy_source"] == "update":
+            post += prepare_column_energy(self.o, row_scale=self.rowscale,
+                                          out=b.reductions["energy"], props=self.props)
+        self.post_launches = post
+        finish = []
+        self.gate = None
+        if self.gate_on:
+            finish += self._gate()
+        finish += prepare_update_pass(
+            self.param_table.bucket, self.o, lr=self.lr, weight_decay=g["weight_decay"],
+            rowscale=self.rowscale, o_base_sumsq=base_sumsq,
+            eta_scale=g["scale"] * math.sqrt(d_out * d_in), eta_eps=ref.ETA_HAT_EPS,
+            col_gate=self.gate, props=self.props)
+        self.finish_launches = finish
+
+    def _gate(self) -> list[Any]:
+        from trasmuon_kernels.gate import prepare_gate_stage
+
+        b = self.bucket
+        g = b.group
+        d_in = b.shape[1]
+        keys = ["c_ema"] + (["sf_c_lr2_sum", "c_last"] if g["schedule_free"] else [])
+        fills = {"c_ema": 1.0, "sf_c_lr2_sum": 0.0, "c_last": 1.0}
+        state = {k: stack_state(b, k, (d_in,), fills[k]) for k in keys}
+        if g["schedule_free"]:
+            state["sf_lr2_sum"] = stack_state(b, "sf_lr2_sum", (), 0.0)
+        # E_ref is created by a matrix's first gated step: matrices without one get a flag the
+        # kernel clears, and their state entry appears once that step has run (``end``).
+        self._pending_ref = [i for i, s in enumerate(b.states) if "energy_ref" not in s]
+        present = [s for s in b.states if "energy_ref" in s]
+        energy_ref = torch.zeros(b.count, dtype=torch.float32, device=b.device)
+        for i, s in enumerate(b.states):
+            if "energy_ref" in s:
+                energy_ref[i].copy_(s["energy_ref"])
+                s["energy_ref"] = energy_ref[i]
+        del present
+        state["energy_ref"] = energy_ref
+        self._energy_ref = energy_ref
+        self._first = torch.tensor([1 if i in self._pending_ref else 0 for i in range(b.count)],
+                                   dtype=torch.uint8).to(b.device)
+        self.gate_state = state
+        self.gate = torch.empty(b.count, d_in, dtype=torch.float32, device=b.device)
+        return prepare_gate_stage(
+            state, b.reductions["energy"], self.steps, self.lr,
+            k=ref.quantile_rank(d_in, g["energy_quantile"]), warmup_steps=g["warmup_steps"],
+            clip_period=g["clip_period"], clip_alpha=g["clip_alpha"], clip_min=g["clip_min"],
+            clip_trigger=g["clip_trigger"], clip_beta=g["clip_beta"],
+            energy_beta=g["energy_beta"], energy_eps=g["energy_eps"],
+            schedule_free=g["schedule_free"], sf_mix=g["sf_mix"], sf_eps=ref.SCHEDULE_FREE_EPS,
+            first=self._first, out=self.gate, props=self.props)
+
+    def end(self) -> None:
+        if self._pending_ref:
+            for i in self._pending_ref:
+                self.bucket.states[i]["energy_ref"] = self._energy_ref[i]
+            self._pending_ref = []
+
+    def diagnostics(self) -> list[dict[str, Any]]:
+        from .trasmuon import matrix_diagnostics
+
+        b = self.bucket
+        g = b.group
+        d_out, d_in = b.shape
+        base = b.reductions["o_base_sumsq"][:, 0]
+        eta = ref.eta_hat_from_sumsq(g["scale"], self.lr, d_out, d_in, base)
+        states = b.rule_states()
+        out = []
+        for i in range(b.count):
+            entry = {"eta_hat": eta[i], "state": states[i],
+                     "energy": b.reductions["energy"][i] if self.gate_on else None,
+                     "gate": self.gate[i] if self.gate is not None else None}
+            out.append(matrix_diagnostics(entry, g, self.gate_on))
+        return out

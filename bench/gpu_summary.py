@@ -1,0 +1,96 @@
+"""The short table bench/run_gpu.sh prints last, from the files it wrote under one directory.
+
+    python bench/gpu_summary.py OUT_DIR
+
+Reads (each optional) ``status.tsv`` (part, exit status, seconds), ``newton_schulz.json``
+(bench/gpu_newton_schulz.py), ``memory_passes.json`` (bench/gpu_memory_passes.py) and
+``step.json`` (bench/gpu_step.py), prints one table per file, and writes the same text to
+``summary.txt``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _load(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _ms(v) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
+
+
+def summary(out: Path) -> str:
+    lines: list[str] = []
+    status = out / "status.tsv"
+    if status.exists():
+        lines.append("part                     status   seconds")
+        for line in status.read_text().splitlines():
+            name, rc, secs = [*line.split("\t"), "", ""][:3]
+            state = "ok" if rc == "0" else ("TIMEOUT" if rc in ("124", "137") else f"rc {rc}")
+            lines.append(f"{name:24s} {state:8s} {secs:>7s}")
+    env = None
+    ns = _load(out / "newton_schulz.json")
+    if ns:
+        env = ns.get("env")
+        lines += ["", f"Newton-Schulz, 5 steps (bf16 matmul rate {ns.get('bf16_matmul_tflops', 0):.0f} TFLOP/s; "
+                      "floor = symmetric FLOPs at that rate)",
+                  f"{'shape':>14s} {'ours ms':>9s} {'floor ms':>9s} {'of floor':>8s} {'torch-muon ms':>13s} {'speedup':>7s}"]
+        by_shape: dict[str, dict[str, dict]] = {}
+        for row in ns.get("rows", []):
+            by_shape.setdefault("x".join(map(str, row["shape"])), {})[row["impl"]] = row
+        for shape, impls in by_shape.items():
+            ours, torch_muon = impls.get("ours-bf16-in", {}), impls.get("torch-muon", {})
+            speed = (torch_muon.get("median_ms") / ours["median_ms"]
+                     if ours.get("median_ms") and torch_muon.get("median_ms") else None)
+            frac = ours.get("fraction_of_floor")
+            lines.append(f"{shape:>14s} {_ms(ours.get('median_ms')):>9s} {_ms(ours.get('floor_ms_symmetric')):>9s} "
+                         f"{(f'{frac:.0%}' if frac else '-'):>8s} {_ms(torch_muon.get('median_ms')):>13s} "
+                         f"{(f'{speed:.2f}x' if speed else '-'):>7s}")
+    mem = _load(out / "memory_passes.json")
+    if mem:
+        env = env or mem.get("env")
+        failed = [r for r in mem.get("parity", []) if not r.get("within_tolerance")]
+        lines += ["", f"Memory passes (copy {mem.get('copy_gbs', 0):.0f} GB/s; parity "
+                      f"{len(mem.get('parity', [])) - len(failed)}/{len(mem.get('parity', []))} within tolerance)",
+                  f"{'pass':42s} {'shape':>12s} {'ms':>8s} {'GB/s':>7s} {'of copy':>7s}"]
+        for row in mem.get("passes", []):
+            frac = row.get("fraction_of_copy")
+            gbs = f"{row['gbs']:.0f}" if "gbs" in row else "-"
+            shape = "x".join(map(str, row["shape"]))
+            lines.append(f"{row['pass']:42s} {shape:>12s} {_ms(row.get('median_ms')):>8s} "
+                         f"{gbs:>7s} {(f'{frac:.0%}' if frac else '-'):>7s}")
+    step = _load(out / "step.json")
+    if step:
+        env = env or step.get("env")
+        lines += ["", "Whole optimizer step (bf16 params)",
+                  f"{'model':12s} {'impl':18s} {'ms':>9s} {'vs torch-muon':>13s} {'vs eager':>8s}"]
+        for row in step.get("rows", []):
+            vs_t, vs_e = row.get("speedup_vs_torch-muon"), row.get("speedup_vs_trasmuon")
+            lines.append(f"{row['model']:12s} {row['impl']:18s} "
+                         + (f"{row['median_ms']:9.3f} {(f'{vs_t:.2f}x' if vs_t else '-'):>13s} "
+                            f"{(f'{vs_e:.2f}x' if vs_e else '-'):>8s}" if "median_ms" in row
+                            else f"{'-':>9s}  {row.get('error', '')[:60]}"))
+    if env:
+        lines.insert(0, f"{env.get('device')}: torch {env.get('torch')}, triton {env.get('triton')}, "
+                        f"CUDA {env.get('cuda')}, driver {env.get('driver')}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    out = Path(args[0] if args else ".")
+    text = summary(out)
+    print(text)
+    (out / "summary.txt").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
