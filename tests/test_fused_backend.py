@@ -16,7 +16,6 @@ import warnings
 import pytest
 import torch
 
-import trasmuon
 from trasmuon import Muon, NorMuon, TrasMuon
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
