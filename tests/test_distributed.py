@@ -619,3 +619,71 @@ def test_plain_class_on_fsdp2_params_equals_one_process(world, tmp_path):
     run_workers(_plain_fsdp_worker, world, tmp_path)
     print(f"\nplain TrasMuon on FSDP2, {world} ranks: worst relative weight difference",
           read_report(tmp_path)["worst"])
+
+
+# --------------------------------------------------------------------------------------
+# The Triton backend under torch.distributed (in the interpreter on the CPU)
+# --------------------------------------------------------------------------------------
+TRITON_HP = dict(lr=0.02, weight_decay=0.1, warmup_steps=2, clip_period=2, ns_steps=3,
+                 backend="triton")
+
+
+def triton_groups(model: nn.Module) -> list[dict]:
+    """A TrasMuon group, a NorMuon and a Muon group, all with bf16 Newton-Schulz (what the
+    kernels take), and AdamW for the rest."""
+    named = dict(model.named_parameters())
+    return [
+        {"params": [named[k] for k in MATRICES]},
+        {"params": [named["side.weight"]], "rule": "normuon"},
+        {"params": [named["proj.weight"]], "rule": "muon", "adjust_lr_fn": "match_rms_adamw"},
+        {"params": [named[k] for k in ("emb.weight", "fc1.bias", "head.weight", "head.bias")],
+         "rule": "adamw", "lr": 0.01, "weight_decay": 0.01},
+    ]
+
+
+def _relative_to_moved(value, ref_value, start):
+    moved = (ref_value - start).norm()
+    return float((value - ref_value).norm() / moved) if moved > 0 else 0.0
+
+
+def _triton_worker(rank: int, world: int, tmp: str) -> None:
+    """DDP work splitting and FSDP2 on the Triton backend against the single-process Triton
+    run on the same gradients: no matrix falls back to eager; the momenta and AdamW moments
+    match bitwise (DDP) and the weights within bf16 noise (O's row sums are reduced by another
+    kernel after an exchange; FSDP2's sums over rows are per-shard partial sums)."""
+    report = {}
+    for mode in ("ddp", "fsdp"):
+        torch.manual_seed(0)
+        ref_model = Net()
+        start = {k: v.detach().clone() for k, v in ref_model.named_parameters()}
+        if mode == "ddp":
+            model = copy.deepcopy(ref_model)
+            wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+            opt = DistributedTrasMuon(triton_groups(model), **TRITON_HP)
+        else:
+            model = wrapped = _fully_shard(copy.deepcopy(ref_model), world)
+            opt = TrasMuon(triton_groups(model), **TRITON_HP)  # the plain class, DTensor params
+        ref_opt = TrasMuon(triton_groups(ref_model), **TRITON_HP)
+        worst: dict[str, float] = {}
+        for step in range(1, 5):  # step 3: a param without a gradient (a new plan)
+            train_step(model, wrapped, opt, step, rank, world, mode == "ddp", (ref_model, ref_opt))
+            assert all(b.backend == "triton" for b in opt._plan.buckets), mode
+            for name, key, value, ref_value in state_pairs(opt, model, ref_opt, ref_model):
+                value = full(value)
+                if key == "param":
+                    rel = _relative_to_moved(value, ref_value, start[name])
+                    worst[name] = max(worst.get(name, 0.0), rel)
+                elif key in ("momentum", "exp_avg", "exp_avg_sq", "step") and mode == "ddp":
+                    assert torch.equal(value, ref_value), (mode, step, name, key)
+        assert max(worst.values()) < 5e-2, (mode, worst)
+        report[mode] = {"worst": max(worst.values()), "stats": gather_stats(opt)[0]}
+    write_report(tmp, report)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_triton_backend_under_ddp_and_fsdp2(world, tmp_path):
+    run_workers(_triton_worker, world, tmp_path)
+    report = read_report(tmp_path)
+    for mode, values in report.items():
+        print(f"\nTriton {mode}, {world} ranks: worst weight difference / distance moved "
+              f"{values['worst']:.2e}; rank 0 collectives {values['stats']['calls']}")

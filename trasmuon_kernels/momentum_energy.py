@@ -50,7 +50,7 @@ from ._common import (
     round_to,
     workspace_or_new,
 )
-from ._launch import DeviceProps, Launch, Prepared, run_all
+from ._launch import DeviceProps, Launch, Prepared, TorchLaunch, run_all
 
 # Energy sources of the rule (docs/rule.md, step 7): S = M, G or O_base. This pass computes
 # the first two; "update" (O_base) exists only after Newton-Schulz (``column_energy``), and
@@ -221,6 +221,11 @@ def _finalize_kernel(
 # --------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------
+def _zero_launches(*outputs: Tensor | None) -> list[TorchLaunch]:
+    """Sums over no rows are zero: what a pass over an empty stack (an empty shard) writes."""
+    return [TorchLaunch("zero", t.zero_, (t,)) for t in outputs if t is not None and t.numel()]
+
+
 class MomentumEnergyResult(NamedTuple):
     x: Tensor  # (B, d_out, d_in) ns_dtype: the Newton-Schulz input (maybe stored transposed)
     energy: Tensor | None  # (B, d_in) float32 column energies, or None
@@ -340,6 +345,8 @@ def prepare_momentum_energy_pass(
     if energy_source is not None:
         energy = out_or_new("energy_out", energy_out, (count, d_in), torch.float32, device)
     sqnorm = out_or_new("sqnorm_out", sqnorm_out, (count,), torch.float32, device)
+    if count == 0 or d_out == 0 or d_in == 0:  # e.g. an empty row shard: its sums are zero
+        return Prepared(_zero_launches(energy, sqnorm), MomentumEnergyResult(x_out, energy, sqnorm))
 
     n_cb = triton.cdiv(d_in, config.block_c)
     n_splits, rows_per_split = _splits(config, count, d_out, n_cb, props)
@@ -443,6 +450,8 @@ def prepare_column_energy(
     props = props_for(source, props)
     config = config or default_config(d_out, d_in, props=props, reduces_columns=True)
     config.check()
+    if count == 0 or d_out == 0 or d_in == 0:
+        return Prepared(_zero_launches(energy), energy)
     n_cb = triton.cdiv(d_in, config.block_c)
     n_splits, rows_per_split = _splits(config, count, d_out, n_cb, props)
     need = pass_workspace_size(count, d_out, d_in, config, props, energy=True, sqnorm=False)

@@ -305,6 +305,8 @@ def _partials(ws: NSWorkspace, need: int, device) -> torch.Tensor | None:
 
 
 def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.numel() == 0 or b.numel() == 0:  # nothing to overlap (and empty storages share address 0)
+        return False
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 

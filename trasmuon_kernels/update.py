@@ -200,6 +200,8 @@ def prepare_row_sumsq(
         raise ValueError("out must have unit stride along rows")
     config = config or default_config(d_out, d_in, props=props_for(ortho, props))
     config.check()
+    if count == 0 or d_out == 0:
+        return Prepared([], result)
     n_rb = triton.cdiv(d_out, config.block_r)
     so = ortho.stride()
     launch = Launch(
@@ -401,6 +403,8 @@ def prepare_update_pass(
 
     config = config or default_config(d_out, d_in, props=props_for(w.base, props))
     config.check()
+    if count == 0 or d_out == 0 or d_in == 0:  # an empty row shard: nothing to update
+        return Prepared([], None)
     n_rb = triton.cdiv(d_out, config.block_r)
     n_cb = triton.cdiv(d_in, config.block_c)
     sw, so = w.strides, ortho.stride()
