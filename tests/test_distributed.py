@@ -611,6 +611,20 @@ def _plain_fsdp_worker(rank: int, world: int, tmp: str) -> None:
             worst = max(worst, rel)
             assert rel < 1e-5, (step, name, rel)
     assert opt.comm_stats.calls.get("all_reduce(rows)", 0) == (1 if world > 1 else 0)
+    # NAMO-D the same way: its column sums of G and of N are all-reduced with the step's others.
+    from trasmuon import NAMOD
+
+    torch.manual_seed(0)
+    ref_model = Net()
+    model = _fully_shard(copy.deepcopy(ref_model), world)
+    kw = dict(lr=0.02, weight_decay=0.1, ns_dtype=torch.float64, clamp=0.5)
+    opt, ref_opt = NAMOD(model.parameters(), **kw), NAMOD(ref_model.parameters(), **kw)
+    for step in range(1, 5):
+        train_step(model, model, opt, step, rank, world, False, (ref_model, ref_opt))
+        for p, rp in zip(model.parameters(), ref_model.parameters(), strict=True):
+            rel = float((full(p).detach() - rp.detach()).norm() / rp.detach().norm())
+            worst = max(worst, rel)
+            assert rel < 1e-5, (step, rel)
     write_report(tmp, {"worst": worst})
 
 
@@ -626,16 +640,19 @@ def test_plain_class_on_fsdp2_params_equals_one_process(world, tmp_path):
 # --------------------------------------------------------------------------------------
 TRITON_HP = dict(lr=0.02, weight_decay=0.1, warmup_steps=2, clip_period=2, ns_steps=3,
                  backend="triton")
+NAMO_KEYS = ("grad_sq_avg", "col_grad_sq_avg")
 
 
 def triton_groups(model: nn.Module) -> list[dict]:
-    """A TrasMuon group, a NorMuon and a Muon group, all with bf16 Newton-Schulz (what the
+    """TrasMuon, NorMuon, Muon, NAMO and NAMO-D groups, all with bf16 Newton-Schulz (what the
     kernels take), and AdamW for the rest."""
     named = dict(model.named_parameters())
     return [
-        {"params": [named[k] for k in MATRICES]},
+        {"params": [named[k] for k in ("fc1.weight", "fc2.weight", "extra")]},
         {"params": [named["side.weight"]], "rule": "normuon"},
         {"params": [named["proj.weight"]], "rule": "muon", "adjust_lr_fn": "match_rms_adamw"},
+        {"params": [named["fc3.weight"]], "rule": "namo"},
+        {"params": [named["tiny.weight"]], "rule": "namo_d", "clamp": 0.5},
         {"params": [named[k] for k in ("emb.weight", "fc1.bias", "head.weight", "head.bias")],
          "rule": "adamw", "lr": 0.01, "weight_decay": 0.01},
     ]
@@ -675,6 +692,8 @@ def _triton_worker(rank: int, world: int, tmp: str) -> None:
                     worst[name] = max(worst.get(name, 0.0), rel)
                 elif key in ("momentum", "exp_avg", "exp_avg_sq", "step") and mode == "ddp":
                     assert torch.equal(value, ref_value), (mode, step, name, key)
+                elif key in NAMO_KEYS:  # the column sums of G, all-reduced over shards
+                    torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-7)
         assert max(worst.values()) < 5e-2, (mode, worst)
         report[mode] = {"worst": max(worst.values()), "stats": gather_stats(opt)[0]}
     write_report(tmp, report)

@@ -16,7 +16,7 @@ import warnings
 import pytest
 import torch
 
-from trasmuon import Muon, NorMuon, TrasMuon
+from trasmuon import NAMO, NAMOD, Muon, NorMuon, TrasMuon
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -112,7 +112,7 @@ def test_200_steps_match_the_eager_backend():
         assert late <= 1.5 * early, (i, early, late)  # does not grow with steps
 
 
-@pytest.mark.parametrize("cls", [TrasMuon, NorMuon, Muon])
+@pytest.mark.parametrize("cls", [TrasMuon, NorMuon, Muon, NAMO, NAMOD])
 def test_default_newton_schulz_and_rules_match_eager(cls):
     def make():
         gen = torch.Generator().manual_seed(3)

@@ -606,40 +606,49 @@ def namo_decay_factor(mode: str, lr: float | Tensor, weight_decay: float, step_w
     return (1.0 - weight_decay * step_wd).clamp(min=0.0)
 
 
-def namo_update_stage_(
-    param: Tensor,
-    ortho: Tensor,
-    state: MutableMapping[str, Tensor],
+def namo_factors_(
+    v: Tensor,
+    grad_col_sumsq: Tensor,
+    n_col_sumsq: Tensor,
     step: int,
     lr: float | Tensor,
     *,
-    grad_sumsq: Tensor,
-    n_sumsq: Tensor,
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
     scale: float,
+    d_out: int,
+    d_in: int,
     weight_decay_mode: str,
-    shape: tuple[int, int] | None = None,
-) -> dict[str, Tensor]:
-    """NAMO's steps 1 and 4-7 for one matrix given O and the two sums of squares (of G before
-    the momentum, and of the Newton-Schulz input N), which a row-sharded matrix all-reduces
-    first. Updates ``state["grad_sq_avg"]`` and the weights; returns what diagnostics read."""
-    acc = state["grad_sq_avg"].dtype
-    d_out, d_in = shape if shape is not None else tuple(param.shape[-2:])
-    second_moment_update_(state["grad_sq_avg"], grad_sumsq, betas[1])
+    clamp: float | None,
+) -> dict[str, Tensor | float]:
+    """Steps 1 and 4-6 of NAMO (``clamp=None``: ``v`` is one scalar per matrix) or NAMO-D
+    (``v`` per column) from the column sums of squares of G and of N over all rows: updates
+    ``v`` and returns the decay factor and the update step (per matrix, or per column), with
+    what diagnostics read. The eager twin of ``trasmuon_kernels.namo``."""
     base = namo_base_step(lr, betas, step)
-    alpha = namo_alpha(base, n_sumsq, state["grad_sq_avg"], eps)
-    step_wd, step_up = namo_step_sizes(alpha, namo_shape_factor(scale, d_out, d_in))
-    decay = namo_decay_factor(weight_decay_mode, lr, weight_decay, step_wd)
-    apply_update_(param, ortho.to(acc) * step_up, decay)
-    return {"alpha": alpha, "step_wd": step_wd, "step_up": step_up}
+    shape = namo_shape_factor(scale, d_out, d_in)
+    if clamp is None:
+        second_moment_update_(v, grad_col_sumsq.sum(-1), betas[1])
+        alpha = namo_alpha(base, n_col_sumsq.sum(-1), v, eps)
+        out: dict[str, Tensor | float] = {"alpha": alpha}
+        scaled = alpha
+    else:
+        second_moment_update_(v, grad_col_sumsq, betas[1])
+        raw = namod_raw_scale(n_col_sumsq, v, eps)
+        d = namod_clamp(raw, clamp)
+        out = {"d_raw": raw, "d": d}
+        scaled = base * d
+    step_wd, step_up = namo_step_sizes(scaled, shape)
+    out.update(base=base, step_wd=step_wd, step_up=step_up,
+               decay=namo_decay_factor(weight_decay_mode, lr, weight_decay, step_wd))
+    return out
 
 
-def namod_update_stage_(
+def namo_update_stage_(
     param: Tensor,
     ortho: Tensor,
-    state: MutableMapping[str, Tensor],
+    v: Tensor,
     step: int,
     lr: float | Tensor,
     *,
@@ -649,22 +658,20 @@ def namod_update_stage_(
     eps: float,
     weight_decay: float,
     scale: float,
-    clamp: float,
     weight_decay_mode: str,
+    clamp: float | None = None,
     shape: tuple[int, int] | None = None,
-) -> dict[str, Tensor]:
-    """NAMO-D's steps 1 and 4-7 for one matrix given O and the column sums of squares of G
-    and of N; column j of the decay and of the update is scaled by its own d_j."""
-    acc = state["col_grad_sq_avg"].dtype
+) -> dict[str, Tensor | float]:
+    """NAMO's (``clamp=None``) or NAMO-D's steps 1 and 4-7 for one matrix given O and the
+    column sums of squares of G (before the momentum) and of N, which a row-sharded matrix
+    all-reduces first: ``namo_factors_``, then W <- decay * W - step_up * O (column by column
+    for NAMO-D), rounded once."""
     d_out, d_in = shape if shape is not None else tuple(param.shape[-2:])
-    second_moment_update_(state["col_grad_sq_avg"], grad_col_sumsq, betas[1])
-    base = namo_base_step(lr, betas, step)
-    raw = namod_raw_scale(n_col_sumsq, state["col_grad_sq_avg"], eps)
-    d = namod_clamp(raw, clamp)
-    step_wd, step_up = namo_step_sizes(base * d, namo_shape_factor(scale, d_out, d_in))
-    decay = namo_decay_factor(weight_decay_mode, lr, weight_decay, step_wd)
-    apply_update_(param, ortho.to(acc) * step_up, decay)
-    return {"d_raw": raw, "d": d, "step_wd": step_wd, "step_up": step_up}
+    out = namo_factors_(v, grad_col_sumsq, n_col_sumsq, step, lr, betas=betas, eps=eps,
+                        weight_decay=weight_decay, scale=scale, d_out=d_out, d_in=d_in,
+                        weight_decay_mode=weight_decay_mode, clamp=clamp)
+    apply_update_(param, ortho.to(v.dtype) * out["step_up"], out["decay"])
+    return out
 
 
 # --------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ Launch configs are pure functions of shapes, dtypes and a :class:`~._launch.Devi
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from collections.abc import Sequence
@@ -356,6 +357,32 @@ def matrix_base(base, table, b, stride_b, USE_TABLE: tl.constexpr, ALIGNED: tl.c
     else:
         ptr = base + b.to(tl.int64) * stride_b
     return ptr
+
+
+@device_fn
+def one_minus_pow(log_b, t):
+    """1 - b^t in float32 from ln(b) (rounded on the host) and t >= 1 (bias corrections).
+
+    1 - b^t = -expm1(t*ln b). For |t ln b| <= 0.5 it comes from expm1's Taylor series (terms past
+    x^9/9! are below float32 rounding there): 1 - exp() would cancel when b^t is close to 1 (at
+    t = 1 and b2 = 0.999 it would lose 10 bits). Further out 1 - exp(x) >= 0.39 does not cancel.
+    b = 0 (ln b = -inf) gives 1."""
+    x = t * log_b
+    xs = tl.maximum(x, -0.5)  # keeps the unused series finite
+    s = 1.0 + xs * (1.0 / 9.0)
+    s = 1.0 + xs * (1.0 / 8.0) * s
+    s = 1.0 + xs * (1.0 / 7.0) * s
+    s = 1.0 + xs * (1.0 / 6.0) * s
+    s = 1.0 + xs * (1.0 / 5.0) * s
+    s = 1.0 + xs * (1.0 / 4.0) * s
+    s = 1.0 + xs * (1.0 / 3.0) * s
+    s = 1.0 + xs * 0.5 * s
+    return tl.where(x > -0.5, -(xs * s), 1.0 - tl.exp(x))
+
+
+def log_beta(beta: float) -> float:
+    """ln(beta) rounded to float32 for ``one_minus_pow`` (-inf for beta = 0)."""
+    return f32(math.log(beta)) if beta > 0 else -math.inf
 
 
 @device_fn

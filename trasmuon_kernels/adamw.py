@@ -42,6 +42,7 @@ from ._common import (
     interpreting,
     matrix_base,
     next_pow2,
+    one_minus_pow,
     round_to,
     scalar_or_tensor,
 )
@@ -63,27 +64,6 @@ _MAX_STEP = 1 << 24
 # --------------------------------------------------------------------------------------
 # Device helpers
 # --------------------------------------------------------------------------------------
-@device_fn
-def _one_minus_pow(log_b, t):
-    """1 - b^t in float32 from ln(b) (rounded on the host) and t >= 1.
-
-    1 - b^t = -expm1(t*ln b). For |t ln b| <= 0.5 it comes from expm1's Taylor series (terms past
-    x^9/9! are below float32 rounding there): 1 - exp() would cancel when b^t is close to 1 (at
-    t = 1 and b2 = 0.999 it would lose 10 bits). Further out 1 - exp(x) >= 0.39 does not cancel.
-    b = 0 (ln b = -inf) gives 1."""
-    x = t * log_b
-    xs = tl.maximum(x, -0.5)  # keeps the unused series finite
-    s = 1.0 + xs * (1.0 / 9.0)
-    s = 1.0 + xs * (1.0 / 8.0) * s
-    s = 1.0 + xs * (1.0 / 7.0) * s
-    s = 1.0 + xs * (1.0 / 6.0) * s
-    s = 1.0 + xs * (1.0 / 5.0) * s
-    s = 1.0 + xs * (1.0 / 4.0) * s
-    s = 1.0 + xs * (1.0 / 3.0) * s
-    s = 1.0 + xs * 0.5 * s
-    return tl.where(x > -0.5, -(xs * s), 1.0 - tl.exp(x))
-
-
 @device_fn
 def _load(ptr, idx, rem, MASKED: tl.constexpr):
     # Full blocks load without a mask: a mask against a count read from a table has no known
@@ -154,8 +134,8 @@ def _adamw_kernel(
         t = tl.load(steps_ptr + tid).to(tl.float32)
     else:
         t = step_value
-    bc1 = _one_minus_pow(log_beta1, t)
-    bc2_sqrt = tl.sqrt_rn(_one_minus_pow(log_beta2, t))
+    bc1 = one_minus_pow(log_beta1, t)
+    bc2_sqrt = tl.sqrt_rn(one_minus_pow(log_beta2, t))
     if LR_PTR:
         lr = tl.load(lr_ptr).to(tl.float32)
         decay = 1.0 - lr * weight_decay  # float32, as the reference's lr_tensor*wd

@@ -90,14 +90,14 @@ def lerp_weights(w: float) -> tuple[float, float, bool]:
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _momentum_energy_kernel(
-    g_base, g_table, m_base, m_table, x_ptr, epart_ptr, fpart_ptr,
+    g_base, g_table, m_base, m_table, x_ptr, epart_ptr, fpart_ptr, npart_ptr,
     d_out, d_in, rows_per_split, n_splits, n_cb,
     sgb, sgr, sgc, smb, smr, smc, sxb, sxr, sxc,
     w, w_m1, nw, nw_m1,
     G_TABLE: tl.constexpr, G_ALIGNED: tl.constexpr,
     M_TABLE: tl.constexpr, M_ALIGNED: tl.constexpr,
     SMALL_W: tl.constexpr, NESTEROV: tl.constexpr, SMALL_NW: tl.constexpr,
-    ENERGY: tl.constexpr, EMULATE_BF16_RNE: tl.constexpr,
+    ENERGY: tl.constexpr, INPUT_ENERGY: tl.constexpr, EMULATE_BF16_RNE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # One program: matrix b, a range of rows (a split), one block of columns. Column energies
@@ -118,6 +118,7 @@ def _momentum_energy_kernel(
     cols64 = cols.to(tl.int64)
     e_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     f_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    n_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     r_start = split * rows_per_split
     r_end = tl.minimum(r_start + rows_per_split, d_out)
     for r0 in range(r_start, r_end, BLOCK_R):
@@ -142,7 +143,13 @@ def _momentum_energy_kernel(
             e_acc += m * m
         elif ENERGY == 2:
             e_acc += g * g
+        if INPUT_ENERGY:
+            n_acc += ns_in * ns_in  # of the float32 Newton-Schulz input, before its rounding
 
+    if INPUT_ENERGY:
+        n = tl.sum(n_acc, axis=0)
+        n_row = npart_ptr + (b.to(tl.int64) * n_splits + split) * d_in
+        tl.store(n_row + cols64, n, mask=col_mask)
     if ENERGY != 0:
         e = tl.sum(e_acc, axis=0)
         e_row = epart_ptr + (b.to(tl.int64) * n_splits + split) * d_in
@@ -230,6 +237,7 @@ class MomentumEnergyResult(NamedTuple):
     x: Tensor  # (B, d_out, d_in) ns_dtype: the Newton-Schulz input (maybe stored transposed)
     energy: Tensor | None  # (B, d_in) float32 column energies, or None
     x_sqnorm: Tensor  # (B,) float32: ||X||_F^2 of the rounded X
+    input_energy: Tensor | None = None  # (B, d_in) float32 column energies of the float32 input
 
 
 def _splits(
@@ -249,13 +257,15 @@ def _splits(
 
 def pass_workspace_size(
     count: int, d_out: int, d_in: int, config: PassConfig, props: DeviceProps, *,
-    energy: bool, sqnorm: bool,
+    energy: bool, sqnorm: bool, input_energy: bool = False,
 ) -> int:
     """float32 elements of the partial sums a column-reducing pass needs: (B, splits, d_in)
-    energy partials and (B, splits, column blocks) ||X||^2 partials."""
+    energy partials (twice with ``input_energy``) and (B, splits, column blocks) ||X||^2
+    partials."""
     n_cb = triton.cdiv(d_in, config.block_c)
     n_splits, _ = _splits(config, count, d_out, n_cb, props)
-    return count * n_splits * ((d_in if energy else 0) + (n_cb if sqnorm else 0))
+    columns = (d_in if energy else 0) + (d_in if input_energy else 0)
+    return count * n_splits * (columns + (n_cb if sqnorm else 0))
 
 
 def _finalize_launch(
@@ -298,6 +308,8 @@ def prepare_momentum_energy_pass(
     x_out: Tensor | None = None,
     energy_out: Tensor | None = None,
     sqnorm_out: Tensor | None = None,
+    input_energy_out: Tensor | None = None,
+    input_energy: bool = False,
     workspace: Tensor | None = None,
     config: PassConfig | None = None,
     props: DeviceProps | None = None,
@@ -345,16 +357,23 @@ def prepare_momentum_energy_pass(
     if energy_source is not None:
         energy = out_or_new("energy_out", energy_out, (count, d_in), torch.float32, device)
     sqnorm = out_or_new("sqnorm_out", sqnorm_out, (count,), torch.float32, device)
+    n_energy = None
+    if input_energy or input_energy_out is not None:
+        n_energy = out_or_new("input_energy_out", input_energy_out, (count, d_in), torch.float32, device)
+    result = MomentumEnergyResult(x_out, energy, sqnorm, n_energy)
     if count == 0 or d_out == 0 or d_in == 0:  # e.g. an empty row shard: its sums are zero
-        return Prepared(_zero_launches(energy, sqnorm), MomentumEnergyResult(x_out, energy, sqnorm))
+        return Prepared(_zero_launches(energy, sqnorm, n_energy), result)
 
     n_cb = triton.cdiv(d_in, config.block_c)
     n_splits, rows_per_split = _splits(config, count, d_out, n_cb, props)
-    need = pass_workspace_size(count, d_out, d_in, config, props, energy=energy is not None, sqnorm=True)
+    need = pass_workspace_size(count, d_out, d_in, config, props, energy=energy is not None,
+                               sqnorm=True, input_energy=n_energy is not None)
     parts = workspace_or_new("workspace", workspace, need, device)
     n_epart = count * n_splits * d_in if energy is not None else 0
+    n_npart = count * n_splits * d_in if n_energy is not None else 0
     epart = parts[:n_epart].view(count, n_splits, d_in) if energy is not None else None
-    fpart = parts[n_epart:].view(count, n_splits, n_cb)
+    npart = parts[n_epart:n_epart + n_npart].view(count, n_splits, d_in) if n_energy is not None else None
+    fpart = parts[n_epart + n_npart:].view(count, n_splits, n_cb)
     w, w_m1, small_w = lerp_weights(1.0 - beta)
     nw, nw_m1, small_nw = lerp_weights(beta)
     sg, sm, sx = g.strides, m.strides, x_out.stride()
@@ -365,6 +384,7 @@ def prepare_momentum_energy_pass(
             g.base, g.table if g.uses_table else g.base,
             m.base, m.table if m.uses_table else m.base,
             x_out, epart if epart is not None else fpart, fpart,
+            npart if npart is not None else fpart,
             d_out, d_in, rows_per_split, n_splits, n_cb,
             sg[0], sg[1], sg[2], sm[0], sm[1], sm[2], sx[0], sx[1], sx[2],
             w, w_m1, nw, nw_m1,
@@ -373,14 +393,17 @@ def prepare_momentum_energy_pass(
             G_TABLE=g.uses_table, G_ALIGNED=g.aligned, M_TABLE=m.uses_table, M_ALIGNED=m.aligned,
             SMALL_W=small_w, NESTEROV=bool(nesterov), SMALL_NW=small_nw,
             ENERGY={"momentum": _ENERGY_MOMENTUM, "grad": _ENERGY_GRAD, None: _ENERGY_NONE}[energy_source],
-            EMULATE_BF16_RNE=interpreting(),
+            INPUT_ENERGY=n_energy is not None, EMULATE_BF16_RNE=interpreting(),
             BLOCK_R=config.block_r, BLOCK_C=config.block_c,
             num_warps=config.num_warps, enable_fp_fusion=False,
         ),
         keepalive=(g, m),
     )
-    finalize = _finalize_launch(epart, fpart, energy, sqnorm, count, d_in, n_splits, n_splits * n_cb)
-    return Prepared([launch, finalize], MomentumEnergyResult(x_out, energy, sqnorm))
+    launches = [launch, _finalize_launch(epart, fpart, energy, sqnorm, count, d_in, n_splits,
+                                         n_splits * n_cb)]
+    if n_energy is not None:
+        launches.append(_finalize_launch(npart, None, n_energy, None, count, d_in, n_splits, 0))
+    return Prepared(launches, result)
 
 
 def momentum_energy_pass_(
@@ -395,6 +418,8 @@ def momentum_energy_pass_(
     x_out: Tensor | None = None,
     energy_out: Tensor | None = None,
     sqnorm_out: Tensor | None = None,
+    input_energy_out: Tensor | None = None,
+    input_energy: bool = False,
     workspace: Tensor | None = None,
     config: PassConfig | None = None,
     props: DeviceProps | None = None,
@@ -410,13 +435,18 @@ def momentum_energy_pass_(
     ``.mT`` view), so ``x.mT`` is the pre-transposed contiguous operand. ``x_out``: a
     (B, d_out, d_in) tensor of ``ns_dtype`` with any strides to write X into. ``workspace``:
     optional preallocated float32 partials (``pass_workspace_size``). ``props``: the device the
-    config is chosen for (default: ``grad``'s).
+    config is chosen for (default: ``grad``'s). ``input_energy`` (or ``input_energy_out``,
+    (B, d_in) float32): also the column energies of the float32 Newton-Schulz input (M, or the
+    Nesterov blend) before it is rounded to ``ns_dtype`` (NAMO's ||N_:,j||^2), in a second
+    fixed-order finalize.
 
-    Returns ``(x, energy, x_sqnorm)``; eager twin: ``reference.momentum_energy_pass_``.
+    Returns ``(x, energy, x_sqnorm, input_energy)``; eager twin:
+    ``reference.momentum_energy_pass_``.
     """
     prepared = prepare_momentum_energy_pass(
         grad, momentum, beta, nesterov=nesterov, energy_source=energy_source, ns_dtype=ns_dtype,
         transpose_tall=transpose_tall, x_out=x_out, energy_out=energy_out, sqnorm_out=sqnorm_out,
+        input_energy_out=input_energy_out, input_energy=input_energy,
         workspace=workspace, config=config, props=props,
     )
     run_all(prepared)

@@ -110,18 +110,21 @@ def _row_stats_kernel(
 
 @triton.jit
 def _update_kernel(
-    w_base, w_table, o_ptr, rs_ptr, eta_ptr, gate_ptr, step_ptr, lr_ptr,
+    w_base, w_table, o_ptr, rs_ptr, eta_ptr, gate_ptr, step_ptr, lr_ptr, decay_ptr,
     d_out, d_in, n_rb, n_cb,
-    swb, swr, swc, sob, sor, soc, srb, srr, sgb, sgc, seb,
+    swb, swr, swc, sob, sor, soc, srb, srr, sgb, sgc, seb, ssb, sdb, sdj,
     step_value, step_scale, decay_value, weight_decay, eta_num, eta_eps,
     W_TABLE: tl.constexpr, W_ALIGNED: tl.constexpr,
     ROW_MODE: tl.constexpr, HAS_GATE: tl.constexpr, STEP_PTR: tl.constexpr, LR_PTR: tl.constexpr,
+    DECAY_MODE: tl.constexpr,
     EMULATE_BF16_RNE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # One tile per program: read O and W once, write W once. All math in float32 with the
     # reference's rounding order: r = eta*rs; U = (O*r)*c; W = W*decay - U, rounded once.
     # ROW_MODE 0: eta_hat given (eta_ptr); 2: eta_hat formed here from ||O_base||_F^2 at
-    # eta_ptr, as _row_stats_kernel forms it; 1: Muon's one step size.
+    # eta_ptr, as _row_stats_kernel forms it; 1: one step size per matrix (Muon: lr times a
+    # factor, stride 0; NAMO: its step_up). DECAY_MODE 0: 1 - lr*wd; 1: a decay per matrix;
+    # 2: a decay per column (NAMO-D), both read at decay_ptr.
     pid = tl.program_id(0)
     cb = pid % n_cb
     rest = pid // n_cb
@@ -142,7 +145,7 @@ def _update_kernel(
         # Muon: one step size for every row (a device step times a host factor, as
         # lr_tensor * float in torch)
         if STEP_PTR:
-            step = tl.load(step_ptr).to(tl.float32) * step_scale
+            step = tl.load(step_ptr + b64 * ssb).to(tl.float32) * step_scale
         else:
             step = step_value
         u = o * step
@@ -162,7 +165,11 @@ def _update_kernel(
     if HAS_GATE:
         c = tl.load(gate_ptr + b64 * sgb + cols64 * sgc, mask=col_mask, other=0.0)
         u = u * c[None, :]
-    if LR_PTR:
+    if DECAY_MODE == 1:
+        decay = tl.load(decay_ptr + b64 * sdb)
+    elif DECAY_MODE == 2:
+        decay = tl.load(decay_ptr + b64 * sdb + cols64 * sdj, mask=col_mask, other=1.0)[None, :]
+    elif LR_PTR:
         decay = 1.0 - tl.load(lr_ptr).to(tl.float32) * weight_decay  # float32, as lr_tensor*wd
     else:
         decay = decay_value  # 1 - lr*wd in double on the host, rounded once
@@ -342,6 +349,7 @@ def prepare_update_pass(
     step_size: float | Tensor | None = None,
     step_scale: float = 1.0,
     col_gate: Tensor | None = None,
+    decay: Tensor | None = None,
     config: PassConfig | None = None,
     props: DeviceProps | None = None,
 ) -> Prepared:
@@ -390,10 +398,23 @@ def prepare_update_pass(
     else:
         if rowscale is not None:
             raise ValueError("step_size (Muon) excludes rowscale; give one row factor")
-        step_t, step_v = scalar_or_tensor("step_size", step_size, device)
+        if isinstance(step_size, Tensor) and step_size.ndim == 1 and step_size.numel() > 1:
+            vector("step_size", step_size, (count,))  # one step per matrix
+            step_t, step_v = step_size, 0.0
+        else:
+            step_t, step_v = scalar_or_tensor("step_size", step_size, device)
         if step_t is None:
             step_v = f32(float(step_size) * float(step_scale))  # one product in double
         row_mode = 1
+    step_stride = step_t.stride(0) if step_t is not None and step_t.ndim == 1 else 0
+    decay_mode = 0
+    if decay is not None:
+        if isinstance(decay, Tensor) and decay.ndim == 2:
+            vector("decay", decay, (count, d_in))
+            decay_mode = 2
+        else:
+            vector("decay", decay, (count,))
+            decay_mode = 1
     if col_gate is not None:
         vector("col_gate", col_gate, (count, d_in))
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)):
@@ -419,20 +440,23 @@ def prepare_update_pass(
             col_gate if col_gate is not None else any_t,
             step_t if step_t is not None else any_t,
             lr_t if lr_t is not None else any_t,
+            decay if decay is not None else any_t,
             d_out, d_in, n_rb, n_cb,
             sw[0], sw[1], sw[2], so[0], so[1], so[2],
             rowscale.stride(0) if rowscale is not None else 0,
             rowscale.stride(1) if rowscale is not None else 0,
             col_gate.stride(0) if col_gate is not None else 0,
             col_gate.stride(1) if col_gate is not None else 0,
-            eta_stride,
+            eta_stride, step_stride,
+            decay.stride(0) if decay is not None else 0,
+            decay.stride(1) if decay is not None and decay.ndim == 2 else 0,
             step_v, f32(step_scale), decay_v, f32(weight_decay),
             f32(eta_num), f32(eta_eps if eta_eps is not None else 0.0),
         ),
         dict(
             W_TABLE=w.uses_table, W_ALIGNED=w.aligned,
             ROW_MODE=row_mode, HAS_GATE=col_gate is not None,
-            STEP_PTR=step_t is not None, LR_PTR=lr_t is not None,
+            STEP_PTR=step_t is not None, LR_PTR=lr_t is not None, DECAY_MODE=decay_mode,
             EMULATE_BF16_RNE=interpreting(), BLOCK_R=config.block_r, BLOCK_C=config.block_c,
             num_warps=config.num_warps, enable_fp_fusion=False,
         ),
@@ -455,6 +479,7 @@ def update_pass_(
     step_size: float | Tensor | None = None,
     step_scale: float = 1.0,
     col_gate: Tensor | None = None,
+    decay: Tensor | None = None,
     config: PassConfig | None = None,
     props: DeviceProps | None = None,
 ) -> None:
@@ -480,7 +505,7 @@ def update_pass_(
     run_all(prepare_update_pass(
         param, ortho, lr=lr, weight_decay=weight_decay, eta_hat=eta_hat, rowscale=rowscale,
         o_base_sumsq=o_base_sumsq, eta_scale=eta_scale, eta_eps=eta_eps, step_size=step_size,
-        step_scale=step_scale, col_gate=col_gate, config=config, props=props,
+        step_scale=step_scale, col_gate=col_gate, decay=decay, config=config, props=props,
     ))
 
 

@@ -18,10 +18,10 @@ import triton.language as tl
 
 from trasmuon import reference as ref
 from trasmuon_kernels._common import f32
+from trasmuon_kernels._common import one_minus_pow as _one_minus_pow
 from trasmuon_kernels._launch import H200, INTERPRETER, record_launches, run_all
 from trasmuon_kernels.adamw import (
     AdamWConfig,
-    _one_minus_pow,
     adamw_config,
     adamw_step_,
     prepare_adamw,

@@ -107,7 +107,8 @@ class TritonMatrixProgram(Program):
         self.pass1 = prepare_momentum_energy_pass(
             self.grad_table.bucket, self.momentum_table.bucket, self.beta1(), nesterov=g["nesterov"],
             energy_source=self.energy_source, x_out=self.x,
-            energy_out=self.pass1_energy_out(), sqnorm_out=self.x_sqnorm, props=self.props)
+            energy_out=self.pass1_energy_out(), sqnorm_out=self.x_sqnorm, props=self.props,
+            input_energy_out=self.pass1_input_energy_out())
         self.ns = self._ns(self.x, self.o, self.x_sqnorm, self.row_sumsq)
         self.build_rule()
 
@@ -115,6 +116,11 @@ class TritonMatrixProgram(Program):
         return self.bucket.group["betas"][0]
 
     def pass1_energy_out(self) -> Tensor | None:
+        """Where the momentum pass writes the column energies of ``energy_source``."""
+        return None
+
+    def pass1_input_energy_out(self) -> Tensor | None:
+        """Where it writes the column energies of the float32 Newton-Schulz input (None: not)."""
         return None
 
     def build_rule(self) -> None:
@@ -254,13 +260,11 @@ class TritonTrasMuon(TritonMatrixProgram):
         # E_ref is created by a matrix's first gated step: matrices without one get a flag the
         # kernel clears, and their state entry appears once that step has run (``end``).
         self._pending_ref = [i for i, s in enumerate(b.states) if "energy_ref" not in s]
-        present = [s for s in b.states if "energy_ref" in s]
         energy_ref = torch.zeros(b.count, dtype=torch.float32, device=b.device)
         for i, s in enumerate(b.states):
             if "energy_ref" in s:
                 energy_ref[i].copy_(s["energy_ref"])
                 s["energy_ref"] = energy_ref[i]
-        del present
         state["energy_ref"] = energy_ref
         self._energy_ref = energy_ref
         self._first = torch.tensor([1 if i in self._pending_ref else 0 for i in range(b.count)],

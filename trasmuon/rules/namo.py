@@ -94,18 +94,16 @@ class EagerNAMO(Program):
         g = b.group
         lr = M.eager_lr(b)
         grad_sums, n_sums = (b.reductions[k] for k in b.rule.sums)
-        common = dict(betas=g["betas"], eps=g["eps"], weight_decay=g["weight_decay"],
-                      scale=g["scale"], weight_decay_mode=g["weight_decay_mode"], shape=b.shape)
+        clamp = g["clamp"] if self.columns else None
+        key = b.rule.second_moment.name
         self._out = []
         for i, (view, ortho, state, step) in enumerate(
                 zip(b.views(), b.ortho, b.rule_states(), b.steps(), strict=True)):
-            if self.columns:
-                out = ref.namod_update_stage_(view, ortho, state, step, lr,
-                                              grad_col_sumsq=grad_sums[i], n_col_sumsq=n_sums[i],
-                                              clamp=g["clamp"], **common)
-            else:
-                out = ref.namo_update_stage_(view, ortho, state, step, lr, grad_sumsq=grad_sums[i].sum(),
-                                             n_sumsq=n_sums[i].sum(), **common)
+            out = ref.namo_update_stage_(
+                view, ortho, state[key], step, lr, grad_col_sumsq=grad_sums[i],
+                n_col_sumsq=n_sums[i], betas=g["betas"], eps=g["eps"],
+                weight_decay=g["weight_decay"], scale=g["scale"],
+                weight_decay_mode=g["weight_decay_mode"], clamp=clamp, shape=b.shape)
             if self.collect:
                 self._out.append(out)
 
