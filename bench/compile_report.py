@@ -58,15 +58,16 @@ SMEM_RESERVED_PER_BLOCK = 1024  # the system's share of every block (sm_80 and l
 
 MATRIX_PRODUCTS = ("_sym_gram_kernel", "_ns_apply_kernel")
 MEMORY_PASSES = ("_momentum_energy_kernel", "_column_energy_kernel", "_update_kernel",
-                 "_row_sumsq_kernel", "_fro_sumsq_kernel")
-VECTOR_KERNELS = ("_finalize_kernel", "_gate_kernel", "_kth_kernel", "_row_stats_kernel")
+                 "_row_sumsq_kernel", "_fro_sumsq_kernel", "_adamw_kernel")
+VECTOR_KERNELS = ("_finalize_kernel", "_gate_kernel", "_kth_kernel", "_row_stats_kernel",
+                  "_namo_factors_kernel")
 
 STANDALONE_BUCKETS: dict[str, tuple[int, int, int]] = {
     "4096x4096": (1, 4096, 4096),
     "4096x11008": (1, 4096, 11008),
     "stack-12x768x3072": (12, 768, 3072),
 }
-RULES = ("trasmuon", "trasmuon-update-energy", "normuon", "muon")
+RULES = ("trasmuon", "trasmuon-update-energy", "normuon", "muon", "namo", "namo_d")
 
 
 # --------------------------------------------------------------------------------------
@@ -151,6 +152,11 @@ def default_group(rule: str) -> dict[str, Any]:
     if rule == "muon":
         return dict(lr=1e-3, betas=(0.95, 0.95), eps=1e-7, weight_decay=0.1, nesterov=True,
                     ns_coefficients=ref.MUON_NS_COEFFICIENTS, ns_steps=5, adjust_lr_fn=None)
+    if rule in ("namo", "namo_d"):
+        namo = dict(lr=1e-2, betas=(0.95, 0.99), eps=1e-8, weight_decay=0.1, nesterov=True,
+                    ns_coefficients=ref.MUON_NS_COEFFICIENTS, ns_steps=5, scale=0.2,
+                    weight_decay_mode="adaptive")
+        return dict(namo, clamp=0.75) if rule == "namo_d" else namo
     raise ValueError(f"unknown rule {rule!r}; expected one of {RULES}")
 
 
@@ -185,10 +191,13 @@ def launches_for(bucket: tuple[int, int, int], param_dtype, rule: str = "trasmuo
     x = torch.empty(count, d_out, d_in, dtype=torch.bfloat16)
     o = torch.empty_like(x)
     x_sqnorm = torch.empty(count)
-    gate_on = not muon and group["clip"] and d_in >= group["clip_min_cols"]
+    gate_on = not muon and group.get("clip", False) and d_in >= group["clip_min_cols"]
     source = group["energy_source"] if gate_on and group["energy_source"] != "update" else None
     energy = torch.empty(count, d_in) if gate_on else None
     launches: list = []
+    if rule in ("namo", "namo_d"):  # the momentum pass, NS and the rest: see _namo_launches
+        return _namo_launches(launches, group, rule == "namo_d", params, grads, momenta, x, o,
+                              x_sqnorm, lr, steps, props)
     launches += prepare_momentum_energy_pass(
         grads, momenta, beta1, nesterov=group["nesterov"], energy_source=source, x_out=x,
         energy_out=energy if source is not None else None, sqnorm_out=x_sqnorm, props=props)
@@ -228,6 +237,66 @@ def launches_for(bucket: tuple[int, int, int], param_dtype, rule: str = "trasmuo
         o_base_sumsq=base_sumsq, eta_scale=group["scale"] * math.sqrt(d_out * d_in),
         eta_eps=ref.ETA_HAT_EPS, col_gate=gate, props=props)
     return launches
+
+
+def _namo_launches(launches, group, columns, params, grads, momenta, x, o, x_sqnorm, lr, steps,
+                   props) -> list:
+    """NAMO's (``columns=False``) and NAMO-D's launches after the tables and stacks, as
+    ``trasmuon/rules/_triton_namo.py`` prepares them."""
+    import torch
+
+    from trasmuon import reference as ref
+    from trasmuon_kernels.momentum_energy import prepare_momentum_energy_pass
+    from trasmuon_kernels.namo import prepare_namo_factors
+    from trasmuon_kernels.newton_schulz import prepare_newton_schulz
+    from trasmuon_kernels.update import prepare_update_pass
+
+    count, d_out, d_in = x.shape
+    grad_sums, n_sums = torch.empty(count, d_in), torch.empty(count, d_in)
+    launches += prepare_momentum_energy_pass(
+        grads, momenta, group["betas"][0], nesterov=group["nesterov"], energy_source="grad",
+        x_out=x, energy_out=grad_sums, sqnorm_out=x_sqnorm, input_energy_out=n_sums, props=props)
+    schedule = ref.ns_schedule(group["ns_coefficients"], group["ns_steps"])
+    launches += prepare_newton_schulz(x, schedule, ref.NAMO_NS_EPS, fro_sumsq=x_sqnorm, out=o,
+                                      props=props, overwrite_input=len(schedule) % 2 == 1)
+    v = torch.zeros(count, d_in) if columns else torch.zeros(count)
+    factors = prepare_namo_factors(
+        v, grad_sums, n_sums, steps, lr, betas=group["betas"], eps=group["eps"],
+        weight_decay=group["weight_decay"], scale_shape=ref.namo_shape_factor(group["scale"], d_out, d_in),
+        weight_decay_mode=group["weight_decay_mode"], clamp=group["clamp"] if columns else None,
+        props=props)
+    decay, step_up = factors.result
+    launches += factors
+    if columns:
+        launches += prepare_update_pass(params, o, lr=lr, step_size=1.0, col_gate=step_up,
+                                        decay=decay, props=props)
+    else:
+        launches += prepare_update_pass(params, o, lr=lr, step_size=step_up, decay=decay, props=props)
+    return launches
+
+
+def adamw_launches(shapes: list[tuple[int, ...]], param_dtype, props=None) -> list:
+    """The one AdamW launch of a step for the non-matrix params of these shapes (as
+    ``trasmuon/rules/adamw.py`` prepares it: float32 moments, device lr and steps)."""
+    import torch
+
+    from trasmuon_kernels._launch import H200
+    from trasmuon_kernels.adamw import prepare_adamw
+
+    params = [torch.empty(s, dtype=param_dtype) for s in shapes]
+    return prepare_adamw(params, [torch.empty_like(p) for p in params],
+                         [torch.empty(s) for s in shapes], [torch.empty(s) for s in shapes],
+                         steps=torch.ones(len(shapes)), lr=torch.tensor(1e-3), betas=(0.9, 0.95),
+                         eps=1e-8, weight_decay=0.1, props=props or H200)
+
+
+def model_others() -> dict[str, list[tuple[int, ...]]]:
+    """Per model of bench/shapes.py, the shapes of its non-matrix params (AdamW)."""
+    sys.path.insert(0, str(ROOT))
+    from bench.shapes import MODELS
+
+    return {model: [shape for shape, count, kind in specs if kind != "matrix" for _ in range(count)]
+            for model, specs in MODELS.items()}
 
 
 def standalone_launches(bucket: tuple[int, int, int], param_dtype, props=None) -> list:
@@ -282,6 +351,10 @@ def all_sites(dtypes: Iterable[str] = ("bf16", "fp32")) -> Iterator[tuple[Site, 
                     site = Site(model, bucket, dtype, rule, True)
                     yield site, launches_for(bucket, torch_dtype[dtype], rule)
                 yield Site(model, bucket, dtype, "-", False), standalone_launches(bucket, torch_dtype[dtype])
+    for model, shapes in model_others().items():
+        for dtype in dtypes:
+            yield Site(model, (len(shapes), 0, 0), dtype, "adamw", True), adamw_launches(
+                shapes, torch_dtype[dtype])
 
 
 # --------------------------------------------------------------------------------------

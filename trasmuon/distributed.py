@@ -244,9 +244,18 @@ def _comm_group(opt: MatrixOptimizer) -> Any:
 # --------------------------------------------------------------------------------------
 # Agreement before a step
 # --------------------------------------------------------------------------------------
-def needs_agreement(opt: MatrixOptimizer) -> bool:
-    group = _comm_group(opt)
-    return group is not None and _world(group) > 1 and (opt.check_consistency or opt.check_finite)
+def needs_agreement(opt: MatrixOptimizer, plan: StepPlan | None = None) -> bool:
+    """Whether this step starts with the agreement all-reduce (``plan``: the current plan,
+    whose layout does not change while it is current, so its answer is kept there)."""
+    if not (opt.check_consistency or opt.check_finite):
+        return False
+    if plan is not None and hasattr(plan, "comm_group"):
+        group = plan.comm_group
+    else:
+        group = _comm_group(opt)
+        if plan is not None:
+            plan.comm_group = group
+    return group is not None and _world(group) > 1
 
 
 def agree(opt: MatrixOptimizer, work: list[tuple[int, int, Tensor, Tensor, str]]) -> None:

@@ -582,7 +582,7 @@ class MatrixOptimizer(Optimizer):
         else:
             self._check_lrs()
             work = None
-        agreement = dist_support.needs_agreement(self)
+        agreement = dist_support.needs_agreement(self, plan if plan is not None and plan.key == key else None)
         if agreement or self.check_finite:
             if work is None:
                 work = self._collect()

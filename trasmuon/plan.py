@@ -132,6 +132,8 @@ class Bucket:
         return [oriented(local(p), self.orientation) for p in self.params]
 
     def grads(self) -> list[Tensor]:
+        if self.orientation == "out_in" and not self.sharded and not isinstance(self.params[0], DTensor):
+            return [p.grad for p in self.params]  # the common case, at every step
         return [oriented(local(p.grad), self.orientation) for p in self.params]
 
     def rule_states(self) -> list[RuleState]:
@@ -208,32 +210,37 @@ def init_state(bucket: Bucket) -> None:
 # Fingerprint
 # --------------------------------------------------------------------------------------
 def _frozen(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, list):
         return tuple(_frozen(v) for v in value)
-    if isinstance(value, Tensor):
-        return ("tensor", id(value))
     return value
 
 
 def fingerprint(groups: list[dict[str, Any]]) -> tuple:
     """What a plan depends on: per group its hyperparameters (lr excepted: it is read every
     step) and, per param with a gradient, its identity, shape, dtypes, device, layout and
-    strides (and alignment). Two steps with equal fingerprints run the same plan."""
+    strides (and alignment). Two steps with equal fingerprints run the same plan.
+
+    This runs at every step, so it is written for speed: one flat tuple, no per-key sorting
+    (a group's keys keep their order), tensors compared by identity."""
     parts: list[Any] = []
     for gi, group in enumerate(groups):
         parts.append((gi, id(group), tuple(
-            (k, _frozen(v)) for k, v in sorted(group.items()) if k not in _NOT_PLANNED)))
+            (k, _frozen(v)) for k, v in group.items() if k not in _NOT_PLANNED)))
         for p in group["params"]:
             g = p.grad
-            if g is None or p.numel() == 0:
+            if g is None:
                 continue
-            # The layout of the gradient, and whether it is 16-byte aligned (the Triton
-            # programs' vectorized loads assume what the plan saw).
-            gl = g.to_local() if isinstance(g, DTensor) else g
-            strided = g.layout == torch.strided
-            parts.append((id(p), p.dtype, tuple(p.shape), g.dtype, g.layout,
-                          gl.stride() if strided else None, gl.device,
-                          strided and gl.data_ptr() % 16 == 0, type(g) is not Tensor))
+            if type(g) is Tensor and g.layout == torch.strided:
+                # The layout of the gradient, and whether it is 16-byte aligned (the Triton
+                # programs' vectorized loads assume what the plan saw).
+                parts.append((id(p), p.dtype, p.shape, g.dtype, g.stride(), g.device,
+                              g.data_ptr() % 16 == 0))
+            else:  # a DTensor or a sparse gradient: the slower, general description
+                gl = g.to_local() if isinstance(g, DTensor) else g
+                strided = g.layout == torch.strided
+                parts.append((id(p), p.dtype, p.shape, g.dtype, g.layout,
+                              gl.stride() if strided else None, gl.device,
+                              strided and gl.data_ptr() % 16 == 0, type(g)))
     return tuple(parts)
 
 
@@ -283,6 +290,7 @@ class StepPlan:
 
     def begin(self) -> None:
         """Advance the step counters and publish this step's lr values and gradients."""
+        check_capture(self)
         for b in self.buckets:
             if b.backend == "eager":
                 for s in b.states:
@@ -381,6 +389,30 @@ class _DeviceScalars:
             if device.type == "cuda" and device in self._staging:
                 event = self._events.setdefault(device, torch.cuda.Event())
                 event.record()
+
+
+def capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def check_capture(plan: StepPlan) -> None:
+    """What a step captured in a CUDA graph must not do, refused while capturing: run an eager
+    bucket (its host-side step counts and syncs), or read a float lr (it would be frozen at
+    its value when captured). See docs/architecture.md, "Capturing the step"."""
+    devices = {b.device for b in plan.buckets}
+    if not any(capturing(d) for d in devices):
+        return
+    eager = [b for b in plan.buckets if b.backend == "eager"]
+    if eager:
+        raise RuntimeError(
+            f"capturing opt.step() in a CUDA graph needs every parameter on the Triton backend; "
+            f"{eager[0].labels[0]} runs eager (backend={eager[0].backend!r})")
+    for b in plan.buckets:
+        if not isinstance(b.group["lr"], Tensor):
+            raise RuntimeError(
+                "capturing opt.step() in a CUDA graph needs tensor lrs on the device (a float lr "
+                f"would be frozen at its value when captured): param group {b.group_index} has "
+                f"lr={b.group['lr']!r}; pass lr=torch.tensor(..., device='cuda')")
 
 
 def ceil_div(a: int, b: int) -> int:

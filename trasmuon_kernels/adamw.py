@@ -46,7 +46,7 @@ from ._common import (
     round_to,
     scalar_or_tensor,
 )
-from ._launch import DeviceProps, Launch, device_props, run_all
+from ._launch import DeviceProps, Launch, TorchLaunch, device_props, run_all
 from .momentum_energy import lerp, lerp_weights
 from .update import decay_factor
 
@@ -320,9 +320,9 @@ class AdamWLaunch(Launch):
             raise ValueError("the new gradients are not 16-byte aligned; prepare the launch again")
         host = torch.tensor(ptrs, dtype=torch.int64)
         if table.is_cuda:
-            table[1].copy_(host.pin_memory(), non_blocking=True)
-        else:
-            table[1].copy_(host)
+            host = host.pin_memory()  # a non-blocking copy from pinned memory: no host sync
+        row = table[1]
+        TorchLaunch("copy(grad addresses)", lambda: row.copy_(host, non_blocking=True), (row, host))()
 
 
 def prepare_adamw(
@@ -377,7 +377,7 @@ def prepare_adamw(
     if n == 0:
         return []
     p_list, g_list, m_list, v_list = lists.values()
-    check_device("params[0]", p_list[0])
+    check_device("params[0]", p_list[0], props)
     device = p_list[0].device
     shapes = [p.shape for p in p_list]
     _check_list("params", p_list, FLOAT_DTYPES, device, None)

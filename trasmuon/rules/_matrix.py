@@ -108,15 +108,22 @@ class PointerTable:
     def refresh(self, tensors: Sequence[Tensor]) -> None:
         """Write the new addresses into the table (same layout and alignment: the plan's
         fingerprint covers those)."""
+        from trasmuon_kernels._launch import TorchLaunch
+
         ptrs = tuple(t.data_ptr() for t in tensors)
         if ptrs == self.ptrs:
             return
+        if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "gradients moved while capturing opt.step() in a CUDA graph: a replay would read "
+                "them where they were; keep them in place (zero_grad(set_to_none=False)) and "
+                "take one uncaptured step after they moved")
         host = torch.tensor(ptrs, dtype=torch.int64)
         table = self.bucket.table
         if table.is_cuda:
-            table.copy_(host.pin_memory(), non_blocking=True)
-        else:
-            table.copy_(host)
+            host = host.pin_memory()  # a non-blocking copy from pinned memory: no host sync
+        TorchLaunch("copy(pointer table)", lambda: table.copy_(host, non_blocking=True),
+                    (table, host))()
         self.ptrs = ptrs
 
 

@@ -1,0 +1,65 @@
+"""The sm_90 compile report (bench/compile_report.py) builds the launches of a step for model
+sized buckets without allocating them, by mirroring the Triton programs of the rules. This
+checks the mirror against the programs themselves: for every rule, on a small bucket under the
+interpreter, the same kernels with the same grids and constexprs in the same order."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import trasmuon
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.compile_report import RULES, adamw_launches, default_group, launches_for  # noqa: E402
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter check on CPU tensors")
+
+RULE_OF = {"trasmuon": "trasmuon", "trasmuon-update-energy": "trasmuon", "normuon": "normuon",
+           "muon": "muon", "namo": "namo", "namo_d": "namo_d"}
+
+
+def _signature(launches) -> list[tuple]:
+    out = []
+    for launch in launches:
+        rec = launch.record()
+        out.append((rec.name, rec.grid, rec.meta))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rule", RULES)
+def test_the_report_compiles_what_the_programs_launch(rule, dtype):
+    from trasmuon_kernels._launch import INTERPRETER
+
+    bucket = (3, 24, 40)
+    count, d_out, d_in = bucket
+    params = [torch.nn.Parameter(torch.randn(d_out, d_in).to(dtype)) for _ in range(count)]
+    group = {k: v for k, v in default_group(rule).items() if k in trasmuon.rules.get_rule(RULE_OF[rule]).keys}
+    opt = trasmuon.TrasMuon([{"params": params, "rule": RULE_OF[rule], **group}], backend="triton")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    (b,) = opt._plan.matrices
+    prog = b.program
+    real = _signature([*prog.pass1, *prog.ns, *prog.post_launches, *prog.finish_launches])
+    mirror = _signature(launches_for(bucket, dtype, rule, props=INTERPRETER))
+    assert real == mirror
+
+
+def test_the_report_compiles_the_adamw_launch():
+    from trasmuon_kernels._launch import INTERPRETER
+
+    shapes = [(7,), (3, 5), (11,)]
+    params = [torch.nn.Parameter(torch.randn(s).bfloat16()) for s in shapes]
+    opt = trasmuon.AdamW(params, backend="triton", betas=(0.9, 0.95), weight_decay=0.1)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    (b,) = opt._plan.adamw
+    assert _signature(b.program.launches) == _signature(adamw_launches(shapes, torch.bfloat16, props=INTERPRETER))
