@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from trasmuon_kernels._launch import stub_launches
 
     for rule in args.rules:
-        opt, params = build(args.model, rule, args.shrink, torch.bfloat16)
+        opt, _ = build(args.model, rule, args.shrink, torch.bfloat16)
         if args.stub_warmup:
             with stub_launches():
                 opt.step()  # builds the plan
