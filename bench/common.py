@@ -12,7 +12,8 @@ from .shapes import ParamSpec
 
 # name -> (matrix rule of ours, or None for a torch.optim baseline)
 OURS = {"trasmuon": trasmuon.TrasMuon, "normuon": trasmuon.NorMuon,
-        "muon": trasmuon.Muon, "adamw": trasmuon.AdamW}
+        "muon": trasmuon.Muon, "namo": trasmuon.NAMO, "namo_d": trasmuon.NAMOD,
+        "adamw": trasmuon.AdamW}
 
 
 def make_params(specs: list[ParamSpec], device, dtype, seed: int = 0):
@@ -36,16 +37,18 @@ def impls_for(device: torch.device) -> list[str]:
     return [*ours, "torch-muon", "torch-adamw"]
 
 
-def make_step(impl: str, matrices, others) -> tuple[Callable[[], None], list]:
+def make_step(impl: str, matrices, others, *, tensor_lr: bool = False) -> tuple[Callable[[], None], list]:
     """A zero-argument function taking one optimizer step, and the optimizers it steps.
-    ``impl``: a key of ``OURS`` (eager backend), the same with ``-triton``, or a peer."""
+    ``impl``: a key of ``OURS`` (eager backend), the same with ``-triton``, or a peer.
+    ``tensor_lr``: ours with lr as a device tensor (what a CUDA graph capture needs)."""
     device = matrices[0].device
     backend = "eager"
     if impl.endswith("-triton"):
         impl, backend = impl.removesuffix("-triton"), "triton"
     if impl in OURS:
         groups = [{"params": matrices}, {"params": others, "rule": "adamw"}]
-        opts = [OURS[impl](groups, lr=1e-3, backend=backend)]
+        lr = torch.tensor(1e-3, device=device) if tensor_lr else 1e-3
+        opts = [OURS[impl](groups, lr=lr, backend=backend)]
     elif impl == "torch-muon":
         opts = [torch.optim.Muon(matrices, lr=1e-3),
                 torch.optim.AdamW(others, lr=1e-3, fused=device.type == "cuda")]

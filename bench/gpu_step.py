@@ -1,5 +1,6 @@
-"""One whole optimizer step on a GPU: ours on the Triton backend against torch.optim.Muon
-(+ fused AdamW for the non-matrix params) and against our eager backend.
+"""One whole optimizer step on a GPU: ours on the Triton backend, plain and replayed from a
+CUDA graph, against torch.optim.Muon (+ fused AdamW for the non-matrix params), against our
+eager backend, and against the step's floor.
 
     python bench/gpu_step.py --out step.json                       # GPT-2 small, Qwen3-0.6B
     python bench/gpu_step.py --models gpt2-small --impls trasmuon-triton,torch-muon
@@ -9,6 +10,16 @@ bench/common.py's ``make_step``. Each implementation takes one step untimed firs
 compiles its kernels there; the time is recorded as ``first_step_s``), then the median of
 ``triton.testing.do_bench`` (bench/timing.py). An implementation that fails, or runs past
 ``--budget-s`` for its model, is reported with its error and the others still run.
+
+``<rule>-triton-graph``: the Triton step with a tensor lr, captured in a CUDA graph after two
+warm-up steps (docs/architecture.md, "Capturing the step"), timed as ``graph.replay()``. Before
+timing, one replay is checked against one eager step from the same weights, state and gradients
+(``graph_check``: the largest weight difference relative to the distance moved).
+
+The floor (``floor_ms``, per model): the symmetric Newton-Schulz FLOPs of all its matrices (5
+steps, 3 s^2 l + s^3 per step for an s x l matrix: the Gram and the polynomial products on one
+triangle) at the bf16 matmul rate measured here, plus the bytes the step must move (per matrix
+element: G 2, M 8, X 2, O 2 and 2, W 4; per AdamW element 22) at the measured copy bandwidth.
 """
 
 from __future__ import annotations
@@ -21,7 +32,73 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = ("gpt2-small", "qwen3-0.6b")
-DEFAULT_IMPLS = ("trasmuon-triton", "trasmuon", "torch-muon", "normuon-triton", "muon-triton")
+DEFAULT_IMPLS = ("trasmuon-triton", "trasmuon-triton-graph", "trasmuon", "torch-muon",
+                 "normuon-triton", "muon-triton", "namo_d-triton")
+
+
+def floor_ms(specs, matmul_tflops: float, copy_gbs: float) -> float:
+    """The step's floor on this GPU (see the module docstring)."""
+    flops = bytes_ = 0.0
+    for shape, count, kind in specs:
+        n = 1
+        for d in shape:
+            n *= d
+        if kind == "matrix":
+            s, l_ = sorted(shape)
+            flops += count * 5 * 2 * (3 * s * s * l_ + s**3) / 2  # multiply-adds as 2 FLOPs
+            bytes_ += count * n * 20
+        else:
+            bytes_ += count * n * 22
+    return flops / (matmul_tflops * 1e12) * 1e3 + bytes_ / (copy_gbs * 1e9) * 1e3
+
+
+def measured_rates(device) -> dict[str, float]:
+    """The bf16 matmul rate (an 8192^3 product) and the device copy bandwidth, measured."""
+    import torch
+    from triton.testing import do_bench
+
+    from bench.timing import copy_bandwidth_gbs
+
+    x = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    ms = float(do_bench(lambda: x @ x, warmup=10, rep=50, return_mode="median"))
+    return {"matmul_tflops": 2 * 8192**3 / (ms * 1e-3) / 1e12, "copy_gbs": copy_bandwidth_gbs(device)}
+
+
+def graph_step(impl: str, matrices, others):
+    """A captured step of ``impl`` (``<rule>-triton``) and the largest weight difference of
+    one replay against one eager step from the same starting point."""
+    import copy
+
+    import torch
+
+    from bench.common import make_step
+
+    step, opts = make_step(impl, matrices, others, tensor_lr=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    params = matrices + others
+    for _ in range(2):  # warm up: builds the plan, compiles every kernel
+        step()
+    start = [p.detach().clone() for p in params]
+    eager = copy.deepcopy(opts[0])
+    eager.backend = "eager"
+    eager_params = [p for g in eager.param_groups for p in g["params"]]
+    for p, q in zip(eager_params, params, strict=True):
+        q.grad.copy_(torch.randn(q.shape, device="cuda", generator=gen).to(q.dtype) * 1e-3)
+        p.grad = q.grad.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for p, p0 in zip(params, start, strict=True):  # the capture ran nothing: start from p0
+        p.data.copy_(p0)
+    graph.replay()
+    eager.step()
+    torch.cuda.synchronize()
+    worst = 0.0
+    for p, q, p0 in zip(params, eager_params, start, strict=True):
+        moved = (q.detach().float() - p0.float()).norm()
+        if moved > 0:
+            worst = max(worst, float((p.detach().float() - q.detach().float()).norm() / moved))
+    return graph.replay, worst
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         ap.error("needs a GPU")
     device = torch.device("cuda")
-    result = {"env": environment(device), "rows": []}
+    rates = measured_rates(device)
+    result = {"env": environment(device), "rates": rates, "rows": []}
     for model in args.models.split(","):
         specs = MODELS[model]
         matrices, others = make_params(specs, device, torch.bfloat16)
@@ -53,12 +131,16 @@ def main(argv: list[str] | None = None) -> int:
                 row["error"] = f"skipped: the model's {args.budget_s:.0f} s budget is spent"
             else:
                 try:
-                    step, _ = make_step(impl, matrices, others)
                     t0 = time.perf_counter()
-                    step()
+                    if impl.endswith("-graph"):
+                        step, row["graph_check"] = graph_step(impl.removesuffix("-graph"), matrices, others)
+                    else:
+                        step, _ = make_step(impl, matrices, others)
+                        step()
                     torch.cuda.synchronize()
                     row["first_step_s"] = time.perf_counter() - t0
                     row["median_ms"] = median_ms(step, device, quick=True)
+                    row["floor_ms"] = floor_ms(specs, **rates)
                 except Exception as exc:  # report and go on: one failure must not hide the rest
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
             result["rows"].append(row)

@@ -69,14 +69,18 @@ def summary(out: Path) -> str:
     step = _load(out / "step.json")
     if step:
         env = env or step.get("env")
-        lines += ["", "Whole optimizer step (bf16 params)",
-                  f"{'model':12s} {'impl':18s} {'ms':>9s} {'vs torch-muon':>13s} {'vs eager':>8s}"]
+        lines += ["", "Whole optimizer step (bf16 params; floor: symmetric NS FLOPs at the measured "
+                      "matmul rate + bytes at the measured copy bandwidth)",
+                  f"{'model':12s} {'impl':22s} {'ms':>9s} {'vs torch-muon':>13s} {'vs eager':>8s} "
+                  f"{'floor ms':>8s} {'replay vs eager':>15s}"]
         for row in step.get("rows", []):
             vs_t, vs_e = row.get("speedup_vs_torch-muon"), row.get("speedup_vs_trasmuon")
-            lines.append(f"{row['model']:12s} {row['impl']:18s} "
+            check = row.get("graph_check")
+            lines.append(f"{row['model']:12s} {row['impl']:22s} "
                          + (f"{row['median_ms']:9.3f} {(f'{vs_t:.2f}x' if vs_t else '-'):>13s} "
-                            f"{(f'{vs_e:.2f}x' if vs_e else '-'):>8s}" if "median_ms" in row
-                            else f"{'-':>9s}  {row.get('error', '')[:60]}"))
+                            f"{(f'{vs_e:.2f}x' if vs_e else '-'):>8s} {row.get('floor_ms', 0):8.3f} "
+                            f"{(f'{check:.1e}' if check is not None else '-'):>15s}"
+                            if "median_ms" in row else f"{'-':>9s}  {row.get('error', '')[:60]}"))
     if env:
         lines.insert(0, f"{env.get('device')}: torch {env.get('torch')}, triton {env.get('triton')}, "
                         f"CUDA {env.get('cuda')}, driver {env.get('driver')}")

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from trasmuon_kernels._launch import TorchLaunch
+
 from . import reference as ref
 from .rules import MatrixRule, Program, Rule, StateEntry
 
@@ -342,8 +344,6 @@ class _DeviceScalars:
     def allocate(self) -> None:
         """Allocate the device tensors once every program has reserved its slots, and move
         each parameter's ``step`` into its counter (the state entry becomes a 0-d view)."""
-        from trasmuon_kernels._launch import TorchLaunch
-
         for device, slots in self._slots.items():
             lr = self.lr[device] = torch.zeros(len(slots), dtype=torch.float32, device=device)
             staging = self._staging[device] = torch.zeros(
@@ -370,23 +370,30 @@ class _DeviceScalars:
 
     def begin(self) -> None:
         for device, launches in self.launches.items():
+            # Under CUDA graph capture every lr is a tensor (check_capture): the staging copy
+            # and its event stay out of the graph.
+            staged = device in self._staging and not capturing(device)
             tensor_lrs = []
             if device in self._staging:
-                event = self._events.get(device)
-                if event is not None and not event.query():
-                    event.synchronize()  # the last copy has not read the staging buffer yet
-                values = self._staging[device].numpy()
+                if staged:
+                    event = self._events.get(device)
+                    if event is not None and not event.query():
+                        event.synchronize()  # the last copy has not read the staging buffer yet
+                    values = self._staging[device].numpy()
                 for slot, group in enumerate(self._slots[device].values()):
                     lr = group["lr"]
                     if isinstance(lr, Tensor):
                         tensor_lrs.append((slot, lr))
-                    else:
+                    elif staged:
                         values[slot] = lr
             for launch in launches:
-                launch()
+                if staged or launch.name != "copy(lr)":
+                    launch()
             for slot, lr in tensor_lrs:  # copied on the device: never read on the host
-                self.lr[device][slot:slot + 1].copy_(lr.detach().reshape(1), non_blocking=True)
-            if device.type == "cuda" and device in self._staging:
+                dst = self.lr[device][slot:slot + 1]
+                TorchLaunch("copy(tensor lr)", lambda d=dst, v=lr: d.copy_(v.detach().reshape(1), non_blocking=True),
+                            (dst, lr))()
+            if staged and device.type == "cuda":
                 event = self._events.setdefault(device, torch.cuda.Event())
                 event.record()
 
