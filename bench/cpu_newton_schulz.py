@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -20,19 +19,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.timing import median_ms  # noqa: E402
 from trasmuon import reference as ref  # noqa: E402
 
 SHAPES = ((256, 256), (768, 768), (768, 3072), (1024, 1024))
-
-
-def median_ms(fn, reps: int) -> float:
-    fn()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
 
 
 def cpu_flags() -> dict[str, bool]:
@@ -47,7 +37,6 @@ def cpu_flags() -> dict[str, bool]:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -59,8 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
         row = {"shape": list(shape)}
         for mode in ref.CPU_PRODUCTS:
             row[f"{mode}_ms"] = median_ms(
-                lambda mode=mode: ref.newton_schulz(x, schedule, 1e-8, torch.bfloat16, cpu_products=mode),
-                args.reps)
+                lambda mode=mode, x=x: ref.newton_schulz(x, schedule, 1e-8, torch.bfloat16, cpu_products=mode),
+                "cpu")
         rows.append(row)
         print(f"{shape[0]:5d}x{shape[1]:<5d} emulated {row['emulated_ms']:8.2f} ms  native "
               f"{row['native_ms']:8.2f} ms")
