@@ -4,7 +4,7 @@ pieces of their Triton programs (device pointer tables, stacked per-matrix state
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -125,19 +125,3 @@ class PointerTable:
         TorchLaunch("copy(pointer table)", lambda: table.copy_(host, non_blocking=True),
                     (table, host))()
         self.ptrs = ptrs
-
-
-def stacked_state(states: Sequence[Any], key: str, shape: tuple[int, ...], fill: float,
-                  device: torch.device) -> Tensor:
-    """One contiguous (B, *shape) float32 tensor whose rows become ``states[i][key]`` (views):
-    existing values are copied in, missing ones start at ``fill``."""
-    stack = torch.full((len(states), *shape), fill, dtype=torch.float32, device=device)
-    for i, s in enumerate(states):
-        if key in s:
-            stack[i].copy_(s[key])
-        s[key] = stack[i]
-    return stack
-
-
-def ns_eps(group: Mapping[str, Any]) -> float:
-    return float(group["eps"])
