@@ -1,5 +1,5 @@
-"""What the matrix rules share: their common hyperparameters, the momentum stage, and the
-pieces of their Triton programs (device pointer tables, stacked per-matrix state)."""
+"""What the matrix rules share: their common hyperparameters, the eager momentum stage, and
+the device pointer tables of their Triton programs."""
 
 from __future__ import annotations
 
