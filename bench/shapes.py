@@ -21,7 +21,7 @@ def gpt2(n_layer: int, d: int, vocab: int = 50257, ctx: int = 1024) -> list[Para
         ((4 * d, d), n_layer, "matrix"),  # mlp.c_fc
         ((d, 4 * d), n_layer, "matrix"),  # mlp.c_proj
         ((3 * d,), n_layer, "vector"),
-        ((d,), n_layer * 7 + 2, "vector"),  # biases and layer-norm gains/biases
+        ((d,), n_layer * 6 + 2, "vector"),  # ln_1, ln_2 (gain, bias), attn and mlp out biases; ln_f
         ((4 * d,), n_layer, "vector"),
     ]
 
