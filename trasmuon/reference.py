@@ -209,7 +209,12 @@ def eta_hat_from_sumsq(
     scale: float, lr: float | Tensor, d_out: int, d_in: int, base_sumsq: Tensor
 ) -> Tensor:
     """eta_hat from ||O_base||_F^2 (which a row-sharded matrix sums over its shards)."""
-    return (scale * math.sqrt(d_out * d_in)) * lr / (base_sumsq.sqrt() + ETA_HAT_EPS)
+    return eta_hat_scale(scale, d_out, d_in) * lr / (base_sumsq.sqrt() + ETA_HAT_EPS)
+
+
+def eta_hat_scale(scale: float, d_out: int, d_in: int) -> float:
+    """The numerator's constant scale * sqrt(d_out*d_in) (the update kernel takes it as is)."""
+    return scale * math.sqrt(d_out * d_in)
 
 
 # --------------------------------------------------------------------------------------

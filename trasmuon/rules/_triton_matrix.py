@@ -15,7 +15,6 @@ launches with the same arguments, and a step can be captured in a CUDA graph.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -242,7 +241,7 @@ class TritonTrasMuon(TritonMatrixProgram):
         finish += prepare_update_pass(
             self.param_table.bucket, self.o, lr=self.lr, weight_decay=g["weight_decay"],
             rowscale=self.rowscale, o_base_sumsq=base_sumsq,
-            eta_scale=g["scale"] * math.sqrt(d_out * d_in), eta_eps=ref.ETA_HAT_EPS,
+            eta_scale=ref.eta_hat_scale(g["scale"], d_out, d_in), eta_eps=ref.ETA_HAT_EPS,
             col_gate=self.gate, props=self.props)
         self.finish_launches = finish
 
