@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 
 import torch
 from torch import Tensor
@@ -434,26 +434,62 @@ def trasmuon_update_stage_(
     stays local; the column energies and ||O_base||_F^2 are the two sums over rows.
     Returns the intermediate tensors the diagnostics read (no host syncs).
     """
-    acc = state["momentum"].dtype
     d_out, d_in = shape if shape is not None else tuple(param.shape[-2:])
-    sumsq = row_sumsq(ortho, acc)
-    row_second_moment_update_(state["row_v"], sumsq, d_in, betas[1])
-    rowscale = row_scale(state["row_v"], eps)
-    step_size = eta_hat_from_sumsq(scale, lr, d_out, d_in, row_reduce(o_base_sumsq(sumsq, rowscale)))
-
-    gate = energy = None
+    rowscale, base_partial = trasmuon_row_stage_(ortho, state, d_in, beta2=betas[1], eps=eps)
+    step_size = eta_hat_from_sumsq(scale, lr, d_out, d_in, row_reduce(base_partial))
+    energy = None
     if gate_on:
-        if energy_source == "update":
-            partial = update_energy(ortho, rowscale, acc)
-        else:
-            source = state["momentum"] if energy_source == "momentum" else grad_wide
-            partial = column_energy(source, acc)
-        energy = row_reduce(partial)
-        gate = gate_stage_(state, energy, step, lr, **gate_kwargs)
-
-    update = matrix_update(ortho, step_size.unsqueeze(-1) * rowscale, gate, acc)
-    apply_update_(param, update, weight_decay_factor(lr, weight_decay))
+        energy = row_reduce(trasmuon_energy_partial(state, grad_wide, ortho, rowscale, energy_source))
+    gate = trasmuon_apply_stage_(param, ortho, state, rowscale, step_size, energy, step, lr,
+                                 weight_decay=weight_decay, gate_kwargs=gate_kwargs)
     return {"eta_hat": step_size, "energy": energy, "gate": gate}
+
+
+def trasmuon_row_stage_(
+    ortho: Tensor, state: MutableMapping[str, Tensor], d_in: int, *, beta2: float, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Steps 4-5 for a matrix (or a block of its rows): updates ``state["row_v"]`` from O's
+    row sums of squares; returns ``(rowscale, partial ||O_base||_F^2 over these rows)``."""
+    sumsq = row_sumsq(ortho, state["momentum"].dtype)
+    row_second_moment_update_(state["row_v"], sumsq, d_in, beta2)
+    rowscale = row_scale(state["row_v"], eps)
+    return rowscale, o_base_sumsq(sumsq, rowscale)
+
+
+def trasmuon_energy_partial(
+    state: Mapping[str, Tensor],
+    grad_wide: Tensor | None,
+    ortho: Tensor | None,
+    rowscale: Tensor | None,
+    energy_source: str,
+) -> Tensor:
+    """Step 7 over these rows: the column energies of M, G or O_base (``energy_source``
+    "momentum", "grad", "update"; only "update" needs O and its rowscale)."""
+    acc = state["momentum"].dtype
+    if energy_source == "update":
+        return update_energy(ortho, rowscale, acc)
+    return column_energy(state["momentum"] if energy_source == "momentum" else grad_wide, acc)
+
+
+def trasmuon_apply_stage_(
+    param: Tensor,
+    ortho: Tensor,
+    state: MutableMapping[str, Tensor],
+    rowscale: Tensor,
+    step_size: Tensor,
+    energy: Tensor | None,
+    step: int,
+    lr: float | Tensor,
+    *,
+    weight_decay: float,
+    gate_kwargs: dict,
+) -> Tensor | None:
+    """Steps 8-12 given eta_hat (``step_size``) and the whole matrix's column energies
+    (``energy`` None: no gate, NorMuon): the gate, then W's update. Returns the gate."""
+    gate = None if energy is None else gate_stage_(state, energy, step, lr, **gate_kwargs)
+    update = matrix_update(ortho, step_size.unsqueeze(-1) * rowscale, gate, state["momentum"].dtype)
+    apply_update_(param, update, weight_decay_factor(lr, weight_decay))
+    return gate
 
 
 def muon_update_stage_(

@@ -97,8 +97,8 @@ class TrasMuonRule(MatrixRule):
 
 
 class EagerTrasMuon(Program):
-    """Steps 1-12 with ``trasmuon.reference``, matrix by matrix, in the order of
-    ``reference.trasmuon_update_stage_`` (so the results are those bits)."""
+    """Steps 1-12 with ``trasmuon.reference``, matrix by matrix: the stages that
+    ``reference.trasmuon_update_stage_`` composes, with the sums over rows in between."""
 
     def __init__(self, bucket: Bucket, gate_on: bool) -> None:
         self.bucket = bucket
@@ -112,49 +112,38 @@ class EagerTrasMuon(Program):
         g = b.group
         self._grads_wide = M.eager_momentum(b, g["betas"][0], g["nesterov"])
         if self.gate_on and g["energy_source"] != "update":
-            source = g["energy_source"]
             energy = b.reductions["energy"]
-            states = b.rule_states()
-            for i, grad_wide in enumerate(self._grads_wide):
-                # The same source as ``reference.trasmuon_update_stage_`` reads.
-                src = states[i]["momentum"] if source == "momentum" else grad_wide
-                energy[i].copy_(ref.column_energy(src, b.state_dtype))
+            for i, (grad_wide, state) in enumerate(zip(self._grads_wide, b.rule_states(), strict=True)):
+                energy[i].copy_(ref.trasmuon_energy_partial(state, grad_wide, None, None, g["energy_source"]))
 
     def post(self) -> None:
         b = self.bucket
         g = b.group
-        acc = b.state_dtype
-        d_in = b.shape[1]
         base = b.reductions["o_base_sumsq"]
         self._rowscale = []
         for i, (ortho, state) in enumerate(zip(b.ortho, b.rule_states(), strict=True)):
-            sumsq = ref.row_sumsq(ortho, acc)
-            ref.row_second_moment_update_(state["row_v"], sumsq, d_in, g["betas"][1])
-            rowscale = ref.row_scale(state["row_v"], g["eps"])
+            rowscale, base_partial = ref.trasmuon_row_stage_(
+                ortho, state, b.shape[1], beta2=g["betas"][1], eps=g["eps"])
             self._rowscale.append(rowscale)
-            base[i].copy_(ref.o_base_sumsq(sumsq, rowscale).reshape(1))
+            base[i].copy_(base_partial.reshape(1))
             if self.gate_on and g["energy_source"] == "update":
-                b.reductions["energy"][i].copy_(ref.update_energy(ortho, rowscale, acc))
+                b.reductions["energy"][i].copy_(
+                    ref.trasmuon_energy_partial(state, None, ortho, rowscale, "update"))
 
     def finish(self) -> None:
         b = self.bucket
         g = b.group
-        acc = b.state_dtype
         d_out, d_in = b.shape
         lr = M.eager_lr(b)
-        decay = ref.weight_decay_factor(lr, g["weight_decay"])
         gate_kwargs = {k: g[k] for k in GATE_KWARGS} if self.gate_on else {}
         base = b.reductions["o_base_sumsq"]
         steps = b.steps()
         self._out = []
         for i, (view, ortho, state) in enumerate(zip(b.views(), b.ortho, b.rule_states(), strict=True)):
             eta = ref.eta_hat_from_sumsq(g["scale"], lr, d_out, d_in, base[i][0])
-            gate = energy = None
-            if self.gate_on:
-                energy = b.reductions["energy"][i]
-                gate = ref.gate_stage_(state, energy, steps[i], lr, **gate_kwargs)
-            update = ref.matrix_update(ortho, eta.unsqueeze(-1) * self._rowscale[i], gate, acc)
-            ref.apply_update_(view, update, decay)
+            energy = b.reductions["energy"][i] if self.gate_on else None
+            gate = ref.trasmuon_apply_stage_(view, ortho, state, self._rowscale[i], eta, energy, steps[i], lr,
+                                             weight_decay=g["weight_decay"], gate_kwargs=gate_kwargs)
             if self.collect:
                 self._out.append({"eta_hat": eta, "energy": None if energy is None else energy.clone(),
                                   "gate": gate, "state": state})
