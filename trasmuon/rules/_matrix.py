@@ -85,6 +85,16 @@ def eager_momentum(bucket: Bucket, beta1: float, nesterov_: bool) -> list[Tensor
 # --------------------------------------------------------------------------------------
 # Triton pieces
 # --------------------------------------------------------------------------------------
+def refuse_moved_grads_while_capturing(grad: Tensor) -> None:
+    """Called when a bucket's gradients moved: a captured graph would keep reading the old
+    addresses, so rewriting a pointer table is refused while capturing."""
+    if grad.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "gradients moved while capturing opt.step() in a CUDA graph: a replay would read "
+            "them where they were; keep them in place (zero_grad(set_to_none=False)) and "
+            "take one uncaptured step after they moved")
+
+
 class PointerTable:
     """A kernel argument for a list of same-layout tensors: a device table of their
     addresses (``trasmuon_kernels._common.TensorBucket``) whose entries can be rewritten in
@@ -113,11 +123,7 @@ class PointerTable:
         ptrs = tuple(t.data_ptr() for t in tensors)
         if ptrs == self.ptrs:
             return
-        if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "gradients moved while capturing opt.step() in a CUDA graph: a replay would read "
-                "them where they were; keep them in place (zero_grad(set_to_none=False)) and "
-                "take one uncaptured step after they moved")
+        refuse_moved_grads_while_capturing(tensors[0])
         host = torch.tensor(ptrs, dtype=torch.int64)
         table = self.bucket.table
         if table.is_cuda:

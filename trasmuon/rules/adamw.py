@@ -17,6 +17,7 @@ import torch
 from .. import reference as ref
 from . import Hyperparameter, Program, Rule, StateEntry, register
 from ._checks import in_range, valid_betas, valid_lr
+from ._matrix import refuse_moved_grads_while_capturing
 
 if TYPE_CHECKING:
     from ..plan import Bucket, StepPlan
@@ -104,6 +105,7 @@ class TritonAdamW(Program):
         grads = self.bucket.grads()
         ptrs = tuple(g.data_ptr() for g in grads)
         if ptrs != self._grad_ptrs:
+            refuse_moved_grads_while_capturing(grads[0])
             for launch in self.launches:
                 launch.update_grads(grads)
             self._grad_ptrs = ptrs
