@@ -485,6 +485,28 @@ def test_load_state_dict_refuses_state_that_does_not_fit_before_changing_anythin
     fresh.load_state_dict(sd)  # the right one still loads
 
 
+@pytest.mark.parametrize("name", sorted(trasmuon.rules.REGISTRY))
+def test_rules_declare_every_state_name_they_create(name):
+    rule = trasmuon.rules.get_rule(name)
+    created = set()
+    for extra in ({}, {"schedule_free": True}, {"clip": False}):
+        group = {**rule.defaults, **{k: v for k, v in extra.items() if k in rule.keys}}
+        for shape in ((12, 3), (12, 16)):
+            created |= {e.name for e in rule.state_entries(group, shape)}
+    assert created == rule.state_names
+
+
+def test_state_of_another_rule_is_left_alone_on_load():
+    p = nn.Parameter(torch.randn(6, 10))
+    namo = trasmuon.NAMOD([p])
+    p.grad = torch.randn(6, 10)
+    namo.step()
+    sd = namo.state_dict()
+    opt = TrasMuon([p])
+    opt.load_state_dict(sd)  # col_grad_sq_avg is NAMO-D's: kept, not read, not refused
+    assert set(opt.state[p]) >= {"momentum", "col_grad_sq_avg"}
+
+
 # ------------------------------------------------------------------------------------------
 # Keys no rule reads; the Triton backend asked for where it cannot run
 # ------------------------------------------------------------------------------------------

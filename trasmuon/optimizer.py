@@ -653,8 +653,7 @@ class MatrixOptimizer(Optimizer):
 
 
 # Every state key any rule keeps: a loaded entry of another rule is left alone, not refused.
-_ALL_STATE_KEYS = frozenset({"step", "momentum", "exp_avg", "exp_avg_sq", "row_v", "c_ema",
-                             "energy_ref", "sf_lr2_sum", "sf_c_lr2_sum", "c_last"})
+_ALL_STATE_KEYS = frozenset({"step"}).union(*(rule.state_names for rule in REGISTRY.values()))
 
 
 def option_kwargs(backend: str, check_finite: bool, diagnostics: bool, process_group: Any,

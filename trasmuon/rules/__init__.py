@@ -87,6 +87,9 @@ class Rule:
     name: ClassVar[str]
     matrix: ClassVar[bool] = False  # needs 2D parameters
     hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = ()
+    # Every state name ``state_entries`` can return, under any setting: a loaded state entry
+    # of another rule is left alone rather than refused (``MatrixOptimizer.load_state_dict``).
+    state_names: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self) -> None:
         self.keys: frozenset[str] = frozenset(h.name for h in self.hyperparameters)

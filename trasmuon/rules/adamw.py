@@ -34,6 +34,7 @@ _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class AdamWRule(Rule):
     name = "adamw"
     hyperparameters = (LR, BETAS, EPS, WEIGHT_DECAY)
+    state_names = frozenset({"exp_avg", "exp_avg_sq"})
 
     def state_entries(self, group: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[StateEntry, ...]:
         return (StateEntry("exp_avg", "param"), StateEntry("exp_avg_sq", "param"))

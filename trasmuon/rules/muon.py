@@ -34,6 +34,7 @@ class MuonRule(MatrixRule):
         M.ns_coefficients(ref.MUON_NS_COEFFICIENTS), M.eps(1e-7), M.NS_STEPS, ADJUST_LR_FN,
         M.NS_DTYPE, M.ORIENTATION,
     )
+    state_names = frozenset({"momentum"})
 
     def state_entries(self, group: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[StateEntry, ...]:
         return (StateEntry("momentum", "param"),)

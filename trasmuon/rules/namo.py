@@ -42,6 +42,7 @@ class NAMORule(MatrixRule):
     # The second-moment state, and the two sums over rows: the column energies of G and of N
     # (NAMO adds each up; NAMO-D uses them column by column).
     second_moment = StateEntry("grad_sq_avg", "scalar")
+    state_names = frozenset({"momentum", "grad_sq_avg"})
     sums = ("grad_col_sumsq", "n_col_sumsq")
 
     def ns_eps(self, group: Mapping[str, Any]) -> float:

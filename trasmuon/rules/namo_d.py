@@ -20,6 +20,7 @@ class NAMODRule(NAMORule):
     name = "namo_d"
     hyperparameters = (*HYPERPARAMETERS, CLAMP)
     second_moment = StateEntry("col_grad_sq_avg", "cols")
+    state_names = frozenset({"momentum", "col_grad_sq_avg"})
 
     def program(self, bucket: Bucket, backend: str, plan: StepPlan | None = None) -> Program:
         if backend == "triton":

@@ -14,6 +14,7 @@ from .trasmuon import NORMUON_HYPERPARAMETERS, TrasMuonRule
 class NorMuonRule(TrasMuonRule):
     name = "normuon"
     hyperparameters = NORMUON_HYPERPARAMETERS
+    state_names = frozenset({"momentum", "row_v"})
 
     def gate_on(self, group: Mapping[str, Any], shape: tuple[int, int]) -> bool:
         return False

@@ -64,6 +64,8 @@ class TrasMuonRule(MatrixRule):
     name = "trasmuon"
     hyperparameters = NORMUON_HYPERPARAMETERS + GATE_HYPERPARAMETERS
     needs_row_sumsq = True
+    state_names = frozenset({"momentum", "row_v", "c_ema", "energy_ref", "sf_lr2_sum", "sf_c_lr2_sum",
+                             "c_last"})
 
     def gate_on(self, group: Mapping[str, Any], shape: tuple[int, int]) -> bool:
         return ref.gate_is_on(group["clip"], shape[1], group["clip_min_cols"])
