@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import reference as ref
-from .plan import Bucket, StepPlan, local, split_counts
+from .plan import Bucket, StepPlan, ceil_div, local, split_counts
 
 try:  # torch >= 2.5
     from torch.distributed.tensor import DTensor, Shard
@@ -78,7 +78,7 @@ def shard_rows(d_out: int, world_size: int) -> list[tuple[int, int]]:
     """Row range [start, stop) of each rank for a ``Shard(0)`` layout: ``torch.chunk``
     semantics (ceil(d_out / world) rows per rank, the last ranks shorter or empty), which
     is what DTensor and FSDP2 use."""
-    chunk = -(-d_out // world_size)
+    chunk = ceil_div(d_out, world_size)
     return [(min(r * chunk, d_out), min((r + 1) * chunk, d_out)) for r in range(world_size)]
 
 

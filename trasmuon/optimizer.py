@@ -181,11 +181,6 @@ class MatrixOptimizer(Optimizer):
     # ----------------------------------------------------------------------------------
     # Param groups
     # ----------------------------------------------------------------------------------
-    def _group_rules(self, rule_name: str | None) -> tuple[Any, ...]:
-        if rule_name is None:
-            return (get_rule(self.matrix_rule), adamw_rule.ADAMW)
-        return (get_rule(rule_name),)
-
     def _group_keys(self, rule_name: str | None) -> tuple[str, ...]:
         """The hyperparameters a group of ``rule_name`` holds, in the rule's order."""
         rule = get_rule(rule_name or self.matrix_rule)

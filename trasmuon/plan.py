@@ -258,7 +258,6 @@ class StepPlan:
         self.matrices = matrices
         self.devices = _DeviceScalars()
         self.reduce_buffers: dict[tuple[torch.device, torch.dtype, int], Tensor] = {}
-        self.local_buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     @property
     def buckets(self) -> list[Bucket]:
@@ -282,8 +281,8 @@ class StepPlan:
             start = offsets[key]
             b.reductions[name] = buffers[key][start:start + b.count * n].view(b.count, n)
             offsets[key] = start + b.count * n
-        for key, buf in buffers.items():
-            (self.reduce_buffers if len(key) == 3 else self.local_buffers)[key] = buf
+        # The replicated buffers live on through the views; the sharded ones are all-reduced.
+        self.reduce_buffers = {key: buf for key, buf in buffers.items() if len(key) == 3}
 
     def sharded_reductions(self) -> list[tuple[Any, Tensor]]:
         """(process group, buffer) of every buffer that must be all-reduced this step."""

@@ -99,9 +99,9 @@ class Rule:
     def __repr__(self) -> str:
         return f"<rule {self.name!r}>"
 
-    def check_group(self, group: Mapping[str, Any], where: str, keys: frozenset[str] | None = None) -> None:
+    def check_group(self, group: Mapping[str, Any], where: str) -> None:
         """Raise a ValueError naming ``where`` and the key for the first invalid value."""
-        for key in sorted(keys if keys is not None else self.keys):
+        for key in sorted(self.keys):
             hp = self._by_name[key]
             value = group[key]
             if not hp.check(value):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import torch
 from torch import Tensor
 
 from .. import reference as ref
@@ -74,5 +73,3 @@ def valid_lr(v: object) -> bool:
 def tensor_lr_value_ok(v: object) -> bool:
     return not isinstance(v, Tensor) or bool(v.detach().cpu().item() >= 0.0)
 
-
-NS_DTYPES: tuple[torch.dtype, ...] = ref.NS_DTYPES

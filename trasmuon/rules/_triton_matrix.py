@@ -268,7 +268,6 @@ class TritonTrasMuon(TritonMatrixProgram):
         self._energy_ref = energy_ref
         self._first = torch.tensor([1 if i in self._pending_ref else 0 for i in range(b.count)],
                                    dtype=torch.uint8).to(b.device)
-        self.gate_state = state
         self.gate = torch.empty(b.count, d_in, dtype=torch.float32, device=b.device)
         return prepare_gate_stage(
             state, b.reductions["energy"], self.steps, self.lr,

@@ -71,8 +71,9 @@ class EagerMuon(Program):
         for view, ortho in zip(b.views(), b.ortho, strict=True):
             ref.muon_update_stage_(view, ortho, lr, weight_decay=g["weight_decay"],
                                    adjust_lr_fn=g["adjust_lr_fn"], shape=b.shape)
-        step_size = ref.muon_lr(lr, g["adjust_lr_fn"], *b.shape)
-        self._diagnostics = [{"step_size": torch.as_tensor(step_size)} for _ in b.params]
+        if self.collect:
+            step_size = ref.muon_lr(lr, g["adjust_lr_fn"], *b.shape)
+            self._diagnostics = [{"step_size": torch.as_tensor(step_size)} for _ in b.params]
 
     def diagnostics(self) -> list[dict[str, Any]]:
         return self._diagnostics
