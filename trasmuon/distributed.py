@@ -417,6 +417,11 @@ class ShardedExchange:
             self.ns = b.program.full_ns_launches(self.full_x, self.full_o) if self.own else []
             self.local_o = b.program.ortho_buffer()
             self.row_sums = b.program.row_sumsq_launches()
+            # Allocated once: what the input rows arrive in, and O's rows in owner order.
+            # O's rows come back straight into ``local_o``: the shares are contiguous and in
+            # rank order, so the received blocks are its layout.
+            self.recv_x = torch.empty(self.own * d_out * d_in, dtype=self.dtype, device=b.device)
+            self.send_o = torch.empty(self.own * d_out * d_in, dtype=torch.bfloat16, device=b.device)
 
     def _part_rows(self, r: int) -> int:
         return self.rows[r][1] - self.rows[r][0]
@@ -442,7 +447,10 @@ class ShardedExchange:
         send = x_local.reshape(-1)
         in_splits = [(s1 - s0) * me_rows * d_in for s0, s1 in self.ranges]
         out_splits = [self.own * self._part_rows(r) * d_in for r in range(self.world)]
-        recv = torch.empty(sum(out_splits), dtype=self.dtype, device=b.device)
+        if b.backend == "triton":
+            recv = self.recv_x
+        else:
+            recv = torch.empty(sum(out_splits), dtype=self.dtype, device=b.device)
         self._all_to_all(recv, send.contiguous(), out_splits, in_splits, "all_to_all(M)")
         offset = 0
         for r in range(self.world):
@@ -459,27 +467,28 @@ class ShardedExchange:
             full_o = _o_stack(self.own, b.shape, self.dtype, b.device)
             for i in range(self.own):
                 full_o[i].copy_(_eager_ns(b, self.full_x[i]))
-        tall = _tall(b.shape) and b.backend == "eager"
-        parts = []
-        for r in range(self.world):
-            r0, r1 = self.rows[r]
-            block = full_o[:, r0:r1]
-            parts.append((block.mT if tall else block).contiguous().reshape(-1))
-        send = torch.cat(parts) if parts else torch.empty(0, dtype=self.dtype, device=b.device)
         in_splits = [self.own * self._part_rows(r) * d_in for r in range(self.world)]
         out_splits = [(s1 - s0) * me_rows * d_in for s0, s1 in self.ranges]
-        recv = torch.empty(sum(out_splits), dtype=self.dtype, device=b.device)
-        self._all_to_all(recv, send, out_splits, in_splits, "all_to_all(O)")
         if b.backend == "triton":
             offset = 0
-            for s0, s1 in self.ranges:
-                n = (s1 - s0) * me_rows * d_in
-                self.local_o[s0:s1].copy_(recv[offset:offset + n].view(s1 - s0, me_rows, d_in))
+            for r, n in enumerate(in_splits):
+                r0, r1 = self.rows[r]
+                self.send_o[offset:offset + n].view(self.own, r1 - r0, d_in).copy_(full_o[:, r0:r1])
                 offset += n
+            self._all_to_all(self.local_o.view(-1), self.send_o, out_splits, in_splits, "all_to_all(O)")
             b.ortho = self.local_o
             for launch in self.row_sums:
                 launch()
         else:
+            tall = _tall(b.shape)
+            parts = []
+            for r in range(self.world):
+                r0, r1 = self.rows[r]
+                block = full_o[:, r0:r1]
+                parts.append((block.mT if tall else block).contiguous().reshape(-1))
+            send = torch.cat(parts) if parts else torch.empty(0, dtype=self.dtype, device=b.device)
+            recv = torch.empty(sum(out_splits), dtype=self.dtype, device=b.device)
+            self._all_to_all(recv, send, out_splits, in_splits, "all_to_all(O)")
             shape = (b.count, d_in, me_rows) if tall else (b.count, me_rows, d_in)
             stack = recv.view(shape)
             b.ortho = [stack[i].mT if tall else stack[i] for i in range(b.count)]
