@@ -496,6 +496,18 @@ def test_rules_declare_every_state_name_they_create(name):
     assert created == rule.state_names
 
 
+def test_muon_checkpoints_with_betas_load_as_momentum_and_adamw_beta2():
+    p, bias = nn.Parameter(torch.randn(6, 10)), nn.Parameter(torch.randn(6))
+    sd = Muon([p, bias]).state_dict()
+    for group in sd["param_groups"]:  # the groups as older versions saved them
+        del group["momentum"], group["adamw_beta2"]
+        group["betas"] = (0.8, 0.9)
+    opt = Muon([p, bias])
+    opt.load_state_dict(sd)
+    group = opt.param_groups[0]
+    assert (group["momentum"], group["adamw_beta2"]) == (0.8, 0.9) and "betas" not in group
+
+
 def test_state_of_another_rule_is_left_alone_on_load():
     p = nn.Parameter(torch.randn(6, 10))
     namo = trasmuon.NAMOD([p])

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from . import reference as ref
 from .plan import Bucket, StepPlan, ceil_div, local, split_counts
+from .rules import get_rule
 
 try:  # torch >= 2.5
     from torch.distributed.tensor import DTensor, Shard
@@ -236,7 +237,7 @@ def _comm_group(opt: MatrixOptimizer) -> Any:
         return opt.process_group
     for group in opt.param_groups:
         for p in group["params"]:
-            if isinstance(p, DTensor) and opt.rule_of(group, p) != "adamw" and is_row_sharded(p):
+            if isinstance(p, DTensor) and get_rule(opt.rule_of(group, p)).matrix and is_row_sharded(p):
                 return mesh_group(p)
     return None
 
@@ -279,7 +280,7 @@ def agree(opt: MatrixOptimizer, work: list[tuple[int, int, Tensor, Tensor, str]]
         flags[i, _HAS_GRAD], flags[i, _NO_GRAD] = 1, 0
         lg = local(grad)
         fallback = lg.device
-        if isinstance(p, DTensor) and rule_name != "adamw":
+        if isinstance(p, DTensor) and get_rule(rule_name).matrix:
             start, stop = shard_rows(p.shape[0], world)[me]
             expected = (stop - start, p.shape[1])
             if (not isinstance(grad, DTensor) or tuple(grad.placements) != tuple(p.placements)

@@ -278,7 +278,7 @@ class MatrixOptimizer(Optimizer):
         """The name of the rule that updates ``param`` in ``group``."""
         if group.get("rule") is not None:
             return group["rule"]
-        return self.matrix_rule if param.ndim == 2 else "adamw"
+        return self.matrix_rule if param.ndim == 2 else adamw_rule.ADAMW.name
 
     def fallback_adamw(self, group: dict[str, Any]) -> dict[str, Any]:
         """The AdamW hyperparameters of the non-matrix params of a group that names no rule:
@@ -340,13 +340,16 @@ class MatrixOptimizer(Optimizer):
                     self.state[param][key] = torch.tensor(float(value), dtype=torch.float32)
         for group in self.param_groups:  # checkpoints from before a key existed
             rule_name = group.setdefault("rule", None)
-            if rule_name == "muon" and "momentum" not in group and "betas" in group:
-                group["momentum"] = group.pop("betas")[0]  # checkpoints of the union schema
+            self._upgrade_group(group)
             for key in self._group_keys(rule_name):
                 group.setdefault(key, self._default_for(key, rule_name))
         self._plan = None
         for hook in post_hooks.values():
             hook(self)
+
+    def _upgrade_group(self, group: dict[str, Any]) -> None:
+        """Keys of a loaded group that older versions stored otherwise (the rule knows)."""
+        get_rule(group["rule"] or self.matrix_rule).upgrade_group(group)
 
     def _check_loaded_state(self, state_dict: dict[str, Any]) -> None:
         name = type(self).__name__
@@ -360,7 +363,7 @@ class MatrixOptimizer(Optimizer):
                                  "which no param group of the state dict lists")
             gi, pi, saved_group = where[pid]
             param = self.param_groups[gi]["params"][pi]
-            rule_name = saved_group.get("rule") or (self.matrix_rule if param.ndim == 2 else "adamw")
+            rule_name = self.rule_of(saved_group, param)
             if rule_name not in REGISTRY:
                 raise ValueError(f"{name}: load_state_dict: param group {gi} has rule "
                                  f"{rule_name!r}, which is not registered")
@@ -793,6 +796,12 @@ class Muon(MatrixOptimizer):
         )
         super().__init__(params, defaults, **option_kwargs(
             backend, check_finite, diagnostics, process_group, check_consistency))
+
+    def _upgrade_group(self, group: dict[str, Any]) -> None:
+        # Muon groups once held betas = (momentum, adamw_beta2).
+        if group["rule"] is None and "adamw_beta2" not in group and "betas" in group:
+            group["adamw_beta2"] = group["betas"][1]
+        super()._upgrade_group(group)
 
     def fallback_adamw(self, group: dict[str, Any]) -> dict[str, Any]:
         return {"lr": group["lr"], "betas": (group["momentum"], group["adamw_beta2"]),

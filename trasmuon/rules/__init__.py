@@ -107,6 +107,10 @@ class Rule:
             if not hp.check(value):
                 raise ValueError(f"{where}: {key} must be {hp.expected}, got {value!r}")
 
+    def upgrade_group(self, group: dict[str, Any]) -> None:
+        """Rewrite, in place, keys of a loaded param group that older versions stored
+        otherwise (before the defaults of missing keys are filled in)."""
+
     def state_entries(self, group: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[StateEntry, ...]:
         """The state of a parameter of (oriented) ``shape`` in ``group``."""
         raise NotImplementedError

@@ -36,6 +36,11 @@ class MuonRule(MatrixRule):
     )
     state_names = frozenset({"momentum"})
 
+    def upgrade_group(self, group: dict[str, Any]) -> None:
+        # Groups once carried every rule's keys: Muon's momentum was betas[0].
+        if "momentum" not in group and "betas" in group:
+            group["momentum"] = group.pop("betas")[0]
+
     def state_entries(self, group: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[StateEntry, ...]:
         return (StateEntry("momentum", "param"),)
 
