@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import INTERPRETER, DeviceProps, device_props
+from ._launch import DeviceProps, device_props
 
 
 def interpreting() -> bool:
@@ -130,18 +130,14 @@ def default_config(
     d_out: int,
     d_in: int,
     *,
-    props: DeviceProps | None = None,
+    props: DeviceProps,
     tile: int | None = None,
     reduces_columns: bool = False,
 ) -> PassConfig:
     """Tiles of about ``tile`` elements (default ``GPU_TILE`` for a GPU's props,
     ``INTERPRETER_TILE`` for the interpreter's), as wide as the rows allow (up to 256 columns)
     so that every warp reads whole 128-byte lines; 8 warps for a full GPU tile.
-    ``reduces_columns``: the pass sums over rows (short row blocks for the interpreter).
-    ``props`` None (callers that predate it): the interpreter's when TRITON_INTERPRET is set,
-    else a GPU's."""
-    if props is None:
-        props = INTERPRETER if interpreting() else DeviceProps(kind="cuda")
+    ``reduces_columns``: the pass sums over rows (short row blocks for the interpreter)."""
     on_gpu = props.is_cuda
     if tile is None:
         tile = GPU_TILE if on_gpu else INTERPRETER_TILE
@@ -170,6 +166,14 @@ def vector_block_config(n: int, props: DeviceProps, block: int | None = None) ->
     elif isinstance(block, bool) or not isinstance(block, int) or block < 1 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 1, got {block!r}")
     return block, 8 if block >= 2048 else 4
+
+
+def upload_table(table: Tensor, device: torch.device) -> Tensor:
+    """A host table (of addresses, counts, ...) on ``device``: as is for the CPU, else copied
+    from pinned memory without blocking (no host sync; a pageable copy would synchronize)."""
+    if device.type == "cuda":
+        table = table.pin_memory().to(device, non_blocking=True)
+    return table
 
 
 @dataclass(frozen=True, eq=False)
@@ -248,10 +252,7 @@ class TensorBucket:
                     )
             check_device(name, first, props)
             ptrs = [t.data_ptr() for t in tensors]
-            table = torch.tensor(ptrs, dtype=torch.int64)
-            if first.is_cuda:
-                # Pinned + non_blocking: no host sync (a pageable copy would synchronize).
-                table = table.pin_memory().to(first.device, non_blocking=True)
+            table = upload_table(torch.tensor(ptrs, dtype=torch.int64), first.device)
             d_out, d_in = first.shape
             return TensorBucket(
                 base=first,
@@ -280,6 +281,16 @@ def check_dtype(name: str, tensor: Tensor, allowed: Sequence[torch.dtype]) -> No
 def check_shape(name: str, tensor: Tensor, shape: tuple[int, ...]) -> None:
     if tuple(tensor.shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected {tuple(shape)}")
+
+
+def check_stack(name: str, value: Tensor, props: DeviceProps | None) -> None:
+    """``value`` is a 3D stack (B, d_out, d_in) of a float dtype on a device the kernels run on
+    (``props``: as for ``check_device``)."""
+    if not isinstance(value, Tensor) or value.ndim != 3:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"{name} must be a 3D stack (B, d_out, d_in), got {shape}")
+    check_device(name, value, props)
+    check_dtype(name, value, FLOAT_DTYPES)
 
 
 def check_same_device(name: str, tensor: Tensor, device: torch.device) -> None:

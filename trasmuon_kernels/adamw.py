@@ -40,13 +40,16 @@ from ._common import (
     device_fn,
     f32,
     interpreting,
+    log_beta,
     matrix_base,
     next_pow2,
     one_minus_pow,
+    props_for,
     round_to,
     scalar_or_tensor,
+    upload_table,
 )
-from ._launch import DeviceProps, Launch, TorchLaunch, device_props, run_all
+from ._launch import DeviceProps, Launch, TorchLaunch, run_all
 from .momentum_energy import lerp, lerp_weights
 from .update import decay_factor
 
@@ -292,13 +295,6 @@ def _check_block(block: int | None) -> None:
         raise ValueError(f"block must be None or a power of two in [16, 2^20], got {block!r}")
 
 
-def _device_table(table: Tensor, device: torch.device) -> Tensor:
-    if device.type == "cuda":
-        # Pinned + non_blocking: no host sync (a pageable copy would synchronize).
-        table = table.pin_memory().to(device, non_blocking=True)
-    return table
-
-
 # --------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------
@@ -389,7 +385,7 @@ def prepare_adamw(
     lr_t, lr_v = scalar_or_tensor("lr", lr, device)
 
     numels = [p.numel() for p in p_list]
-    config = adamw_config(numels, props or device_props(device))
+    config = adamw_config(numels, props_for(p_list[0], props))
     if block is not None:
         config = AdamWConfig(block=block, num_warps=_warps(block))
     counts = [triton.cdiv(k, config.block) for k in numels]
@@ -401,16 +397,16 @@ def prepare_adamw(
 
     addresses = [[t.data_ptr() for t in lst] for lst in (p_list, g_list, m_list, v_list)]
     aligned = all(a % 16 == 0 for row in addresses for a, k in zip(row, numels, strict=True) if k)
-    tensor_table = _device_table(torch.tensor([*addresses, numels], dtype=torch.int64), device)  # (5, N)
+    tensor_table = upload_table(torch.tensor([*addresses, numels], dtype=torch.int64), device)  # (5, N)
     counts_t = torch.tensor(counts, dtype=torch.int64)
     tid = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), counts_t)
     first = torch.cumsum(counts_t, 0) - counts_t
     blk = torch.arange(total, dtype=torch.int64) - first[tid]
-    prog_table = _device_table(torch.stack([tid, blk], dim=1).to(torch.int32), device)  # (P, 2)
+    prog_table = upload_table(torch.stack([tid, blk], dim=1).to(torch.int32), device)  # (P, 2)
 
     w1, w1_m1, small_w1 = lerp_weights(1.0 - beta1)
-    log_b = [f32(math.log(b)) if b > 0 else -math.inf for b in (beta1, beta2)]
-    decay_v = f32(decay_factor(float(lr), weight_decay)) if lr_t is None else 0.0
+    log_b = [log_beta(b) for b in (beta1, beta2)]
+    decay_v = decay_factor(float(lr), weight_decay) if lr_t is None else 0.0
     any_t = tensor_table  # stands in for pointer arguments a constexpr flag leaves unused
     # The gradient argument only types the kernel's pointers: a buffer of ours, so that the
     # launch holds no gradient alive (gradients are reallocated, see ``update_grads``).

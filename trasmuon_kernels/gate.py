@@ -28,7 +28,6 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
-    MAX_VECTOR_BLOCK,
     check_device,
     check_dtype,
     check_same_device,
@@ -41,11 +40,6 @@ from ._common import (
     vector_block_config,
 )
 from ._launch import DeviceProps, Launch, Prepared, run_all
-
-# Largest block of columns one program holds in registers; wider rows are looped over.
-MAX_BLOCK = MAX_VECTOR_BLOCK
-# Gate state the kernel reads and writes; the schedule-free keys only with schedule_free.
-_SF_KEYS = ("sf_lr2_sum", "sf_c_lr2_sum", "c_last")
 
 
 # --------------------------------------------------------------------------------------
@@ -462,4 +456,4 @@ def gate_stage_(
     return prepared.result
 
 
-__all__ = ["MAX_BLOCK", "gate_stage_", "kth_smallest", "prepare_gate_stage", "prepare_kth_smallest"]
+__all__ = ["gate_stage_", "kth_smallest", "prepare_gate_stage", "prepare_kth_smallest"]

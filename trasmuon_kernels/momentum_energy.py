@@ -34,11 +34,11 @@ from ._common import (
     BucketLike,
     PassConfig,
     TensorBucket,
-    check_device,
     check_dtype,
     check_no_overlap,
     check_same_device,
     check_shape,
+    check_stack,
     default_config,
     device_fn,
     f32,
@@ -463,11 +463,7 @@ def prepare_column_energy(
     props: DeviceProps | None = None,
 ) -> Prepared:
     """The two launches of :func:`column_energy` (same arguments); ``result`` is the energy."""
-    if not isinstance(source, Tensor) or source.ndim != 3:
-        shape = tuple(source.shape) if isinstance(source, Tensor) else type(source).__name__
-        raise ValueError(f"source must be a 3D stack (B, d_out, d_in), got {shape}")
-    check_device("source", source, props)
-    check_dtype("source", source, FLOAT_DTYPES)
+    check_stack("source", source, props)
     count, d_out, d_in = source.shape
     device = source.device
     if row_scale is not None:

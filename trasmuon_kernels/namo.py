@@ -7,8 +7,9 @@ matrices), the program
 
 * updates the second moment: NAMO's v (one per matrix) from ||G||_F^2 = sum_j, or NAMO-D's
   V_j (one per column);
-* forms base = lr sqrt(1 - b2^t) / (1 - b1^t + 1e-12) from the matrix's step t and lr, both
-  read from device memory (the bias corrections in float32, ``one_minus_pow``);
+* forms base = lr sqrt(1 - b2^t) / (1 - b1^t + bias_eps) from the matrix's step t and lr, both
+  read from device memory (the bias corrections in float32, ``one_minus_pow``; ``bias_eps``
+  from the caller: ``reference.NAMO_BIAS_EPS``);
 * NAMO: alpha = base ||N||_F / (sqrt(v) + eps); NAMO-D: d_j = ||N_:,j|| / (sqrt(V_j) + eps),
   clamped to [clamp mean(d), mean(d) / clamp] when 0 < clamp <= 1 and the mean is finite and
   > 0 (the mean of the unclamped d: a first pass over the columns), then base * d_j;
@@ -36,14 +37,13 @@ from ._common import (
     log_beta,
     one_minus_pow,
     out_or_new,
+    props_for,
     scalar_or_tensor,
     vector_block_config,
 )
 from ._launch import DeviceProps, Launch, Prepared, run_all
 
 WEIGHT_DECAY_MODES = ("adaptive", "lr")
-# Added to the first-moment bias correction before dividing (as the reference does).
-BIAS_EPS = 1e-12
 # Columns per block: NAMO-D loops over the columns twice (mean, then clamp); at 2048 values
 # per block with 8 warps sm_90 spilled (the compile report), 1024 keeps 4 values per thread.
 MAX_BLOCK = 1024
@@ -148,6 +148,7 @@ def prepare_namo_factors(
     scale_shape: float,
     weight_decay_mode: str,
     clamp: float | None,
+    bias_eps: float,
     decay_out: Tensor | None = None,
     step_out: Tensor | None = None,
     block: int | None = None,
@@ -187,7 +188,7 @@ def prepare_namo_factors(
         raise ValueError("decay_out and step_out must have the same strides")
     if count == 0:
         return Prepared([], (decay, step))
-    blk, num_warps = vector_block_config(n, props or _props(device), block)
+    blk, num_warps = vector_block_config(n, props_for(grad_col_sumsq, props), block)
     if block is None and blk > MAX_BLOCK:  # two passes over the columns: keep registers free
         blk, num_warps = MAX_BLOCK, 8
     launch = Launch(
@@ -197,19 +198,13 @@ def prepare_namo_factors(
             grad_col_sumsq, n_col_sumsq, v, steps, lr_t, decay, step,
             n, steps.stride(0), grad_col_sumsq.stride(0), v.stride(0), step.stride(0),
             f32(b2), f32(1.0 - b2), f32(eps), f32(weight_decay), f32(scale_shape),
-            f32(clamp if clamp else 1.0), log_beta(b1), log_beta(b2), f32(BIAS_EPS),
+            f32(clamp if clamp else 1.0), log_beta(b1), log_beta(b2), f32(bias_eps),
         ),
         dict(COLUMNS=columns, ADAPTIVE=weight_decay_mode == "adaptive",
              CLAMP=columns and 0.0 < clamp <= 1.0, BLOCK=blk, num_warps=num_warps,
              enable_fp_fusion=False),
     )
     return Prepared([launch], (decay, step))
-
-
-def _props(device: torch.device) -> DeviceProps:
-    from ._launch import device_props
-
-    return device_props(device)
 
 
 def namo_factors_(
@@ -225,6 +220,7 @@ def namo_factors_(
     scale_shape: float,
     weight_decay_mode: str,
     clamp: float | None,
+    bias_eps: float,
     decay_out: Tensor | None = None,
     step_out: Tensor | None = None,
     block: int | None = None,
@@ -235,13 +231,16 @@ def namo_factors_(
     ``grad_col_sumsq``, ``n_col_sumsq``: (B, d_in) float32 column sums of squares of G and of N
     over all rows. ``v``: the second moment, updated in place: (B,) for NAMO, (B, d_in) for
     NAMO-D. ``steps``: (B,) device tensor of each matrix's t (>= 1). ``lr``: a one-element
-    device tensor. ``scale_shape``: scale * sqrt(max(d_out, d_in)). Returns (decay, step_up),
-    (B,) for NAMO and (B, d_in) for NAMO-D, float32. Eager twin: ``reference.namo_factors_``.
+    device tensor. ``scale_shape``: scale * sqrt(max(d_out, d_in)). ``bias_eps``: added to the
+    first-moment bias correction before dividing (``reference.NAMO_BIAS_EPS``). Returns
+    (decay, step_up), (B,) for NAMO and (B, d_in) for NAMO-D, float32. Eager twin:
+    ``reference.namo_factors_``.
     """
     prepared = prepare_namo_factors(
         v, grad_col_sumsq, n_col_sumsq, steps, lr, betas=betas, eps=eps,
         weight_decay=weight_decay, scale_shape=scale_shape, weight_decay_mode=weight_decay_mode,
-        clamp=clamp, decay_out=decay_out, step_out=step_out, block=block, props=props)
+        clamp=clamp, bias_eps=bias_eps, decay_out=decay_out, step_out=step_out, block=block,
+        props=props)
     run_all(prepared)
     return prepared.result
 

@@ -371,6 +371,28 @@ def prepare_newton_schulz(
     schedule = check_schedule(schedule)
     out = _checked_out(x, fro_sumsq, out, row_sumsq_out)
     check_device("x", x, props)
+    return _prepare_checked(
+        x, schedule, eps, fro_sumsq=fro_sumsq, out=out, row_sumsq_out=row_sumsq_out,
+        workspace=workspace, config=config, props=props, overwrite_input=overwrite_input,
+    )
+
+
+def _prepare_checked(
+    x: torch.Tensor,
+    schedule: tuple[NSTriple, ...],
+    eps: float,
+    *,
+    fro_sumsq: torch.Tensor | None,
+    out: torch.Tensor,
+    row_sumsq_out: torch.Tensor | None,
+    workspace: NSWorkspace | None,
+    config: NSConfig | None,
+    props: DeviceProps | None,
+    overwrite_input: bool,
+) -> Prepared:
+    """:func:`prepare_newton_schulz` after its first checks (``check_schedule``,
+    ``_checked_out``, ``check_device``), which the caller has run: ``schedule`` and ``out`` are
+    their results."""
     if _shares_storage(out, x):
         raise ValueError("out must not share memory with x")
     props = props_for(x, props)
@@ -420,8 +442,6 @@ def prepare_newton_schulz(
             spare = x3  # read by step 1 only; first written by step 2
         else:
             spare = _buffer(ws.x, (batch, m, n), torch.bfloat16, dev, "x")
-            if _shares_storage(spare, x3):
-                raise ValueError("workspace buffers must not share memory with the input or out")
     for buf in (spare, gram, poly):
         if buf is not None and buf is not x3 and (_shares_storage(buf, x3) or _shares_storage(buf, out3)):
             raise ValueError("workspace buffers must not share memory with the input or out")
@@ -527,7 +547,7 @@ def newton_schulz(
     check_device("x", x, props)
     if config is None and _autotune_requested(autotune):
         config = _tuned_config(x, float(eps), fro_sumsq, props_for(x, props))
-    prepared = prepare_newton_schulz(
+    prepared = _prepare_checked(
         x, schedule, float(eps), fro_sumsq=fro_sumsq, out=out, row_sumsq_out=row_sumsq_out,
         workspace=workspace, config=config, props=props, overwrite_input=overwrite_input,
     )

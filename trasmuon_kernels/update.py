@@ -33,6 +33,7 @@ from ._common import (
     check_no_overlap,
     check_same_device,
     check_shape,
+    check_stack,
     default_config,
     f32,
     interpreting,
@@ -184,14 +185,6 @@ def _update_kernel(
 # --------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------
-def _check_stack(name: str, value: Tensor, props: DeviceProps | None) -> None:
-    if not isinstance(value, Tensor) or value.ndim != 3:
-        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-        raise ValueError(f"{name} must be a 3D stack (B, d_out, d_in), got {shape}")
-    check_device(name, value, props)
-    check_dtype(name, value, FLOAT_DTYPES)
-
-
 def prepare_row_sumsq(
     ortho: Tensor,
     *,
@@ -200,7 +193,7 @@ def prepare_row_sumsq(
     props: DeviceProps | None = None,
 ) -> Prepared:
     """The launch of :func:`row_sumsq` (same arguments); ``result`` is the (B, d_out) sums."""
-    _check_stack("ortho", ortho, props)
+    check_stack("ortho", ortho, props)
     count, d_out, d_in = ortho.shape
     result = out_or_new("out", out, (count, d_out), torch.float32, ortho.device)
     if result.stride(1) != 1:
@@ -358,7 +351,7 @@ def prepare_update_pass(
     check_dtype("param", w.base, FLOAT_DTYPES)
     if not w.uses_table:
         check_no_overlap("param", w.base)
-    _check_stack("ortho", ortho, props)
+    check_stack("ortho", ortho, props)
     count, (d_out, d_in) = w.count, w.shape
     device = w.device
     check_shape("ortho", ortho, (count, d_out, d_in))

@@ -10,7 +10,7 @@ import torch
 
 from trasmuon import reference as ref
 from trasmuon_kernels.momentum_energy import momentum_energy_pass_
-from trasmuon_kernels.namo import namo_factors_
+from trasmuon_kernels.namo import WEIGHT_DECAY_MODES, namo_factors_
 from trasmuon_kernels.testing import assert_close_to_reference, poison
 from trasmuon_kernels.update import update_pass_
 
@@ -47,6 +47,7 @@ def test_factors_follow_the_reference(case, clamp, mode):
     scale_shape = ref.namo_shape_factor(0.2, d_out, d_in)
     v = v0.clone()
     decay, step = namo_factors_(v, gsum, nsum, steps, lr, scale_shape=scale_shape,
+                                bias_eps=ref.NAMO_BIAS_EPS,
                                 decay_out=poison(*shape_v, dtype=torch.float32),
                                 step_out=poison(*shape_v, dtype=torch.float32), **kw)
     for b in range(count):  # the reference, in float64, one matrix at a time
@@ -60,12 +61,17 @@ def test_factors_follow_the_reference(case, clamp, mode):
                                   dtype=torch.float32, what="decay")
 
 
+def test_weight_decay_modes_match_the_rule():
+    assert WEIGHT_DECAY_MODES == ref.WEIGHT_DECAY_MODES
+
+
 def test_factors_of_zero_gradients_are_zero_steps_not_nan():
     zeros = torch.zeros(2, 16)
     for clamp, v in ((None, torch.zeros(2)), (0.75, torch.zeros(2, 16))):
         decay, step = namo_factors_(v, zeros, zeros, torch.tensor([1.0, 2.0]), torch.tensor(0.1),
                                     betas=(0.95, 0.99), eps=1e-8, weight_decay=0.1,
-                                    scale_shape=0.8, weight_decay_mode="adaptive", clamp=clamp)
+                                    scale_shape=0.8, weight_decay_mode="adaptive", clamp=clamp,
+                                    bias_eps=ref.NAMO_BIAS_EPS)
         assert torch.equal(step, torch.zeros_like(step)) and torch.equal(decay, torch.ones_like(decay))
 
 

@@ -44,7 +44,8 @@ class TritonNAMO(TritonMatrixProgram):
             self.lr, betas=tuple(g["betas"]), eps=g["eps"], weight_decay=g["weight_decay"],
             scale_shape=ref.namo_shape_factor(g["scale"], d_out, d_in),
             weight_decay_mode=g["weight_decay_mode"],
-            clamp=g["clamp"] if self.columns else None, props=self.props)
+            clamp=g["clamp"] if self.columns else None, bias_eps=ref.NAMO_BIAS_EPS,
+            props=self.props)
         self.decay, self.step_up = factors.result
         if self.columns:  # column j scaled by step_up_j: the update pass's column factor
             update = prepare_update_pass(
