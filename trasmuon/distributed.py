@@ -36,9 +36,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import reference as ref
 from .plan import Bucket, StepPlan, ceil_div, local, split_counts
 from .rules import get_rule
+from .rules._matrix import eager_newton_schulz
 
 try:  # torch >= 2.5
     from torch.distributed.tensor import DTensor, Shard
@@ -327,15 +327,6 @@ def _tall(shape: tuple[int, int]) -> bool:
     return shape[0] > shape[1]
 
 
-def _ns_args(b: Bucket) -> tuple[Any, float, torch.dtype]:
-    return b.rule.ns_schedule(b.group), b.rule.ns_eps(b.group), b.group["ns_dtype"]
-
-
-def _eager_ns(b: Bucket, x: Tensor) -> Tensor:
-    schedule, eps, dtype = _ns_args(b)
-    return ref.newton_schulz(x, schedule, eps, dtype)
-
-
 def _o_stack(count: int, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
     """A (count, d_out, d_in) buffer in the layout of the eager Newton–Schulz output: a tall
     matrix's O is the transpose of a contiguous (d_in, d_out) tensor (``newton_schulz``
@@ -372,7 +363,7 @@ class SplitExchange:
                 launch()
         else:
             for i in range(start, stop):
-                self.ortho[i].copy_(_eager_ns(b, b.ns_input[i]))
+                self.ortho[i].copy_(eager_newton_schulz(b, b.ns_input[i]))
         stats = self.opt.comm_stats
         for r, (s0, s1) in enumerate(self.ranges):
             if s1 == s0:
@@ -467,7 +458,7 @@ class ShardedExchange:
         else:
             full_o = _o_stack(self.own, b.shape, self.dtype, b.device)
             for i in range(self.own):
-                full_o[i].copy_(_eager_ns(b, self.full_x[i]))
+                full_o[i].copy_(eager_newton_schulz(b, self.full_x[i]))
         in_splits = [self.own * self._part_rows(r) * d_in for r in range(self.world)]
         out_splits = [(s1 - s0) * me_rows * d_in for s0, s1 in self.ranges]
         if b.backend == "triton":
@@ -521,10 +512,7 @@ def orthogonalize(opt: MatrixOptimizer, plan: StepPlan) -> None:
     for b in plan.matrices:
         exchange = getattr(b, "exchange", None)
         if exchange is None:
-            if b.backend == "triton":
-                b.program.orthogonalize()
-            else:
-                b.ortho = [_eager_ns(b, x) for x in b.ns_input]
+            b.program.orthogonalize()
         elif isinstance(exchange, SplitExchange):
             exchange.start()
             split.append(exchange)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import reference as ref
-from . import Hyperparameter
+from . import Hyperparameter, Program
 from ._checks import (
     in_range,
     int_at_least,
@@ -68,6 +68,29 @@ def eager_lr(bucket: Bucket) -> float | Tensor:
     if isinstance(value, Tensor):
         return value.detach().reshape(()).to(device=bucket.device, dtype=bucket.state_dtype)
     return float(value)
+
+
+def eager_newton_schulz(bucket: Bucket, x: Tensor) -> Tensor:
+    """The eager Newton–Schulz of one of the bucket's inputs (docs/rule.md step 3), with the
+    rule's schedule and eps."""
+    rule = bucket.rule
+    return ref.newton_schulz(x, rule.ns_schedule(bucket.group), rule.ns_eps(bucket.group),
+                             bucket.group["ns_dtype"])
+
+
+class EagerMatrixProgram(Program):
+    """The eager program of a matrix rule: the subclass's ``prepare`` and ``finish`` around
+    Newton–Schulz of every input (run here, or by a distributed exchange), with ``post``
+    for what needs O (nothing by default)."""
+
+    bucket: Bucket
+
+    def orthogonalize(self) -> None:
+        b = self.bucket
+        b.ortho = [eager_newton_schulz(b, x) for x in b.ns_input]
+
+    def post(self) -> None:
+        pass
 
 
 def eager_momentum(bucket: Bucket, beta1: float, nesterov_: bool) -> list[Tensor]:

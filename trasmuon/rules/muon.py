@@ -57,7 +57,7 @@ class MuonRule(MatrixRule):
         return unsupported_reason(group, param, grad)
 
 
-class EagerMuon(Program):
+class EagerMuon(M.EagerMatrixProgram):
     def __init__(self, bucket: Bucket) -> None:
         self.bucket = bucket
         self._diagnostics: list[dict[str, Any]] = []
@@ -65,9 +65,6 @@ class EagerMuon(Program):
     def prepare(self) -> None:
         g = self.bucket.group
         M.eager_momentum(self.bucket, g["momentum"], g["nesterov"])
-
-    def post(self) -> None:
-        pass
 
     def finish(self) -> None:
         b = self.bucket

@@ -67,7 +67,7 @@ class NAMORule(MatrixRule):
         return unsupported_reason(group, param, grad)
 
 
-class EagerNAMO(Program):
+class EagerNAMO(M.EagerMatrixProgram):
     """NAMO (``columns=False``) or NAMO-D (``columns=True``) with ``trasmuon.reference``,
     matrix by matrix."""
 
@@ -86,9 +86,6 @@ class EagerNAMO(Program):
         M.eager_momentum(b, g["betas"][0], g["nesterov"])  # sets b.ns_input = N
         for i, n in enumerate(b.ns_input):
             n_sums[i].copy_(ref.column_energy(n, acc))
-
-    def post(self) -> None:
-        pass
 
     def finish(self) -> None:
         b = self.bucket

@@ -98,7 +98,7 @@ class TrasMuonRule(MatrixRule):
         return unsupported_reason(group, param, grad)
 
 
-class EagerTrasMuon(Program):
+class EagerTrasMuon(M.EagerMatrixProgram):
     """Steps 1-12 with ``trasmuon.reference``, matrix by matrix: the stages that
     ``reference.trasmuon_update_stage_`` composes, with the sums over rows in between."""
 
