@@ -667,15 +667,36 @@ def namo_factors_(
     (``v`` per column) from the column sums of squares of G and of N over all rows: updates
     ``v`` and returns the decay factor and the update step (per matrix, or per column), with
     what diagnostics read. The eager twin of ``trasmuon_kernels.namo``."""
+    second_moment_update_(v, grad_col_sumsq if clamp is not None else grad_col_sumsq.sum(-1), betas[1])
+    return namo_factors(v, n_col_sumsq, step, lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        scale=scale, d_out=d_out, d_in=d_in, weight_decay_mode=weight_decay_mode,
+                        clamp=clamp)
+
+
+def namo_factors(
+    v: Tensor,
+    n_col_sumsq: Tensor,
+    step: int,
+    lr: float | Tensor,
+    *,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    scale: float,
+    d_out: int,
+    d_in: int,
+    weight_decay_mode: str,
+    clamp: float | None,
+) -> dict[str, Tensor | float]:
+    """Steps 4-6 of ``namo_factors_`` from the updated second moment ``v`` (reads, changes
+    nothing)."""
     base = namo_base_step(lr, betas, step)
     shape = namo_shape_factor(scale, d_out, d_in)
     if clamp is None:
-        second_moment_update_(v, grad_col_sumsq.sum(-1), betas[1])
         alpha = namo_alpha(base, n_col_sumsq.sum(-1), v, eps)
         out: dict[str, Tensor | float] = {"alpha": alpha}
         scaled = alpha
     else:
-        second_moment_update_(v, grad_col_sumsq, betas[1])
         raw = namod_raw_scale(n_col_sumsq, v, eps)
         d = namod_clamp(raw, clamp)
         out = {"d_raw": raw, "d": d}

@@ -64,18 +64,15 @@ class TritonNAMO(TritonMatrixProgram):
         g = b.group
         d_out, d_in = b.shape
         lr = self.lr.item()
-        shape = ref.namo_shape_factor(g["scale"], d_out, d_in)
         out = []
         for i in range(b.count):
-            base = ref.namo_base_step(lr, tuple(g["betas"]), int(self.steps[i].item()))
-            nsum = b.reductions["n_col_sumsq"][i]
-            if self.columns:
-                raw = ref.namod_raw_scale(nsum, self.v[i], g["eps"])
-                d = ref.namod_clamp(raw, g["clamp"])
-                entry = {"d_raw": raw, "d": d, "step_up": self.step_up[i]}
-            else:
-                alpha = ref.namo_alpha(base, nsum.sum(-1), self.v[i], g["eps"])
-                step_wd, step_up = ref.namo_step_sizes(alpha, shape)
-                entry = {"alpha": alpha, "step_wd": step_wd, "step_up": torch.as_tensor(step_up)}
+            # The factors again from the stored v (which the kernel updated): what the
+            # kernel computed but does not keep.
+            entry = ref.namo_factors(
+                self.v[i], b.reductions["n_col_sumsq"][i], int(self.steps[i].item()), lr,
+                betas=tuple(g["betas"]), eps=g["eps"], weight_decay=g["weight_decay"],
+                scale=g["scale"], d_out=d_out, d_in=d_in, weight_decay_mode=g["weight_decay_mode"],
+                clamp=g["clamp"] if self.columns else None)
+            entry["step_up"] = self.step_up[i] if self.columns else torch.as_tensor(entry["step_up"])
             out.append(namo_diagnostics(entry, g, self.columns))
         return out
