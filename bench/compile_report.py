@@ -67,7 +67,11 @@ STANDALONE_BUCKETS: dict[str, tuple[int, int, int]] = {
     "4096x11008": (1, 4096, 11008),
     "stack-12x768x3072": (12, 768, 3072),
 }
-RULES = ("trasmuon", "trasmuon-update-energy", "normuon", "muon", "namo", "namo_d")
+# The report's rules, and the registered rule each one runs (the update-energy variant is
+# TrasMuon with energy_source="update").
+RULE_OF = {"trasmuon": "trasmuon", "trasmuon-update-energy": "trasmuon", "normuon": "normuon",
+           "muon": "muon", "namo": "namo", "namo_d": "namo_d"}
+RULES = tuple(RULE_OF)
 
 
 # --------------------------------------------------------------------------------------
@@ -131,33 +135,18 @@ def model_buckets() -> dict[str, list[tuple[int, int, int]]]:
 
 
 def default_group(rule: str) -> dict[str, Any]:
-    """The hyperparameters of ``rule`` (a key of ``RULES``) at their defaults (docs/rule.md,
-    "Defaults"; Muon: torch.optim.Muon's). Only their kinds matter to what compiles (flags,
-    None or not); the values are the documented ones."""
-    from trasmuon import reference as ref
+    """The hyperparameters of ``rule`` (a key of ``RULES``) at their defaults: the registered
+    rule's (``trasmuon.rules.get_rule(RULE_OF[rule]).defaults``; docs/rule.md, "Defaults"),
+    with energy_source="update" for the update-energy variant. Only their kinds matter to
+    what compiles (flags, None or not)."""
+    import trasmuon
 
-    trasmuon = dict(
-        lr=1e-3, betas=(0.95, 0.95), eps=1e-8, weight_decay=0.0, nesterov=False,
-        ns_coefficients=ref.TRASMUON_NS_COEFFICIENTS, ns_steps=5, scale=0.2, clip=True,
-        clip_alpha=1.0, clip_min=0.7, clip_trigger=3.0, clip_period=4, clip_min_cols=8,
-        clip_beta=0.9, energy_beta=0.99, energy_quantile=0.5, energy_eps=1e-12,
-        warmup_steps=0, schedule_free=True, sf_mix=0.3, energy_source="momentum",
-    )
-    if rule == "trasmuon":
-        return trasmuon
+    if rule not in RULE_OF:
+        raise ValueError(f"unknown rule {rule!r}; expected one of {RULES}")
+    group = dict(trasmuon.rules.get_rule(RULE_OF[rule]).defaults)
     if rule == "trasmuon-update-energy":
-        return dict(trasmuon, energy_source="update")
-    if rule == "normuon":
-        return dict(trasmuon, clip=False)
-    if rule == "muon":
-        return dict(lr=1e-3, betas=(0.95, 0.95), eps=1e-7, weight_decay=0.1, nesterov=True,
-                    ns_coefficients=ref.MUON_NS_COEFFICIENTS, ns_steps=5, adjust_lr_fn=None)
-    if rule in ("namo", "namo_d"):
-        namo = dict(lr=1e-2, betas=(0.95, 0.99), eps=1e-8, weight_decay=0.1, nesterov=True,
-                    ns_coefficients=ref.MUON_NS_COEFFICIENTS, ns_steps=5, scale=0.2,
-                    weight_decay_mode="adaptive")
-        return dict(namo, clamp=0.75) if rule == "namo_d" else namo
-    raise ValueError(f"unknown rule {rule!r}; expected one of {RULES}")
+        group["energy_source"] = "update"
+    return group
 
 
 def launches_for(bucket: tuple[int, int, int], param_dtype, rule: str = "trasmuon", props=None) -> list:
@@ -182,7 +171,7 @@ def launches_for(bucket: tuple[int, int, int], param_dtype, rule: str = "trasmuo
     count, d_out, d_in = bucket
     group = default_group(rule)
     muon = rule == "muon"
-    beta1 = group["betas"][0]
+    beta1 = group["momentum"] if muon else group["betas"][0]
     lr = torch.tensor(group["lr"])  # the plan's lr: a device scalar
     steps = torch.ones(count)  # the plan's per-matrix step counters (float32)
     params = TensorBucket.of(list(torch.empty(count, d_out, d_in, dtype=param_dtype).unbind(0)), props=props)
@@ -234,7 +223,7 @@ def launches_for(bucket: tuple[int, int, int], param_dtype, rule: str = "trasmuo
             first=torch.zeros(count, dtype=torch.uint8), out=gate, props=props)
     launches += prepare_update_pass(
         params, o, lr=lr, weight_decay=group["weight_decay"], rowscale=rowscale,
-        o_base_sumsq=base_sumsq, eta_scale=group["scale"] * math.sqrt(d_out * d_in),
+        o_base_sumsq=base_sumsq, eta_scale=ref.eta_hat_scale(group["scale"], d_out, d_in),
         eta_eps=ref.ETA_HAT_EPS, col_gate=gate, props=props)
     return launches
 
@@ -264,7 +253,7 @@ def _namo_launches(launches, group, columns, params, grads, momenta, x, o, x_sqn
         v, grad_sums, n_sums, steps, lr, betas=group["betas"], eps=group["eps"],
         weight_decay=group["weight_decay"], scale_shape=ref.namo_shape_factor(group["scale"], d_out, d_in),
         weight_decay_mode=group["weight_decay_mode"], clamp=group["clamp"] if columns else None,
-        props=props)
+        bias_eps=ref.NAMO_BIAS_EPS, props=props)
     decay, step_up = factors.result
     launches += factors
     if columns:

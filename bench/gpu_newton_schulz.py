@@ -24,7 +24,7 @@ For each shape (5 NS steps; 1024^2, 4096^2, 4096x11008 and the stacks 12x768x307
     ``trasmuon-pytorch``, timed in a subprocess of that venv (its module is also named
     ``trasmuon``);
 * the FLOPs of 5 steps with and without symmetric products, the measured bf16 matmul rate
-  (torch.mm, 8192^3) and the resulting floor (symmetric FLOPs / rate), and each timing's
+  (torch.mm, 8192^3; ``ns_flops`` and ``matmul_tflops`` of bench/timing.py) and the resulting floor (symmetric FLOPs / rate), and each timing's
   fraction of that floor;
 * correctness: relative Frobenius error of every implementation against the float64
   iteration on the same bf16 input, and ours / torch's bf16 chain (the ratio the tests
@@ -51,20 +51,6 @@ SHAPES: list[tuple[int, ...]] = [
 ]
 SMOKE_SHAPES: list[tuple[int, ...]] = [(9, 17), (17, 9), (2, 12, 20), (3, 20, 12)]
 EPS = 1e-7  # the authors' default; ours takes it as an argument
-
-
-def ns_flops(shape: tuple[int, ...], steps: int, symmetric: bool) -> int:
-    """FLOPs of ``steps`` NS steps on a stack of (m, n) matrices, d = min, k = max:
-    per step X X^T (2 d^2 k, or d(d+1) k for the upper triangle), A A (2 d^3, or
-    d^2 (d+1)) and B X (2 d^2 k, never symmetric)."""
-    *lead, m, n = shape
-    batch = 1
-    for s in lead:
-        batch *= s
-    d, k = min(m, n), max(m, n)
-    gram = d * (d + 1) * k if symmetric else 2 * d * d * k
-    poly = d * d * (d + 1) if symmetric else 2 * d**3
-    return batch * steps * (gram + poly + 2 * d * d * k)
 
 
 def _load_reference_by_path():
@@ -162,17 +148,6 @@ def run_authors(venv: Path, shapes, device: str, quick: bool) -> dict:
 # --------------------------------------------------------------------------------------
 # Ours, torch's, the compiled reference
 # --------------------------------------------------------------------------------------
-def matmul_tflops(device, quick: bool) -> float:
-    import torch
-
-    timing = _timing()
-    n = 8192 if device.type == "cuda" else 256
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    ms = timing.median_ms(lambda: torch.mm(a, b), device, quick=quick)
-    return 2 * n**3 / (ms * 1e-3) / 1e12
-
-
 def bench_shape(shape, device, args, ref, rate_tflops, compiled_ref) -> list[dict]:
     import torch
 
@@ -188,13 +163,13 @@ def bench_shape(shape, device, args, ref, rate_tflops, compiled_ref) -> list[dic
     sumsq = fro_sumsq(x16.reshape(-1, *shape[-2:]))
     out = torch.empty(shape, device=device, dtype=torch.bfloat16)
     ws = newton_schulz_workspace(shape, device, steps=steps)
-    flops_sym = ns_flops(shape, steps, True)
+    flops_sym = timing.ns_flops(shape, steps, True)
     floor_ms = flops_sym / (rate_tflops * 1e12) * 1e3
     base = {
         "shape": list(shape),
         "steps": steps,
         "flops_symmetric": flops_sym,
-        "flops_full": ns_flops(shape, steps, False),
+        "flops_full": timing.ns_flops(shape, steps, False),
         "floor_ms_symmetric": floor_ms,
     }
     rows = []
@@ -294,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     quick = args.quick or args.interpret_smoke
     args.quick = quick
 
-    rate = matmul_tflops(device, quick)
+    rate = timing.matmul_tflops(device, quick)
     print(f"bf16 matmul rate: {rate:.4g} TFLOP/s on {timing.device_name(device)}")
     # torch.compile of the reference needs a C++ toolchain on the CPU and minutes of compile
     # for nothing useful in the smoke run: there it is checked eagerly.
@@ -315,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         authors = run_authors(args.authors_venv, shapes, device.type, quick)
         result["authors"] = authors
         for row in authors.get("rows", []):
-            flops = ns_flops(tuple(row["shape"]), 5, True)
+            flops = timing.ns_flops(tuple(row["shape"]), 5, True)
             if row.get("median_ms"):
                 row["fraction_of_floor"] = flops / (rate * 1e12) * 1e3 / row["median_ms"]
             print(

@@ -17,8 +17,9 @@ timing, one replay is checked against one eager step from the same weights, stat
 (``graph_check``: the largest weight difference relative to the distance moved).
 
 The floor (``floor_ms``, per model): the symmetric Newton-Schulz FLOPs of all its matrices (5
-steps, 3 s^2 l + s^3 per step for an s x l matrix: the Gram and the polynomial products on one
-triangle) at the bf16 matmul rate measured here, plus the bytes the step must move (per matrix
+steps, bench/timing.py's ``ns_flops(..., symmetric=True)``: about 3 s^2 l + s^3 per step for an
+s x l matrix, the Gram and the polynomial products on one triangle) at the bf16 matmul rate
+measured here (``matmul_tflops``), plus the bytes the step must move (per matrix
 element: G 2, M 8, X 2, O 2 and 2, W 4; per AdamW element 22) at the measured copy bandwidth.
 """
 
@@ -38,14 +39,15 @@ DEFAULT_IMPLS = ("trasmuon-triton", "trasmuon-triton-graph", "trasmuon", "torch-
 
 def floor_ms(specs, matmul_tflops: float, copy_gbs: float) -> float:
     """The step's floor on this GPU (see the module docstring)."""
+    from bench.timing import ns_flops
+
     flops = bytes_ = 0.0
     for shape, count, kind in specs:
         n = 1
         for d in shape:
             n *= d
         if kind == "matrix":
-            s, l_ = sorted(shape)
-            flops += count * 5 * 2 * (3 * s * s * l_ + s**3) / 2  # multiply-adds as 2 FLOPs
+            flops += count * ns_flops(shape, 5, symmetric=True)
             bytes_ += count * n * 20
         else:
             bytes_ += count * n * 22
@@ -54,14 +56,9 @@ def floor_ms(specs, matmul_tflops: float, copy_gbs: float) -> float:
 
 def measured_rates(device) -> dict[str, float]:
     """The bf16 matmul rate (an 8192^3 product) and the device copy bandwidth, measured."""
-    import torch
-    from triton.testing import do_bench
+    from bench.timing import copy_bandwidth_gbs, matmul_tflops
 
-    from bench.timing import copy_bandwidth_gbs
-
-    x = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    ms = float(do_bench(lambda: x @ x, warmup=10, rep=50, return_mode="median"))
-    return {"matmul_tflops": 2 * 8192**3 / (ms * 1e-3) / 1e12, "copy_gbs": copy_bandwidth_gbs(device)}
+    return {"matmul_tflops": matmul_tflops(device), "copy_gbs": copy_bandwidth_gbs(device)}
 
 
 def graph_step(impl: str, matrices, others):

@@ -36,11 +36,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import trasmuon  # noqa: E402
+from bench.common import OURS, make_params  # noqa: E402
 from bench.shapes import MODELS  # noqa: E402
 
-CLASSES = {"trasmuon": trasmuon.TrasMuon, "normuon": trasmuon.NorMuon, "muon": trasmuon.Muon,
-           "namo": trasmuon.NAMO, "namo_d": trasmuon.NAMOD, "adamw": trasmuon.AdamW}
 # ATen operations that do not launch anything: views, metadata, and the dispatch of a copy's
 # destination allocation.
 _NOT_LAUNCHES = {"view", "_unsafe_view", "as_strided", "t", "transpose", "select", "slice",
@@ -74,17 +72,11 @@ def shrunk(specs, shrink: int) -> list:
 
 
 def build(model: str, rule: str, shrink: int, dtype: torch.dtype, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    matrices, others = [], []
-    for shape, count, kind in shrunk(MODELS[model], shrink):
-        for _ in range(count):
-            p = torch.nn.Parameter((torch.randn(shape, generator=gen) * 0.02).to(dtype))
-            p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(dtype)
-            (matrices if kind == "matrix" else others).append(p)
+    matrices, others = make_params(shrunk(MODELS[model], shrink), "cpu", dtype, seed)
     groups = [{"params": matrices}, {"params": others, "rule": "adamw"}]
     if rule == "adamw":
         groups = [{"params": matrices + others}]
-    opt = CLASSES[rule](groups, lr=1e-3, backend="triton")
+    opt = OURS[rule](groups, lr=1e-3, backend="triton")
     return opt, matrices + others
 
 
@@ -95,7 +87,7 @@ def count_step(opt) -> dict[str, Any]:
         opt.step()
     triton_launches = Counter(r.name for r in records if not r.name.startswith("torch:"))
     torch_launches = Counter(r.name for r in records if r.name.startswith("torch:"))
-    adamw = sum(n for k, n in triton_launches.items() if k == "adamw" or "adamw" in k)
+    adamw = sum(n for k, n in triton_launches.items() if "adamw" in k)
     return {
         "triton": sum(triton_launches.values()), "triton_by_kernel": dict(triton_launches),
         "torch_launch": sum(torch_launches.values()), "torch_launch_by_name": dict(torch_launches),
@@ -120,7 +112,7 @@ def host_ms(opt, steps: int) -> float:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="gpt2-small", choices=sorted(MODELS))
-    parser.add_argument("--rules", nargs="+", default=list(CLASSES), choices=list(CLASSES))
+    parser.add_argument("--rules", nargs="+", default=list(OURS), choices=list(OURS))
     parser.add_argument("--shrink", type=int, default=16,
                         help="divide every dimension by this (the interpreter runs the warm-up)")
     parser.add_argument("--host-steps", type=int, default=50)

@@ -38,6 +38,31 @@ def copy_bandwidth_gbs(device: torch.device | str, nbytes: int = 1 << 30) -> flo
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
+def matmul_tflops(device: torch.device | str, quick: bool = False) -> float:
+    """The achieved bf16 matmul rate in TFLOP/s: one n^3 product (n = 8192 on a GPU, 256 on
+    the CPU) timed with ``median_ms``."""
+    device = torch.device(device)
+    n = 8192 if device.type == "cuda" else 256
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms = median_ms(lambda: torch.mm(a, b), device, quick=quick)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def ns_flops(shape: tuple[int, ...], steps: int, symmetric: bool) -> int:
+    """FLOPs of ``steps`` NS steps on a stack of (m, n) matrices, d = min, k = max:
+    per step X X^T (2 d^2 k, or d(d+1) k for the upper triangle), A A (2 d^3, or
+    d^2 (d+1)) and B X (2 d^2 k, never symmetric)."""
+    *lead, m, n = shape
+    batch = 1
+    for s in lead:
+        batch *= s
+    d, k = min(m, n), max(m, n)
+    gram = d * (d + 1) * k if symmetric else 2 * d * d * k
+    poly = d * d * (d + 1) if symmetric else 2 * d**3
+    return batch * steps * (gram + poly + 2 * d * d * k)
+
+
 def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":

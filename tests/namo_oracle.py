@@ -8,6 +8,8 @@ import math
 
 import numpy as np
 
+from .spec_oracle import newton_schulz
+
 MUON_TRIPLE = (3.4445, -4.7750, 2.0315)
 
 
@@ -26,16 +28,6 @@ class OracleNAMO:
         self.v = 0.0 if clamp is None else np.zeros(n)
         self.last = {}
 
-    def orthogonalize(self, x: np.ndarray) -> np.ndarray:
-        tall = x.shape[0] > x.shape[1]
-        x = x.T.copy() if tall else x.copy()
-        x = x / (np.linalg.norm(x) + 1e-7)
-        a, b, c = MUON_TRIPLE
-        for _ in range(self.ns_steps):
-            gram = x @ x.T
-            x = a * x + (b * gram + c * gram @ gram) @ x
-        return x.T if tall else x
-
     def step(self, g: np.ndarray, lr: float) -> None:
         g = np.asarray(g, dtype=np.float64)
         self.t += 1
@@ -50,7 +42,7 @@ class OracleNAMO:
         self.mom = b1 * self.mom + (1 - b1) * g
         big_n = (1 - b1) * g + b1 * self.mom if self.nesterov else self.mom
         # 3. orthogonalize
-        o = self.orthogonalize(big_n)
+        o = newton_schulz(big_n, (MUON_TRIPLE,) * self.ns_steps, 1e-7)
         # 4. bias-corrected base step and the shape factor
         base = lr * math.sqrt(1 - b2**t) / (1 - b1**t + 1e-12)
         shape = self.scale * math.sqrt(max(m, n))

@@ -12,6 +12,19 @@ import math
 import numpy as np
 
 
+def newton_schulz(m: np.ndarray, schedule, eps: float) -> np.ndarray:
+    """Newton-Schulz of one matrix in float64: X = M / (||M||_F + eps) on the wide side
+    (M^T when M is tall), then per (a, b, c) of ``schedule`` X <- a X + (b A + c A A) X with
+    A = X X^T; transposed back."""
+    tall = m.shape[0] > m.shape[1]
+    x = m.T.copy() if tall else m.copy()
+    x = x / (np.linalg.norm(x) + eps)
+    for a, b, c in schedule:
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
 class SpecTrasMuon:
     """One matrix, steps 1-12 of docs/rule.md, float64 throughout."""
 
@@ -41,15 +54,6 @@ class SpecTrasMuon:
         self.c_last = np.ones(d_in)
         self.applied = np.ones(d_in)
 
-    def ns(self, m: np.ndarray) -> np.ndarray:
-        eps = self.hp["eps"]
-        x = m.T.copy() if m.shape[0] > m.shape[1] else m.copy()
-        x = x / (np.linalg.norm(x) + eps)
-        for a, b, c in self.hp["schedule"]:
-            gram = x @ x.T
-            x = a * x + (b * gram + c * gram @ gram) @ x
-        return x.T if m.shape[0] > m.shape[1] else x
-
     def step(self, g: np.ndarray, lr: float) -> None:
         hp = self.hp
         b1, b2 = hp["betas"]
@@ -60,7 +64,7 @@ class SpecTrasMuon:
         self.w = (1 - lr * hp["weight_decay"]) * self.w  # 1
         self.m = b1 * self.m + (1 - b1) * g  # 2
         ns_in = (1 - b1) * g + b1 * self.m if hp["nesterov"] else self.m
-        o = self.ns(ns_in)  # 3
+        o = newton_schulz(ns_in, hp["schedule"], eps)  # 3
         self.v = b2 * self.v + (1 - b2) * (o**2).mean(axis=1)  # 4
         o_base = o / (np.sqrt(self.v) + eps)[:, None]  # 5
         eta = hp["scale"] * lr * math.sqrt(d_out * d_in) / (np.linalg.norm(o_base) + 1e-12)  # 6

@@ -35,6 +35,12 @@ def make(cls=trasmuon.TrasMuon, dtype=torch.float64, **kw):
     return model, opt
 
 
+def beta1(opt):
+    """The momentum coefficient of the first group: Muon's ``momentum``, else ``betas[0]``."""
+    group = opt.param_groups[0]
+    return group["momentum"] if "momentum" in group else group["betas"][0]
+
+
 class GradSpy:
     """A step pre-hook registered after the injector: sees the gradients the step uses."""
 
@@ -56,8 +62,7 @@ def test_momentum_burst_identity_is_exact(cls, burst_step):
     model, opt = make(cls)
     ref_model, ref_opt = make(cls)
     bursts = ColumnBurst(opt, every=100, start=burst_step, scale=7.0, n_cols=3, seed=1)
-    group = opt.param_groups[0]
-    b1 = group["momentum"] if "momentum" in group else group["betas"][0]
+    b1 = beta1(opt)
     for step in range(1, burst_step + 1):
         for m in (model, ref_model):
             backward(m, step)
@@ -83,8 +88,7 @@ def test_momentum_burst_identity_is_exact(cls, burst_step):
 def test_momentum_burst_in_a_random_basis_is_exact():
     model, opt = make(trasmuon.NorMuon)
     bursts = ColumnBurst(opt, every=2, scale=0.1, n_cols=2, basis="random", redraw=True, seed=3)
-    group = opt.param_groups[0]
-    b1 = group["momentum"] if "momentum" in group else group["betas"][0]
+    b1 = beta1(opt)
     p = model.fc2.weight
     for step in (1, 2):
         backward(model, step)

@@ -16,12 +16,9 @@ import trasmuon
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.compile_report import RULES, adamw_launches, default_group, launches_for  # noqa: E402
+from bench.compile_report import RULE_OF, RULES, adamw_launches, default_group, launches_for  # noqa: E402
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter check on CPU tensors")
-
-RULE_OF = {"trasmuon": "trasmuon", "trasmuon-update-energy": "trasmuon", "normuon": "normuon",
-           "muon": "muon", "namo": "namo", "namo_d": "namo_d"}
 
 
 def _signature(launches) -> list[tuple]:
@@ -40,8 +37,8 @@ def test_the_report_compiles_what_the_programs_launch(rule, dtype):
     bucket = (3, 24, 40)
     count, d_out, d_in = bucket
     params = [torch.nn.Parameter(torch.randn(d_out, d_in).to(dtype)) for _ in range(count)]
-    group = {k: v for k, v in default_group(rule).items() if k in trasmuon.rules.get_rule(RULE_OF[rule]).keys}
-    opt = trasmuon.TrasMuon([{"params": params, "rule": RULE_OF[rule], **group}], backend="triton")
+    opt = trasmuon.TrasMuon([{"params": params, "rule": RULE_OF[rule], **default_group(rule)}],
+                            backend="triton")
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()

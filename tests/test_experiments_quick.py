@@ -174,6 +174,5 @@ def test_vit_asks_for_missing_data_instead_of_installing_it(scripts, tmp_path, m
     monkeypatch.setattr(subprocess, "run", refuse)
     monkeypatch.setattr(subprocess, "Popen", refuse)
     missing = tmp_path / "nothing-here"
-    monkeypatch.setattr(scripts["vit"], "DATA_DIR", missing)  # as if the default were absent
     with pytest.raises(SystemExit, match="apt-get install -y dataset-fashion-mnist"):
         scripts["vit"].ensure_data(missing)

@@ -28,11 +28,9 @@ import trasmuon
 REPO = Path(__file__).resolve().parents[2]
 # Where a run writes by default: out/ is ignored by git, so running an experiment never
 # rewrites the committed results. The published results and plots (docs/experiments.md)
-# live in these two directories and are updated only on purpose, with
+# live in bench/results/experiments and docs/img and are updated only on purpose, with
 # ``--out bench/results/experiments --plot-dir docs/img``.
 DEFAULT_OUT = REPO / "out" / "experiments"
-RESULTS_DIR = REPO / "bench" / "results" / "experiments"
-IMG_DIR = REPO / "docs" / "img"
 
 # The compared optimizers and the paper's ablations (docs/rule.md, "Ablations": NOCLIP =
 # clip=False; Clip-only = schedule_free=False; Clip-sf = the defaults).
@@ -54,10 +52,8 @@ COLORS = {
     "namo": "tab:purple", "namo_d": "tab:brown", "namo_lr": "tab:pink", "namo_d_lr": "tab:olive",
     "noclip": "tab:blue", "clip_only": "tab:orange", "clip_sf": "tab:red",
 }
-MAIN_FOUR = ("trasmuon", "normuon", "muon", "adamw")
-# The six compared rules, and the weight-decay-mode ablation of NAMO and NAMO-D.
+# The six compared rules.
 MAIN_SIX = ("trasmuon", "normuon", "muon", "namo", "namo_d", "adamw")
-NAMO_WD_ABLATION = ("namo", "namo_lr", "namo_d", "namo_d_lr")
 # Betas and eps of every AdamW-updated parameter (embeddings, heads, 1-D params, and all
 # params of the AdamW baseline): identical under every compared optimizer.
 ADAMW_BETAS = (0.9, 0.95)
