@@ -35,9 +35,10 @@ def interpreting() -> bool:
 def check_device(name: str, tensor: torch.Tensor, props: DeviceProps | None = None) -> None:
     """Kernels run on CUDA tensors, or on CPU tensors under the interpreter.
 
-    A launcher given explicit ``props`` also accepts CPU tensors: the caller plans launches for
-    another device (the sm_90 compile report compiles them without running them)."""
-    if tensor.is_cuda or (tensor.device.type == "cpu" and (interpreting() or props is not None)):
+    A launcher given the props of a GPU also accepts CPU tensors: the caller plans launches
+    for another device (the sm_90 compile report compiles them without running them)."""
+    planning = props is not None and props.is_cuda
+    if tensor.is_cuda or (tensor.device.type == "cpu" and (interpreting() or planning)):
         return
     raise RuntimeError(
         f"{name} is on {tensor.device}; the Triton kernels need CUDA tensors "

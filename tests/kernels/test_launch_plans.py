@@ -370,3 +370,17 @@ def test_gate_replays(monkeypatch):
     prepared = gate_mod.prepare_kth_smallest(energy, 7)
     for got in _replay_twice(monkeypatch, prepared, lambda: [prepared.result]):
         _assert_equal(got, [want])
+
+
+def test_cpu_tensors_are_refused_outside_the_interpreter_unless_planning_for_a_gpu(monkeypatch):
+    from trasmuon_kernels._common import check_device
+    from trasmuon_kernels._launch import H200, INTERPRETER
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.zeros(4)
+    for props in (None, INTERPRETER):
+        with pytest.raises(RuntimeError, match=r"^x is on cpu; the Triton kernels need CUDA"):
+            check_device("x", x, props)
+    check_device("x", x, H200)  # the sm_90 compile report plans H200 launches on CPU tensors
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    check_device("x", x, INTERPRETER)
