@@ -59,8 +59,8 @@ SMEM_RESERVED_PER_BLOCK = 1024  # the system's share of every block (sm_80 and l
 MATRIX_PRODUCTS = ("_sym_gram_kernel", "_ns_apply_kernel")
 MEMORY_PASSES = ("_momentum_energy_kernel", "_column_energy_kernel", "_update_kernel",
                  "_row_sumsq_kernel", "_fro_sumsq_kernel", "_adamw_kernel")
-VECTOR_KERNELS = ("_finalize_kernel", "_gate_kernel", "_kth_kernel", "_row_stats_kernel",
-                  "_namo_factors_kernel")
+VECTOR_KERNELS = ("_finalize_kernel", "_fro_finish_kernel", "_gate_kernel", "_kth_kernel",
+                  "_row_stats_kernel", "_namo_factors_kernel")
 
 STANDALONE_BUCKETS: dict[str, tuple[int, int, int]] = {
     "4096x4096": (1, 4096, 4096),

@@ -34,6 +34,7 @@ from torch import nn
 
 from trasmuon import Muon, NorMuon, TrasMuon, reference
 from trasmuon.distributed import (
+    AGREEMENT_HEADER_BYTES,
     CommStats,
     DistributedMuon,
     DistributedNorMuon,
@@ -286,7 +287,8 @@ def _ddp_worker(rank: int, world: int, tmp: str) -> None:
         assert opt.diagnostics() == ref_opt.diagnostics()
         stats.append(gather_stats(opt))
         if world > 1:
-            check_bytes(stats[-1], expected_bytes(opt, world), 4 * n_params * check)
+            check_bytes(stats[-1], expected_bytes(opt, world),
+                        (4 * n_params + AGREEMENT_HEADER_BYTES) * check)
         if step == CHECKPOINT_AT:
             if rank == 0:  # any rank's state is complete: save one
                 torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, ckpt)
@@ -425,7 +427,7 @@ def _fsdp_worker(rank: int, world: int, tmp: str) -> None:
                 assert value == pytest.approx(ref_diag[label][key], rel=FSDP_RTOL, abs=FSDP_ATOL)
         stats.append(gather_stats(opt))
         if world > 1:  # one rank: no collective at all
-            check_bytes(stats[-1], expected_bytes(opt, world), 4 * n_params)
+            check_bytes(stats[-1], expected_bytes(opt, world), 4 * n_params + AGREEMENT_HEADER_BYTES)
         else:
             assert stats[-1][0]["calls"] == {}
         if step == CHECKPOINT_AT:
@@ -538,6 +540,122 @@ def test_api_without_process_group():
     stats.add("x", 1, 0)
     assert (stats.calls, stats.total_sent, stats.total_received) == ({"x": 2}, 4, 4)
 
+
+
+# --------------------------------------------------------------------------------------
+# Agreement: one rank's bad input is every rank's error
+# --------------------------------------------------------------------------------------
+def _snapshot(model: nn.Module, opt) -> list[torch.Tensor]:
+    out = [local(p).detach().clone() for p in model.parameters()]
+    for state in opt.state.values():
+        out += [local(v).detach().clone() for v in state.values() if isinstance(v, torch.Tensor)]
+    return out
+
+
+def _unchanged(before: list[torch.Tensor], model: nn.Module, opt) -> bool:
+    after = _snapshot(model, opt)
+    return len(before) == len(after) and all(
+        torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def _agreement_worker(rank: int, world: int, tmp: str) -> None:
+    """Rank-local faults, each on one rank only: every rank raises the same error naming the
+    faulty rank, nothing changes on any rank, and the next good step runs on all."""
+    torch.manual_seed(0)
+    model = Net()
+
+    def grads(step: int) -> None:
+        gen = torch.Generator().manual_seed(step)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+
+    def refused(opt, exc_type, pattern, fault) -> None:
+        grads(99)
+        before = _snapshot(model, opt)
+        undo = fault()
+        with pytest.raises(exc_type, match=pattern):
+            opt.step()
+        assert _unchanged(before, model, opt)
+        if undo is not None:
+            undo()
+        grads(100)
+        opt.step()  # the ranks are still together
+
+    def on(r, fn):
+        return (lambda: fn()) if rank == r else (lambda: None)
+
+    # Hyperparameters that differ: at construction, and later (a schedule on one rank).
+    opt = DistributedTrasMuon(param_groups(model), lr=1e-3 * (1 + rank))
+    with pytest.raises(ValueError, match=r"param group 0 has lr = rank 0: 0\.001, rank 1: 0\.002"):
+        grads(1)
+        opt.step()
+    opt = DistributedTrasMuon(param_groups(model), lr=1e-3, ns_steps=5 - 2 * rank)
+    with pytest.raises(ValueError, match="param group 0 has ns_steps = rank 0: 5, rank 1: 3"):
+        opt.step()
+    opt = DistributedTrasMuon(param_groups(model), lr=1e-3)
+    grads(2)
+    opt.step()
+    group = opt.param_groups[3]
+
+    def set_lr(value):
+        old = group["lr"]
+        group["lr"] = value
+        return lambda: group.__setitem__("lr", old)
+
+    refused(opt, ValueError, "param group 3 has lr", on(1, lambda: set_lr(0.5)))
+    # Local validation errors, raised on every rank with the faulty rank's message.
+    refused(opt, ValueError, r"lr must be a finite float >= 0.*\[on rank 0 of the 2",
+            on(0, lambda: set_lr(-1.0)))
+    refused(opt, ValueError, r"lr: a tensor lr must be finite and >= 0.*\[on rank 1",
+            on(1, lambda: set_lr(torch.tensor(-1.0))))
+
+    def sparse_grad():
+        model.emb.weight.grad = model.emb.weight.grad.to_sparse()
+
+    refused(opt, RuntimeError, r"'?parameter.*sparse.*\[on rank 1", on(1, sparse_grad))
+
+    def short_grad():
+        model.fc2.weight.grad.data = torch.randn(12, 32)
+
+    refused(opt, RuntimeError, r"gradient must match its parameter.*\[on rank 0", on(0, short_grad))
+
+    # load_state_dict: state that one rank's checkpoint shard spoils.
+    state = opt.state_dict()
+    if rank == 1:
+        state = copy.deepcopy(state)
+        first = next(iter(state["state"].values()))
+        first["momentum" if "momentum" in first else "exp_avg"].view(-1)[0] = float("nan")
+    before = _snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"holds NaN or Inf.*\[on rank 1"):
+        opt.load_state_dict(state)
+    assert _unchanged(before, model, opt)
+    grads(3)
+    opt.step()
+
+    # FSDP2: the plain class, whose agreement runs on the mesh's group.
+    torch.manual_seed(0)
+    model = _fully_shard(Net(), world)
+    opt = TrasMuon(model.parameters(), lr=0.02)
+    train_step(model, model, opt, 1, rank, world, False)
+    opt.zero_grad()
+    idx, target = batch(2, rank, world)
+    nn.functional.cross_entropy(model(idx, True), target).backward()
+    model.extra.grad = torch.ones(6, 10)
+    before = _snapshot(model, opt)
+    group = opt.param_groups[0]
+    if rank == 1:
+        group["weight_decay"] = -0.5
+    with pytest.raises(ValueError, match=r"weight_decay must be a finite float >= 0.*\[on rank 1"):
+        opt.step()
+    assert _unchanged(before, model, opt)
+    group["weight_decay"] = 0.0 if rank == 1 else 0.5
+    with pytest.raises(ValueError, match=r"weight_decay = rank 0: 0\.5, rank 1: 0\.0"):
+        opt.step()
+    assert _unchanged(before, model, opt)
+
+
+def test_one_ranks_fault_is_every_ranks_error(tmp_path):
+    run_workers(_agreement_worker, 2, tmp_path)
 
 
 # --------------------------------------------------------------------------------------

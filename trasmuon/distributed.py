@@ -29,6 +29,7 @@ world (work splitting on).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .plan import Bucket, StepPlan, ceil_div, local, split_counts
-from .rules import get_rule
+from .rules import REGISTRY, get_rule
 from .rules._matrix import eager_newton_schulz
 
 try:  # torch >= 2.5
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from .optimizer import MatrixOptimizer
 
 __all__ = [
+    "AGREEMENT_HEADER_BYTES",
     "CommStats",
     "DistributedAdamW",
     "DistributedMuon",
@@ -60,8 +62,15 @@ __all__ = [
     "split_counts",
 ]
 
-# Flags of the agreement all-reduce (MAX over ranks), one row per parameter.
+# Flags of the agreement all-reduce (MAX over ranks), one row per parameter, after a header
+# (local validation failed; the hyperparameter digest and its complement).
 _HAS_GRAD, _NO_GRAD, _NON_FINITE, _BAD_LAYOUT = range(4)
+DIGEST_BYTES = 8
+AGREEMENT_HEADER_BYTES = 1 + 2 * DIGEST_BYTES
+# Group keys the digest leaves out: the params themselves, and what LR schedulers store
+# (their own bookkeeping, never read by a rule).
+_NOT_COMPARED = frozenset({"params", "param_names", "initial_lr", "max_lr", "min_lr", "base_lr",
+                           "base_momentum", "max_momentum", "swa_lr"})
 
 
 # --------------------------------------------------------------------------------------
@@ -237,7 +246,10 @@ def _comm_group(opt: MatrixOptimizer) -> Any:
         return opt.process_group
     for group in opt.param_groups:
         for p in group["params"]:
-            if isinstance(p, DTensor) and get_rule(opt.rule_of(group, p)).matrix and is_row_sharded(p):
+            # REGISTRY.get: an unknown rule set on a group later is validation's to report
+            # (through the agreement), not a local error here.
+            rule = REGISTRY.get(opt.rule_of(group, p))
+            if isinstance(p, DTensor) and rule is not None and rule.matrix and is_row_sharded(p):
                 return mesh_group(p)
     return None
 
@@ -259,10 +271,52 @@ def needs_agreement(opt: MatrixOptimizer, plan: StepPlan | None = None) -> bool:
     return group is not None and _world(group) > 1
 
 
-def agree(opt: MatrixOptimizer, work: list[tuple[int, int, Tensor, Tensor, str]]) -> None:
-    """4 uint8 flags per parameter, all-reduced (MAX): has a gradient, lacks one, has a
-    non-finite gradient (with ``check_finite``), has a local shard that is not the
-    ``Shard(0)`` chunk this module expects; every rank raises the same error."""
+def hyperparameter_digest(opt: MatrixOptimizer, key: tuple | None = None) -> bytes:
+    """8 bytes that differ (but for a hash collision) when two ranks' param groups differ:
+    every group's rule, hyperparameters and float lr, and its parameters' global shapes. A
+    tensor lr enters as "tensor": its value lives on the device, and reading it every step
+    would sync the host. Hashed with blake2b (``hash()`` of a str differs between
+    processes). ``key``: the step's plan fingerprint; everything but the lrs and the
+    parameter counts is hashed again only when it changes (the fingerprint covers every
+    other group key)."""
+    cached = getattr(opt, "_static_digest", None)
+    if key is None or cached is None or cached[0] != key:
+        static = hashlib.blake2b(repr(_group_descriptions(opt, with_lr=False)).encode()).digest()
+        opt._static_digest = cached = (key, static)
+    per_step = repr(tuple(("tensor" if isinstance(g["lr"], Tensor) else repr(g["lr"]),
+                           len(g["params"])) for g in opt.param_groups))
+    return hashlib.blake2b(cached[1] + per_step.encode(), digest_size=DIGEST_BYTES).digest()
+
+
+def _group_descriptions(opt: MatrixOptimizer, with_lr: bool = True) -> list[tuple]:
+    out = []
+    for group in opt.param_groups:
+        items = []
+        for key in sorted(group):
+            if key in _NOT_COMPARED or (key == "lr" and not with_lr):
+                continue
+            value = group[key]
+            items.append((key, "tensor" if isinstance(value, Tensor) else repr(_canonical(value))))
+        out.append((tuple(items), tuple(tuple(p.shape) for p in group["params"])))
+    return out
+
+
+def _canonical(value: Any) -> Any:
+    """Lists as tuples: a checkpoint may bring back a group's tuples as lists."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_canonical(v) for v in value)
+    return value
+
+
+def agree(opt: MatrixOptimizer, work: list[tuple[int, int, Tensor, Tensor, str]] | None,
+          error: Exception | None, key: tuple | None = None) -> None:
+    """The agreement all-reduce (MAX, uint8) before a step changes anything. A header of
+    ``AGREEMENT_HEADER_BYTES``: whether local validation failed on this rank (``error``),
+    the hyperparameter digest and its complement (all ranks agree on a byte b exactly when
+    max(b) + max(255 - b) == 255); then 4 flags per parameter: has a gradient, lacks one,
+    has a non-finite gradient (with ``check_finite``), has a local shard that is not the
+    ``Shard(0)`` chunk this module expects. Every rank raises the same error, naming the
+    rank(s) it comes from; the gathers that name them run only on that error path."""
     name = type(opt).__name__
     group = _comm_group(opt)
     world, me = _world(group), _rank(group)
@@ -271,11 +325,13 @@ def agree(opt: MatrixOptimizer, work: list[tuple[int, int, Tensor, Tensor, str]]
         for pi, p in enumerate(g["params"]):
             index[id(p)] = len(labels)
             labels.append((gi, pi))
+    digest = hyperparameter_digest(opt, key)
+    header = torch.tensor([error is not None, *digest, *(255 - b for b in digest)], dtype=torch.uint8)
     flags = torch.zeros(len(labels), 4, dtype=torch.uint8)
     flags[:, _NO_GRAD] = 1
     finite_rows, finite_flags = [], []
     fallback = torch.device("cpu")
-    for _, _, p, grad, rule_name in work:
+    for _, _, p, grad, rule_name in work or ():
         i = index[id(p)]
         flags[i, _HAS_GRAD], flags[i, _NO_GRAD] = 1, 0
         lg = local(grad)
@@ -290,13 +346,21 @@ def agree(opt: MatrixOptimizer, work: list[tuple[int, int, Tensor, Tensor, str]]
             finite_rows.append(i)
             finite_flags.append(~torch.isfinite(lg).all())
     device = _comm_device(group, fallback)
-    flags = flags.to(device)
+    message = torch.cat([header, flags.reshape(-1)]).to(device)
     if finite_rows:
         rows = torch.tensor(finite_rows, device=device)
-        flags[rows, _NON_FINITE] = torch.stack([f.to(device) for f in finite_flags]).to(torch.uint8)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-    opt.comm_stats.add("all_reduce(agree)", flags.numel(), flags.numel())
-    rows = flags.tolist()  # the host sync
+        flat = message[AGREEMENT_HEADER_BYTES:].view(-1, 4)
+        flat[rows, _NON_FINITE] = torch.stack([f.to(device) for f in finite_flags]).to(torch.uint8)
+    dist.all_reduce(message, op=dist.ReduceOp.MAX, group=group)
+    opt.comm_stats.add("all_reduce(agree)", message.numel(), message.numel())
+    values = message.tolist()  # the host sync
+    if values[0]:
+        _raise_everywhere(opt, group, error)
+    agreed = values[1:1 + DIGEST_BYTES]
+    complement = values[1 + DIGEST_BYTES:AGREEMENT_HEADER_BYTES]
+    if any(a + b != 255 for a, b in zip(agreed, complement, strict=True)):
+        _raise_hyperparameter_mismatch(opt, group)
+    rows = [values[i:i + 4] for i in range(AGREEMENT_HEADER_BYTES, len(values), 4)]
     culprit = next((i for i, r in enumerate(rows) if r[_HAS_GRAD] and r[_NO_GRAD]), None)
     if culprit is not None:
         raise RuntimeError(
@@ -318,6 +382,76 @@ def agree(opt: MatrixOptimizer, work: list[tuple[int, int, Tensor, Tensor, str]]
             f"{name}: {opt._label(*labels[culprit])} has a non-finite gradient (NaN or Inf) "
             "on at least one rank; the step was not taken and no weight or optimizer state "
             "was changed")
+
+
+def agree_on_error(opt: MatrixOptimizer, error: Exception | None) -> None:
+    """Outside a step (``load_state_dict``): with the agreement on (``check_consistency`` or
+    ``check_finite``) and more than one rank, one all-reduce of whether some rank's check
+    failed; then every rank raises that rank's error. Otherwise ``error`` is raised here."""
+    group = _comm_group(opt) if (opt.check_consistency or opt.check_finite) else None
+    if group is None or _world(group) == 1:
+        if error is not None:
+            raise error
+        return
+    flag = torch.tensor([error is not None], dtype=torch.uint8,
+                        device=_comm_device(group, torch.device("cpu")))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if flag.item():
+        _raise_everywhere(opt, group, error)
+
+
+_ERROR_TYPES: dict[str, type[Exception]] = {
+    t.__name__: t for t in (ValueError, TypeError, RuntimeError, NotImplementedError)}
+
+
+def _raise_everywhere(opt: MatrixOptimizer, group: Any, error: Exception | None) -> None:
+    """Raise, on every rank, the error of the lowest rank whose local validation failed,
+    with its type and message and the ranks it failed on."""
+    world = _world(group)
+    mine = None if error is None else (type(error).__name__, str(error))
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine, group=group)
+    failed = [r for r, item in enumerate(gathered) if item is not None]
+    kind, text = gathered[failed[0]]
+    where = (f"rank {failed[0]}" if len(failed) == 1 else
+             f"ranks {failed} (the message is rank {failed[0]}'s)")
+    exc_type = _ERROR_TYPES.get(kind, RuntimeError)
+    raised = exc_type(f"{text} [on {where} of the {world} in the process group; every rank "
+                      "raises this error and none changed anything]")
+    raise raised from error
+
+
+def _raise_hyperparameter_mismatch(opt: MatrixOptimizer, group: Any) -> None:
+    """Name the first group and key whose value differs between ranks (a gather of every
+    rank's group descriptions, on this error path only)."""
+    world = _world(group)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, _group_descriptions(opt), group=group)
+    name = type(opt).__name__
+    detail = "the param groups differ"
+    counts = [len(d) for d in gathered]
+    if len(set(counts)) > 1:
+        detail = f"the ranks have {counts} param groups"
+    else:
+        for gi in range(counts[0]):
+            per_rank = [d[gi] for d in gathered]
+            if len({repr(x) for x in per_rank}) == 1:
+                continue
+            keys = sorted({k for items, _ in per_rank for k, _ in items})
+            for key in keys:
+                values = [dict(items).get(key, "(missing)") for items, _ in per_rank]
+                if len(set(values)) > 1:
+                    shown = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+                    detail = f"param group {gi} has {key} = {shown}"
+                    break
+            else:
+                shapes = [shapes for _, shapes in per_rank]
+                detail = f"param group {gi} has parameters of shapes {shapes} (by rank)"
+            break
+    raise ValueError(
+        f"{name}: the hyperparameters differ across the ranks of the process group: {detail}. "
+        "Every rank must build the optimizer with the same param groups and change them (lr "
+        "schedules included) the same way; the step was not taken and nothing was changed")
 
 
 # --------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ step plan (:mod:`trasmuon.plan`): AdamW buckets, then the matrix pipeline ``prep
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -29,7 +30,7 @@ from . import reference as ref
 from .plan import BACKENDS, ORIENTATIONS, Bucket, StepPlan, fingerprint, init_state, oriented
 from .rules import MATRIX_RULES, REGISTRY, Hyperparameter, get_rule
 from .rules import adamw as adamw_rule
-from .rules._checks import in_range, tensor_lr_value_ok
+from .rules._checks import in_range, tensor_lr_problem
 
 try:  # torch >= 2.5
     from torch.distributed.tensor import DTensor
@@ -133,6 +134,7 @@ class MatrixOptimizer(Optimizer):
         self._plan: StepPlan | None = None
         self._fallback_warned: set[frozenset] = set()
         self._key_warned: set[tuple[int, str]] = set()
+        self._bound_lrs: dict[int, Tensor] = {}  # group index -> the lr tensor last checked
         super().__init__(params, defaults)
         # torch.optim.Optimizer.__setstate__ adds this key; add it now so that a deepcopy
         # or an unpickled optimizer has the same defaults as the original.
@@ -151,7 +153,7 @@ class MatrixOptimizer(Optimizer):
         # name and ranks and is looked up again when loaded.
         state.pop("process_group", None)
         state["_process_group_ref"] = dist_support.group_ref(self.process_group)
-        for transient in ("_plan", "comm_stats"):
+        for transient in ("_plan", "comm_stats", "_bound_lrs", "_static_digest"):
             state.pop(transient, None)
         return state
 
@@ -176,6 +178,7 @@ class MatrixOptimizer(Optimizer):
         state.setdefault("comm_stats", self.__dict__.get("comm_stats", dist_support.CommStats()))
         state.setdefault("_fallback_warned", self.__dict__.get("_fallback_warned", set()))
         state.setdefault("_key_warned", self.__dict__.get("_key_warned", set()))
+        state["_bound_lrs"] = {}
         super().__setstate__(state)
 
     # ----------------------------------------------------------------------------------
@@ -213,6 +216,15 @@ class MatrixOptimizer(Optimizer):
         given = set(param_group)
         keys = self._group_keys(rule_name)
         group = dict(param_group)
+        params = group.get("params")
+        if isinstance(params, Tensor):
+            group["params"] = [params]
+        elif isinstance(params, set):
+            raise TypeError(f"{name}: param group {index}: params must be an ordered collection "
+                            "of tensors; a set's order changes between runs")
+        elif params is not None:
+            group["params"] = list(params)
+        self._refuse_duplicates(index, group)
         group.setdefault("rule", None)
         for key in keys:
             if key not in group:
@@ -225,8 +237,7 @@ class MatrixOptimizer(Optimizer):
                 del added[key]
         try:
             self._check_group(index, added)
-            if not tensor_lr_value_ok(added["lr"]):
-                raise ValueError(f"{name}: param group {index}: lr must be >= 0, got {added['lr']}")
+            self._check_lr(index, added)
             for pi, p in enumerate(added["params"]):
                 rule = get_rule(self.rule_of(added, p))
                 if rule.matrix and p.ndim != 2:
@@ -253,6 +264,38 @@ class MatrixOptimizer(Optimizer):
             for hp in self.fallback_hyperparameters:
                 if not hp.check(group[hp.name]):
                     raise ValueError(f"{where}: {hp.name} must be {hp.expected}, got {group[hp.name]!r}")
+
+    def _refuse_duplicates(self, index: int, group: dict[str, Any]) -> None:
+        """A parameter listed twice in one group would be updated twice per step (torch
+        warns and plans to refuse it): refused, naming it, before the group is added."""
+        seen: dict[int, int] = {}
+        names = group.get("param_names")
+        for pi, p in enumerate(group.get("params", ())):
+            first = seen.setdefault(id(p), pi)
+            if first != pi:
+                what = (f"parameter {names[pi]!r}" if names is not None and pi < len(names)
+                        else f"parameter {pi}")
+                raise ValueError(
+                    f"{type(self).__name__}: param group {index}: {what} is the same tensor as "
+                    f"parameter {first} of the group; list each parameter once")
+
+    def _check_lr(self, index: int, group: dict[str, Any]) -> None:
+        """A float lr is checked by the rule; a tensor lr's value is read (a host sync on
+        CUDA) the first time the optimizer binds that tensor, and again whenever the group's
+        lr is replaced by another tensor. A value written into the same tensor in place is
+        not checked: a captured step needs exactly that (docs/usage.md)."""
+        lr = group["lr"]
+        if not isinstance(lr, Tensor):
+            if not in_range(0.0, float("inf"))(lr):
+                raise ValueError(f"{type(self).__name__}: param group {index}: lr must be a "
+                                 f"finite float >= 0 or a one-element tensor, got {lr!r}")
+            return
+        if self._bound_lrs.get(index) is lr:
+            return
+        problem = tensor_lr_problem(lr)
+        if problem is not None:
+            raise ValueError(f"{type(self).__name__}: param group {index}: lr: {problem}")
+        self._bound_lrs[index] = lr
 
     def _warn_unused_keys(self, index: int, group: dict[str, Any], keys: Iterable[str]) -> None:
         """Warn once per (group, key) about keys that no rule of this group reads: they are
@@ -319,7 +362,16 @@ class MatrixOptimizer(Optimizer):
         if len(groups) == len(saved_groups) and all(
             len(g["params"]) == len(sg["params"]) for g, sg in zip(groups, saved_groups, strict=True)
         ):  # otherwise torch's own check below raises its error
-            self._check_loaded_state(state_dict)
+            from . import distributed as dist_support
+
+            error = None
+            try:
+                self._check_loaded_state(state_dict)
+            except (ValueError, TypeError, RuntimeError) as exc:
+                error = exc
+            # Each rank checks its own shards: under torch.distributed every rank raises
+            # the same error (or none), so that no rank goes on to a step the others left.
+            dist_support.agree_on_error(self, error)
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         try:
@@ -332,12 +384,18 @@ class MatrixOptimizer(Optimizer):
         id_to_param = dict(zip(saved_ids, params, strict=True))
         for pid, saved in state_dict["state"].items():
             param = id_to_param[pid]
+            # State is float32 (float64 for float64 params) on both backends: a checkpoint
+            # holding another float dtype is cast to it, as torch casts to the param dtype.
+            sdt = ref.state_dtype(param.dtype)
             for key, value in saved.items():
-                if isinstance(value, Tensor):
-                    device = value.device if key == "step" else param.device
-                    self.state[param][key] = value.detach().to(device=device, copy=True)
-                elif key == "step":  # older checkpoints may hold a plain number
-                    self.state[param][key] = torch.tensor(float(value), dtype=torch.float32)
+                if key == "step":  # a host float32 counter (older checkpoints: a number)
+                    device = value.device if isinstance(value, Tensor) else None
+                    self.state[param][key] = torch.as_tensor(
+                        float(value), dtype=torch.float32, device=device)
+                elif isinstance(value, Tensor):
+                    dtype = sdt if value.is_floating_point() else value.dtype
+                    self.state[param][key] = value.detach().to(
+                        device=param.device, dtype=dtype, copy=True)
         for group in self.param_groups:  # checkpoints from before a key existed
             rule_name = group.setdefault("rule", None)
             self._upgrade_group(group)
@@ -371,17 +429,35 @@ class MatrixOptimizer(Optimizer):
             group = {**rule.defaults, **{k: v for k, v in saved_group.items() if k in rule.keys}}
             orientation = group.get("orientation", "out_in")
             expected = planning.state_shapes(rule, group, tuple(param.shape), orientation)
+            entries = {e.name: e for e in rule.state_entries(group, tuple(expected_shape(
+                rule, param, orientation)))}
             for key, value in saved.items():
-                if not isinstance(value, Tensor):
-                    continue
                 if key not in expected:
                     if key in _ALL_STATE_KEYS:  # state of another rule or setting: not read
                         continue
                     raise ValueError(
                         f"{name}: load_state_dict: state {key!r} of {self._label(gi, pi)} is not "
                         f"a state of rule {rule_name!r}; nothing was loaded")
+                where_ = f"{name}: load_state_dict: state {key!r} of {self._label(gi, pi)}"
+                if key == "step":
+                    _check_loaded_step(where_, value)
+                    continue
+                if not isinstance(value, Tensor):
+                    raise ValueError(f"{where_} is a {type(value).__name__}, not a tensor; "
+                                     "nothing was loaded")
+                if not value.is_floating_point():
+                    raise ValueError(f"{where_} has dtype {value.dtype}; optimizer state is "
+                                     "floating point; nothing was loaded")
+                values = planning.local(value).detach()
+                if not bool(torch.isfinite(values).all()):
+                    raise ValueError(f"{where_} holds NaN or Inf; a step from it would carry "
+                                     "them into the weights; nothing was loaded")
+                entry = entries.get(key)
+                if entry is not None and entry.nonnegative and bool((values < 0).any()):
+                    raise ValueError(f"{where_} holds negative values, but it is a mean of "
+                                     "squares; nothing was loaded")
                 want = expected[key]
-                ok = value.numel() == 1 if key == "step" else tuple(value.shape) == want
+                ok = tuple(value.shape) == want
                 if not ok:
                     raise ValueError(
                         f"{name}: load_state_dict: state {key!r} of {self._label(gi, pi)} "
@@ -399,23 +475,36 @@ class MatrixOptimizer(Optimizer):
         updated and others not."""
         name = type(self).__name__
         work = []
+        seen: dict[int, tuple[int, int]] = {}
         for gi, group in enumerate(self.param_groups):
             self._check_group(gi, group)
-            # Keys added to the group after construction (no rule's key at all).
-            self._warn_unused_keys(gi, group, set(group) - _KNOWN_KEYS)
+            self._check_lr(gi, group)
+            # Keys set on the group after it was added (a scheduler's, a typo) that its
+            # rule(s) do not read.
+            self._warn_unused_keys(gi, group, set(group))
             for pi, p in enumerate(group["params"]):
+                first = seen.setdefault(id(p), (gi, pi))
+                if first != (gi, pi):
+                    raise ValueError(f"{name}: {self._label(gi, pi)} is the same tensor as "
+                                     f"{self._label(*first)}; list each parameter once")
                 grad = p.grad
                 if grad is None or p.numel() == 0:
                     continue
-                if grad.is_sparse:
-                    raise RuntimeError(f"{name}: {self._label(gi, pi)} has a sparse gradient; "
-                                       "sparse gradients are not supported")
+                if grad.is_sparse or grad.layout != torch.strided:
+                    raise RuntimeError(f"{name}: {self._label(gi, pi)} has a {grad.layout} "
+                                       "gradient; only dense (strided) gradients are supported")
                 if torch.is_complex(p) or torch.is_complex(grad):
                     raise RuntimeError(f"{name}: {self._label(gi, pi)} is complex; complex "
                                        "parameters and gradients are not supported")
                 if not p.is_floating_point():
                     raise RuntimeError(f"{name}: {self._label(gi, pi)} has dtype {p.dtype}; only "
                                        "floating point parameters are supported")
+                if (grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device
+                        or isinstance(grad, DTensor) != isinstance(p, DTensor)):
+                    raise RuntimeError(
+                        f"{name}: {self._label(gi, pi)} is a {_describe(p)}, but its gradient "
+                        f"is a {_describe(grad)}; a gradient must match its parameter's shape, "
+                        "dtype, device and type (as torch requires when .grad is assigned)")
                 rule = get_rule(self.rule_of(group, p))
                 if rule.matrix and p.ndim != 2:
                     raise ValueError(f"{name}: {self._label(gi, pi)} has shape {tuple(p.shape)}, "
@@ -426,13 +515,7 @@ class MatrixOptimizer(Optimizer):
 
     def _check_lrs(self) -> None:
         for gi, group in enumerate(self.param_groups):
-            lr = group["lr"]
-            if isinstance(lr, Tensor):
-                if lr.numel() != 1:
-                    raise ValueError(f"{type(self).__name__}: param group {gi}: Tensor lr must be 1-element")
-            elif not in_range(0.0, float("inf"))(lr):
-                raise ValueError(f"{type(self).__name__}: param group {gi}: lr must be a finite "
-                                 f"float >= 0, got {lr!r}")
+            self._check_lr(gi, group)
 
     def _check_finite_grads(self, work: list[tuple[int, int, Tensor, Tensor, str]]) -> None:
         by_device: dict[torch.device, list[Tensor]] = {}
@@ -575,20 +658,23 @@ class MatrixOptimizer(Optimizer):
         self.comm_stats = dist_support.CommStats()
         key = fingerprint(self.param_groups)
         plan = self._plan
-        if plan is None or plan.key != key:
-            work = self._collect()
-        else:
-            self._check_lrs()
-            work = None
-        agreement = dist_support.needs_agreement(self, plan if plan is not None and plan.key == key else None)
-        if agreement or self.check_finite:
-            if work is None:
+        current = plan is not None and plan.key == key
+        if dist_support.needs_agreement(self, plan if current else None):
+            # Every rank validates locally and the agreement carries the verdict, so that a
+            # bad input on one rank is raised by all of them (never a hang in a collective).
+            work, error = None, None
+            try:
                 work = self._collect()
-            if agreement:
-                dist_support.agree(self, work)
-            elif self.check_finite:
-                self._check_finite_grads(work)
-        if plan is None or plan.key != key:
+            except (ValueError, TypeError, RuntimeError) as exc:
+                error = exc
+            dist_support.agree(self, work, error, key)
+        else:
+            work = None if current else self._collect()
+            if current:
+                self._check_lrs()
+            if self.check_finite:
+                self._check_finite_grads(work if work is not None else self._collect())
+        if not current:
             plan = self._plan = self._build_plan(key, work)
         self._run(plan)
 
@@ -648,6 +734,35 @@ class MatrixOptimizer(Optimizer):
                                       for k in keys]).tolist()
                 out[label] = dict(zip(keys, floats, strict=True))
         return out
+
+
+def _check_loaded_step(where: str, value: Any) -> None:
+    """A step counter: one finite, whole, non-negative number (a tensor or a plain number)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex():
+            raise ValueError(f"{where} must be one real number, got a tensor of shape "
+                             f"{tuple(value.shape)} and dtype {value.dtype}; nothing was loaded")
+        number = float(planning.local(value).detach().reshape(()).cpu())
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise ValueError(f"{where} must be a number, got {value!r}; nothing was loaded")
+    if not (math.isfinite(number) and number >= 0 and number == int(number)):
+        raise ValueError(f"{where} must be a finite whole number >= 0, got {number}; "
+                         "nothing was loaded")
+
+
+def expected_shape(rule: Any, param: Tensor, orientation: str) -> tuple[int, ...]:
+    """The shape a rule's ``state_entries`` takes: the (out, in) shape of a matrix."""
+    shape = tuple(param.shape)
+    if rule.matrix and len(shape) == 2 and orientation == "in_out":
+        return shape[::-1]
+    return shape
+
+
+def _describe(t: Tensor) -> str:
+    kind = "DTensor" if isinstance(t, DTensor) else "tensor"
+    return f"{t.dtype} {kind} of shape {tuple(t.shape)} on {t.device}"
 
 
 # Every state key any rule keeps: a loaded entry of another rule is left alone, not refused.

@@ -235,12 +235,12 @@ def fingerprint(groups: list[dict[str, Any]]) -> tuple:
             if type(g) is Tensor and g.layout == torch.strided:
                 # The layout of the gradient, and whether it is 16-byte aligned (the Triton
                 # programs' vectorized loads assume what the plan saw).
-                parts.append((id(p), p.dtype, p.shape, g.dtype, g.stride(), g.device,
+                parts.append((id(p), p.dtype, p.shape, g.dtype, g.shape, g.stride(), g.device,
                               g.data_ptr() % 16 == 0))
             else:  # a DTensor or a sparse gradient: the slower, general description
                 gl = g.to_local() if isinstance(g, DTensor) else g
                 strided = g.layout == torch.strided
-                parts.append((id(p), p.dtype, p.shape, g.dtype, g.layout,
+                parts.append((id(p), p.dtype, p.shape, g.dtype, g.shape, g.layout,
                               gl.stride() if strided else None, gl.device,
                               strided and gl.data_ptr() % 16 == 0, type(g)))
     return tuple(parts)

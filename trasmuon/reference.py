@@ -50,6 +50,33 @@ def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------------------
+# Overflow (docs/usage.md, "Huge gradients")
+# --------------------------------------------------------------------------------------
+def saturate(sumsq: Tensor) -> Tensor:
+    """min(x, the dtype's largest finite value): a sum of squares of finite values is finite
+    or +inf (never NaN), so this keeps it finite and changes no finite value."""
+    return sumsq.clamp(max=torch.finfo(sumsq.dtype).max)
+
+
+def saturate_(sumsq: Tensor) -> Tensor:
+    """``saturate`` in place (state that holds squares, after each update)."""
+    return sumsq.clamp_(max=torch.finfo(sumsq.dtype).max)
+
+
+def overflow_scale(x: Tensor, sumsq: Tensor) -> Tensor:
+    """The power of two each matrix of ``x`` (``(..., m, n)``) is scaled by before
+    Newton-Schulz normalizes it: 1 where its sum of squares ``sumsq`` (``(..., 1, 1)``) is
+    finite; where it overflowed, 2^(2-E) for max|x| = f * 2^E, f in [0.5, 1), which brings
+    max|x| into [2, 4) so the sum of squares is finite again. Scaling by a power of two is
+    exact (but for entries that underflow, far below the rounding of the iteration), and the
+    iteration is scale invariant, so O does not change."""
+    amax = x.abs().amax(dim=(-2, -1), keepdim=True)
+    exponent = torch.frexp(amax).exponent
+    scale = torch.ldexp(torch.ones_like(amax), 2 - exponent)
+    return torch.where(torch.isinf(sumsq), scale, torch.ones_like(scale))
+
+
+# --------------------------------------------------------------------------------------
 # Newton-Schulz (docs/rule.md step 3)
 # --------------------------------------------------------------------------------------
 def is_ns_triple(value: object) -> bool:
@@ -117,7 +144,8 @@ def newton_schulz(
     """Approximate the orthogonal polar factor of ``matrix`` (shape ``(..., d_out, d_in)``).
 
     X = dtype(M), transposed when d_out > d_in so the Gram matrix is the small side;
-    X <- X / (||X||_F + eps) (norm accumulated in float32, or float64 for float64);
+    X <- X / (||X||_F + eps) (norm accumulated in float32, or float64 for float64; where
+    that overflows, X is first scaled by a power of two, ``overflow_scale``: same O);
     then per (a, b, c): A = X X^T, B = b A + c A A, X = a X + B X. Each product
     accumulates in float32 and rounds once to ``dtype`` (``baddbmm`` fuses the b A and
     a X terms, as the kernels do). Returns a tensor of ``dtype`` shaped like ``matrix``.
@@ -144,9 +172,11 @@ def newton_schulz(
         return t.to(acc) if emulate else t
 
     x = matrix.mT if transpose else matrix
-    x = rounded(x).reshape(-1, *x.shape[-2:])
-    norm = torch.linalg.vector_norm(x.to(acc), dim=(-2, -1), keepdim=True)
-    x = rounded(x.to(acc) / (norm + eps))
+    x = rounded(x).reshape(-1, *x.shape[-2:]).to(acc)
+    # Scale before squaring where ||X||_F overflows (``overflow_scale``): same O, no inf.
+    x = x * overflow_scale(x, torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True))
+    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
+    x = rounded(x / (norm + eps))
     for a, b, c in schedule:
         gram = rounded(torch.bmm(x, x.mT))
         poly = rounded(torch.baddbmm(gram, gram, gram, beta=b, alpha=c))
@@ -175,12 +205,12 @@ def nesterov_input(momentum: Tensor, grad: Tensor, beta: float) -> Tensor:
 def row_sumsq(ortho: Tensor, acc_dtype: torch.dtype = torch.float32) -> Tensor:
     """sum_j O_ij^2 per row, accumulated in ``acc_dtype``: shape ``(..., d_out)``."""
     o = ortho.to(acc_dtype)
-    return (o * o).sum(dim=-1)
+    return saturate((o * o).sum(dim=-1))
 
 
 def row_second_moment_update_(row_v: Tensor, rowsumsq: Tensor, d_in: int, beta2: float) -> None:
     """v <- beta2*v + (1-beta2) * mean_j O_ij^2."""
-    row_v.mul_(beta2).add_(rowsumsq / d_in, alpha=1.0 - beta2)
+    saturate_(row_v.mul_(beta2).add_(rowsumsq / d_in, alpha=1.0 - beta2))
 
 
 def row_scale(row_v: Tensor, eps: float) -> Tensor:
@@ -223,7 +253,7 @@ def eta_hat_scale(scale: float, d_out: int, d_in: int) -> float:
 def column_energy(source: Tensor, acc_dtype: torch.dtype = torch.float32) -> Tensor:
     """E_j = sum_i S_ij^2, accumulated in ``acc_dtype``: shape ``(..., d_in)``."""
     s = source.to(acc_dtype)
-    return (s * s).sum(dim=-2)
+    return saturate((s * s).sum(dim=-2))
 
 
 def quantile_rank(n: int, q: float) -> int:
@@ -238,7 +268,7 @@ def kth_smallest(values: Tensor, k: int) -> Tensor:
 
 def energy_ref_update_(energy_ref: Tensor, energy_cur: Tensor, beta: float) -> None:
     """E_ref <- beta*E_ref + (1-beta)*E_cur (after E_ref was set to E_cur at its first step)."""
-    energy_ref.mul_(beta).add_(energy_cur, alpha=1.0 - beta)
+    saturate_(energy_ref.mul_(beta).add_(energy_cur, alpha=1.0 - beta))
 
 
 def energy_ratio(energy: Tensor, energy_ref: Tensor, energy_eps: float) -> Tensor:
@@ -317,7 +347,7 @@ def gate_stage_(
     d_in = energy.shape[-1]
     energy_cur = kth_smallest(energy, quantile_rank(d_in, energy_quantile))
     if "energy_ref" not in state:
-        state["energy_ref"] = energy_cur.clone()
+        state["energy_ref"] = saturate(energy_cur)
     else:
         energy_ref_update_(state["energy_ref"], energy_cur, energy_beta)
 
@@ -565,6 +595,9 @@ def adamw_foreach_step_(
     torch._foreach_lerp_(exp_avgs, grads_wide, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads_wide, grads_wide, value=1.0 - beta2)
+    # A huge g^2 saturates instead of freezing the param at m / sqrt(inf) = 0.
+    for dtype in {v.dtype for v in exp_avg_sqs}:
+        torch._foreach_clamp_max_([v for v in exp_avg_sqs if v.dtype == dtype], torch.finfo(dtype).max)
     bias_correction1 = [1.0 - beta1**t for t in steps]
     bias_correction2_sqrt = [(1.0 - beta2**t) ** 0.5 for t in steps]
     denoms = torch._foreach_sqrt(exp_avg_sqs)
@@ -606,17 +639,17 @@ def namo_shape_factor(scale: float, d_out: int, d_in: int) -> float:
 
 def second_moment_update_(v: Tensor, sumsq: Tensor, beta2: float) -> None:
     """v <- b2 v + (1 - b2) * sumsq (a scalar for NAMO, per column for NAMO-D)."""
-    v.mul_(beta2).add_(sumsq, alpha=1.0 - beta2)
+    saturate_(v.mul_(beta2).add_(sumsq, alpha=1.0 - beta2))
 
 
 def namo_alpha(base: float | Tensor, n_sumsq: Tensor, v: Tensor, eps: float) -> Tensor:
     """NAMO's adaptive step: alpha = base * ||N||_F / (sqrt(v) + eps)."""
-    return base * n_sumsq.sqrt() / (v.sqrt() + eps)
+    return base * saturate(n_sumsq).sqrt() / (v.sqrt() + eps)
 
 
 def namod_raw_scale(n_col_sumsq: Tensor, v_cols: Tensor, eps: float) -> Tensor:
     """NAMO-D's per-column scale before the clamp: d_j = ||N_:,j|| / (sqrt(V_j) + eps)."""
-    return n_col_sumsq.sqrt() / (v_cols.sqrt() + eps)
+    return saturate(n_col_sumsq).sqrt() / (v_cols.sqrt() + eps)
 
 
 def namod_clamp(d: Tensor, clamp: float) -> Tensor:
@@ -667,7 +700,9 @@ def namo_factors_(
     (``v`` per column) from the column sums of squares of G and of N over all rows: updates
     ``v`` and returns the decay factor and the update step (per matrix, or per column), with
     what diagnostics read. The eager twin of ``trasmuon_kernels.namo``."""
-    second_moment_update_(v, grad_col_sumsq if clamp is not None else grad_col_sumsq.sum(-1), betas[1])
+    # Saturated: a sum over columns (or over row shards, all-reduced) may overflow again.
+    sumsq = saturate(grad_col_sumsq if clamp is not None else grad_col_sumsq.sum(-1))
+    second_moment_update_(v, sumsq, betas[1])
     return namo_factors(v, n_col_sumsq, step, lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         scale=scale, d_out=d_out, d_in=d_in, weight_decay_mode=weight_decay_mode,
                         clamp=clamp)
@@ -758,10 +793,15 @@ def momentum_energy_pass_(
     ``(x, energy, x_sqnorm)``: the Newton-Schulz input rounded to ``ns_dtype``; the column
     energies of M or G (``energy_source`` "momentum" or "grad"; None computes none, and
     "update" needs O, see ``update_energy``); and ||x||_F^2 accumulated in the state dtype
-    (the square of the norm ``newton_schulz`` divides by)."""
+    (the square of the norm ``newton_schulz`` divides by). Where that sum overflows, x is
+    first scaled by ``overflow_scale``'s power of two, as ``newton_schulz`` does."""
     ns_in, grad_wide = momentum_stage_(grad, {"momentum": momentum}, beta, nesterov)
     acc = momentum.dtype
-    x = ns_in.to(ns_dtype)
+    x = ns_in.to(ns_dtype).to(acc)
+    sumsq = (x * x).sum(dim=-2).sum(dim=-1)
+    # The kernel's rare path: where the sum overflowed, X is scaled in place and summed again.
+    x = x * overflow_scale(x, sumsq[..., None, None])
+    sumsq = torch.where(torch.isinf(sumsq), (x * x).sum(dim=-2).sum(dim=-1), sumsq)
     if energy_source == "momentum":
         energy = column_energy(momentum, acc)
     elif energy_source == "grad":
@@ -770,7 +810,7 @@ def momentum_energy_pass_(
         energy = None
     else:
         raise ValueError(f"energy_source must be 'momentum', 'grad' or None here, got {energy_source!r}")
-    return x, energy, column_energy(x, acc).sum(dim=-1)
+    return x.to(ns_dtype), energy, sumsq
 
 
 def update_energy(ortho: Tensor, rowscale: Tensor, acc_dtype: torch.dtype = torch.float32) -> Tensor:

@@ -357,6 +357,17 @@ def scalar_or_tensor(name: str, value: float | Tensor, device: torch.device) -> 
 # --------------------------------------------------------------------------------------
 # Shared device helpers
 # --------------------------------------------------------------------------------------
+# The largest finite float32 (torch.finfo(torch.float32).max; exact as a float32 literal).
+FLT32_MAX: tl.constexpr = tl.constexpr(torch.finfo(torch.float32).max)
+
+
+@device_fn
+def saturate(x):
+    """min(x, FLT32_MAX) for a sum of squares (finite or +inf, never NaN): the kernels' twin
+    of ``reference.saturate``, free in a memory-bound pass, no finite value changes."""
+    return tl.minimum(x, FLT32_MAX)
+
+
 @device_fn
 def matrix_base(base, table, b, stride_b, USE_TABLE: tl.constexpr, ALIGNED: tl.constexpr):
     """Pointer to matrix ``b`` of a bucket: ``base + b*stride_b`` (int64) for a stack, or the

@@ -1,8 +1,8 @@
 """``@triton.jit`` device helpers shared by the Newton–Schulz kernels.
 
 Nothing here launches anything: these are inlined into the kernels of ``gram.py``,
-``ns_apply.py`` and ``fro_sumsq.py`` (``device_fn``: jit helpers on the GPU, plain
-functions under the interpreter, where each jit call costs milliseconds).
+``ns_apply.py``, ``fro_sumsq.py`` and ``momentum_energy.py`` (``device_fn``: jit helpers on
+the GPU, plain functions under the interpreter, where each jit call costs milliseconds).
 
 bf16 under the interpreter. Triton's CPU interpreter stores bf16 as raw uint16 bits and
 computes bf16 arithmetic, ``tl.dot`` and ``tl.sum`` on those bits (garbage); its fp32 -> bf16
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import triton.language as tl
 
-from ._common import device_fn
+from ._common import device_fn, round_to
 
 
 @device_fn
@@ -130,3 +130,44 @@ def dot_k_loop(acc, a_ptrs, b_ptrs, a_step, b_step, rows_ok, cols_ok, offs_k, n_
         a_ptrs += BLOCK_K * a_step
         b_ptrs += BLOCK_K * b_step
     return acc
+
+
+@device_fn
+def rescale_overflowed_(x_ptr, n_rows, n_cols, s_r, s_c,
+                        UPCAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The rare path of a Newton–Schulz input whose sum of squares overflowed float32
+    (``reference.overflow_scale``): scales the matrix at ``x_ptr`` in place by 2^(128 - e), e
+    the biased exponent of max|X|, which brings max|X| into [2, 4), and returns the new sum of
+    squares of bf16(X). A power of two is exact (entries that underflow are far below the
+    iteration's rounding) and NS is scale invariant: O is unchanged. Two passes over one
+    matrix by one program: slow, but only a matrix that overflowed takes it."""
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_c = tl.arange(0, BLOCK_C)
+    amax = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for r0 in range(0, n_rows, BLOCK_R):
+        for c0 in range(0, n_cols, BLOCK_C):
+            rows = r0 + offs_r
+            cols = c0 + offs_c
+            mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+            offs = rows.to(tl.int64)[:, None] * s_r + cols.to(tl.int64)[None, :] * s_c
+            x = as_f32(tl.load(x_ptr + offs, mask=mask, other=0.0), UPCAST)
+            amax = tl.maximum(amax, tl.abs(x))
+    top = tl.max(tl.max(amax, axis=1), axis=0)
+    biased = (top.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    scale = ((255 - biased) << 23).to(tl.float32, bitcast=True)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for r0 in range(0, n_rows, BLOCK_R):
+        for c0 in range(0, n_cols, BLOCK_C):
+            rows = r0 + offs_r
+            cols = c0 + offs_c
+            mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+            offs = rows.to(tl.int64)[:, None] * s_r + cols.to(tl.int64)[None, :] * s_c
+            raw = tl.load(x_ptr + offs, mask=mask, other=0.0)
+            if raw.dtype == tl.bfloat16:
+                x = bf16_to_f32(raw, UPCAST) * scale
+            else:
+                x = raw.to(tl.float32) * scale
+            tl.store(x_ptr + offs, round_to(x, x_ptr.dtype.element_ty, UPCAST), mask=mask)
+            x = as_f32(x, UPCAST)
+            acc += x * x
+    return tl.sum(tl.sum(acc, axis=1), axis=0)

@@ -46,6 +46,7 @@ from ._common import (
     one_minus_pow,
     props_for,
     round_to,
+    saturate,
     scalar_or_tensor,
     upload_table,
 )
@@ -99,7 +100,8 @@ def _adamw_elements(
     v = _load(v_ptr, idx, rem, MASKED)
     w = _load(p_ptr, idx, rem, MASKED).to(tl.float32)
     m = lerp(m, g, w1, w1_m1, SMALL_W1)
-    v = tl.fma(one_minus_beta2 * g, g, v * beta2)  # ATen's CPU addcmul: fma(value*t1, t2, self)
+    # ATen's CPU addcmul: fma(value*t1, t2, self); then saturated (reference.saturate)
+    v = saturate(tl.fma(one_minus_beta2 * g, g, v * beta2))
     denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
     w = w * decay - tl.div_rn(step_size * m, denom)  # addcdiv: self + (value*t1)/t2
     _store(m_ptr, idx, m, rem, MASKED)

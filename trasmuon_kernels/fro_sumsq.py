@@ -6,8 +6,14 @@ what the NS launcher runs when it is not given. Values are rounded to bf16 befor
 (the NS input is X = bf16(M)), squares are accumulated in fp32.
 
 Deterministic, no atomics: each program reduces a block of ROWS rows of one matrix to one
-partial sum in ``partials[b, row_tile]``; one ``torch.sum`` (a ``TorchLaunch``) adds the
-partials (or the kernel writes the result directly when a matrix has one row tile).
+partial sum in ``partials[b, row_tile]``; one small finish kernel adds the partials in a
+fixed order (or the kernel writes the result directly when a matrix has one row tile).
+
+Overflow: where a matrix's sum overflows float32, the program that writes it (the finish
+kernel, or the partials kernel when one row tile covers the matrix) scales that matrix in
+place by a power of two (``_ns_jit.rescale_overflowed_``, ``reference.overflow_scale``) and
+writes the finite sum of the scaled matrix: NS is scale invariant, so O is the same, and
+the normal path pays nothing.
 """
 
 from __future__ import annotations
@@ -16,9 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, interpreting, props_for, workspace_or_new
+from ._common import FLT32_MAX, check_device, interpreting, props_for, workspace_or_new
 from ._launch import DeviceProps, Launch, Prepared, TorchLaunch, run_all
-from ._ns_jit import as_f32, tile_offset
+from ._ns_jit import as_f32, rescale_overflowed_, tile_offset
+
+# Tile of the rare in-place rescale of an overflowed matrix (one program walks the matrix).
+_RESCALE_R, _RESCALE_C = 16, 128
 
 
 @triton.jit
@@ -36,6 +45,8 @@ def _fro_sumsq_kernel(
     ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
     UPCAST: tl.constexpr,
+    RESCALE_R: tl.constexpr,
+    RESCALE_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     batch = pid // row_tiles
@@ -56,7 +67,32 @@ def _fro_sumsq_kernel(
         acc += x * x
         ptrs += BLOCK_C * stride_xc
     total = tl.sum(tl.sum(acc, axis=1), axis=0)
+    if row_tiles == 1:
+        if total > FLT32_MAX:  # this program owns the whole matrix: rescale it here
+            total = rescale_overflowed_(x_ptr + tile_offset(batch, stride_xb, 0, 0, 0, 0), n_rows,
+                                        n_cols, stride_xr, stride_xc, UPCAST, RESCALE_R, RESCALE_C)
     tl.store(p_ptr + tile_offset(batch, stride_pb, rt, stride_pt, 0, 0), total)
+
+
+@triton.jit
+def _fro_finish_kernel(
+    x_ptr, p_ptr, out_ptr, n_rows, n_cols, row_tiles,
+    stride_xb, stride_xr, stride_xc,
+    UPCAST: tl.constexpr, BLOCK_T: tl.constexpr,
+    RESCALE_R: tl.constexpr, RESCALE_C: tl.constexpr,
+):
+    # One program per matrix: the partials in a fixed order, then the rare rescale.
+    batch = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_T)
+    acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for t0 in range(0, row_tiles, BLOCK_T):
+        tiles = t0 + offs
+        acc += tl.load(p_ptr + batch.to(tl.int64) * row_tiles + tiles, mask=tiles < row_tiles, other=0.0)
+    total = tl.sum(acc, axis=0)
+    if total > FLT32_MAX:
+        total = rescale_overflowed_(x_ptr + tile_offset(batch, stride_xb, 0, 0, 0, 0), n_rows,
+                                    n_cols, stride_xr, stride_xc, UPCAST, RESCALE_R, RESCALE_C)
+    tl.store(out_ptr + batch, total)
 
 
 def fro_sumsq_config(n_rows: int, n_cols: int, props: DeviceProps) -> tuple[int, int]:
@@ -82,8 +118,8 @@ def prepare_fro_sumsq(
     props: DeviceProps | None = None,
 ) -> Prepared:
     """The launches of :func:`fro_sumsq` (same arguments): the partial sums kernel and, with
-    several row tiles, the ``torch.sum`` over the partials (a ``TorchLaunch``). ``out`` and
-    ``partials`` are allocated here when not given; ``result`` is ``out``."""
+    several row tiles, the finish kernel over the partials. ``out`` and ``partials`` are
+    allocated here when not given; ``result`` is ``out``."""
     check_device("x", x, props)
     if x.ndim != 3:
         raise ValueError(f"fro_sumsq expects a (B, m, n) stack, got shape {tuple(x.shape)}")
@@ -112,12 +148,17 @@ def prepare_fro_sumsq(
                 x, target, m, n, row_tiles,
                 x.stride(0), x.stride(1), x.stride(2), target.stride(0), target.stride(1),
             ),
-            dict(ROWS=rows, BLOCK_C=block_c, UPCAST=interpreting(), num_warps=4),
+            dict(ROWS=rows, BLOCK_C=block_c, UPCAST=interpreting(),
+                 RESCALE_R=_RESCALE_R, RESCALE_C=_RESCALE_C, num_warps=4),
         )
     ]
     if row_tiles > 1:
-        launches.append(TorchLaunch(
-            "sum_fro_partials", lambda: torch.sum(target, dim=1, out=out), (target, out)
+        launches.append(Launch(
+            _fro_finish_kernel,
+            (batch,),
+            (x, target, out, m, n, row_tiles, x.stride(0), x.stride(1), x.stride(2)),
+            dict(UPCAST=interpreting(), BLOCK_T=min(1024, triton.next_power_of_2(row_tiles)),
+                 RESCALE_R=_RESCALE_R, RESCALE_C=_RESCALE_C, num_warps=4),
         ))
     return Prepared(launches, out)
 
@@ -130,6 +171,8 @@ def fro_sumsq(
     props: DeviceProps | None = None,
 ) -> torch.Tensor:
     """sum_ij bf16(x)_ij^2 per matrix of a (B, m, n) stack (any float dtype, any strides).
+    Where that sum overflows float32, the matrix is first scaled in place by a power of two
+    (see the module docstring) and the sum is that of the scaled matrix.
 
     out: optional (B,) fp32 result buffer. partials: optional preallocated contiguous fp32
     buffer of at least ``fro_sumsq_partial_size(...)`` elements. ``props``: the device the

@@ -36,6 +36,7 @@ from ._common import (
     f32,
     out_or_new,
     props_for,
+    saturate,
     scalar_or_tensor,
     vector_block_config,
 )
@@ -152,7 +153,7 @@ def _gate_kernel(
     else:
         first = first_value != 0
     e_ref_old = tl.load(eref_ptr + b)
-    e_ref = tl.where(first, e_cur, tl.fma(e_cur, one_minus_beta_e, e_ref_old * beta_e))
+    e_ref = saturate(tl.where(first, e_cur, tl.fma(e_cur, one_minus_beta_e, e_ref_old * beta_e)))
     tl.store(eref_ptr + b, e_ref)
     if FIRST_PTR:
         tl.store(first_ptr + b, 0)  # the flag is consumed

@@ -10,7 +10,11 @@ once and, in one launch (plus a tiny fixed-order reduction launch):
   (``reference.nesterov_input``), optionally stored transposed for tall matrices;
 * reduces the column energies E_j = sum_i S_ij^2 of S = M or S = G (docs/rule.md, step 7;
   ``reference.column_energy``);
-* reduces ||X||_F^2 of the rounded X in float32 (what ``reference.newton_schulz`` divides by).
+* reduces ||X||_F^2 of the rounded X in float32 (what ``reference.newton_schulz`` divides by);
+  where it overflows, the finalize scales that X in place by a power of two and sums again
+  (``reference.overflow_scale``): no extra launch or pass on the normal path.
+
+Column energies are saturated at the float32 maximum (``reference.saturate``).
 
 ``column_energy`` is the same column reduction for any stack (``energy_source="update"``: O with
 a row scale, after Newton-Schulz).
@@ -31,6 +35,7 @@ from torch import Tensor
 
 from ._common import (
     FLOAT_DTYPES,
+    FLT32_MAX,
     BucketLike,
     PassConfig,
     TensorBucket,
@@ -48,9 +53,11 @@ from ._common import (
     out_or_new,
     props_for,
     round_to,
+    saturate,
     workspace_or_new,
 )
 from ._launch import DeviceProps, Launch, Prepared, TorchLaunch, run_all
+from ._ns_jit import rescale_overflowed_
 
 # Energy sources of the rule (docs/rule.md, step 7): S = M, G or O_base. This pass computes
 # the first two; "update" (O_base) exists only after Newton-Schulz (``column_energy``), and
@@ -61,6 +68,8 @@ PASS1_ENERGY_SOURCES = ("momentum", "grad", None)
 _ENERGY_NONE, _ENERGY_MOMENTUM, _ENERGY_GRAD = 0, 1, 2
 # Programs per SM the row-split heuristic aims for (a few waves hide the tail).
 _PROGRAMS_PER_SM = 4
+# Tile of the finalize's rare rescale of an overflowed X (one program walks the matrix).
+_RESCALE_R, _RESCALE_C = 16, 128
 
 
 # --------------------------------------------------------------------------------------
@@ -197,10 +206,11 @@ def _column_energy_kernel(
 
 @triton.jit
 def _finalize_kernel(
-    epart_ptr, fpart_ptr, e_ptr, f_ptr,
-    d_in, n_splits, n_fpart, n_cb, seb, sej,
-    HAS_ENERGY: tl.constexpr, HAS_SQNORM: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_F: tl.constexpr,
+    epart_ptr, fpart_ptr, e_ptr, f_ptr, x_ptr,
+    d_out, d_in, n_splits, n_fpart, n_cb, seb, sej, sxb, sxr, sxc,
+    HAS_ENERGY: tl.constexpr, HAS_SQNORM: tl.constexpr, RESCALE: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_F: tl.constexpr,
+    RESCALE_R: tl.constexpr, RESCALE_C: tl.constexpr,
 ):
     # Second stage of the reductions: partials are added split by split, always in the same
     # order, so results do not depend on scheduling.
@@ -215,14 +225,19 @@ def _finalize_kernel(
         for s in range(0, n_splits):
             row = epart_ptr + (b.to(tl.int64) * n_splits + s) * d_in
             acc += tl.load(row + cols64, mask=mask, other=0.0)
-        tl.store(e_ptr + b.to(tl.int64) * seb + cols64 * sej, acc, mask=mask)
+        tl.store(e_ptr + b.to(tl.int64) * seb + cols64 * sej, saturate(acc), mask=mask)
     if HAS_SQNORM:
         if cb == 0:
             f_acc = tl.zeros((BLOCK_F,), dtype=tl.float32)
             for start in range(0, n_fpart, BLOCK_F):
                 offs = start + tl.arange(0, BLOCK_F)
                 f_acc += tl.load(fpart_ptr + b.to(tl.int64) * n_fpart + offs, mask=offs < n_fpart, other=0.0)
-            tl.store(f_ptr + b, tl.sum(f_acc, axis=0))
+            f = tl.sum(f_acc, axis=0)
+            if RESCALE:
+                if f > FLT32_MAX:  # ||X||^2 overflowed: scale this X down in place, sum again
+                    f = rescale_overflowed_(x_ptr + b.to(tl.int64) * sxb, d_out, d_in, sxr, sxc,
+                                            UPCAST, RESCALE_R, RESCALE_C)
+            tl.store(f_ptr + b, f)
 
 
 # --------------------------------------------------------------------------------------
@@ -270,12 +285,15 @@ def pass_workspace_size(
 
 def _finalize_launch(
     epart: Tensor | None, fpart: Tensor | None, energy: Tensor | None, sqnorm: Tensor | None,
-    count: int, d_in: int, n_splits: int, n_fpart: int,
+    count: int, d_in: int, n_splits: int, n_fpart: int, x: Tensor | None = None,
 ) -> Launch:
+    """The fixed-order finalize; given the Newton-Schulz input ``x`` (B, d_out, d_in) with
+    ``sqnorm``, it rescales each X whose ||X||_F^2 overflowed (``rescale_overflowed_``)."""
     block = min(1024, next_pow2(d_in))
     n_cb = triton.cdiv(d_in, block) if energy is not None else 1
     # Unused pointer arguments get any live tensor; the constexpr flags keep them untouched.
     any_t = epart if epart is not None else fpart
+    sx = x.stride() if x is not None else (0, 0, 0)
     return Launch(
         _finalize_kernel,
         (count * n_cb,),
@@ -284,13 +302,17 @@ def _finalize_launch(
             any_t if fpart is None else fpart,
             any_t if energy is None else energy,
             any_t if sqnorm is None else sqnorm,
-            d_in, n_splits, n_fpart, n_cb,
+            any_t if x is None else x,
+            x.shape[1] if x is not None else 0, d_in, n_splits, n_fpart, n_cb,
             energy.stride(0) if energy is not None else 0,
             energy.stride(1) if energy is not None else 0,
+            sx[0], sx[1], sx[2],
         ),
         dict(
             HAS_ENERGY=energy is not None, HAS_SQNORM=sqnorm is not None,
+            RESCALE=sqnorm is not None and x is not None, UPCAST=interpreting(),
             BLOCK=block, BLOCK_F=min(1024, next_pow2(max(n_fpart, 1))),
+            RESCALE_R=_RESCALE_R, RESCALE_C=_RESCALE_C,
             num_warps=4, enable_fp_fusion=False,
         ),
     )
@@ -310,6 +332,7 @@ def prepare_momentum_energy_pass(
     sqnorm_out: Tensor | None = None,
     input_energy_out: Tensor | None = None,
     input_energy: bool = False,
+    rescale_overflow: bool = True,
     workspace: Tensor | None = None,
     config: PassConfig | None = None,
     props: DeviceProps | None = None,
@@ -400,7 +423,7 @@ def prepare_momentum_energy_pass(
         keepalive=(g, m),
     )
     launches = [launch, _finalize_launch(epart, fpart, energy, sqnorm, count, d_in, n_splits,
-                                         n_splits * n_cb)]
+                                         n_splits * n_cb, x_out if rescale_overflow else None)]
     if n_energy is not None:
         launches.append(_finalize_launch(npart, None, n_energy, None, count, d_in, n_splits, 0))
     return Prepared(launches, result)
@@ -420,6 +443,7 @@ def momentum_energy_pass_(
     sqnorm_out: Tensor | None = None,
     input_energy_out: Tensor | None = None,
     input_energy: bool = False,
+    rescale_overflow: bool = True,
     workspace: Tensor | None = None,
     config: PassConfig | None = None,
     props: DeviceProps | None = None,
@@ -438,7 +462,10 @@ def momentum_energy_pass_(
     config is chosen for (default: ``grad``'s). ``input_energy`` (or ``input_energy_out``,
     (B, d_in) float32): also the column energies of the float32 Newton-Schulz input (M, or the
     Nesterov blend) before it is rounded to ``ns_dtype`` (NAMO's ||N_:,j||^2), in a second
-    fixed-order finalize.
+    fixed-order finalize. ``rescale_overflow``: where ||X||_F^2 overflows float32, scale that X
+    in place by a power of two and return the sum of the scaled X (``reference.overflow_scale``);
+    off for a block of a matrix's rows (a row shard), whose Newton-Schulz normalizes the whole
+    assembled matrix instead (where ||X||_F^2 may then be inf and is not used).
 
     Returns ``(x, energy, x_sqnorm, input_energy)``; eager twin:
     ``reference.momentum_energy_pass_``.
@@ -447,7 +474,7 @@ def momentum_energy_pass_(
         grad, momentum, beta, nesterov=nesterov, energy_source=energy_source, ns_dtype=ns_dtype,
         transpose_tall=transpose_tall, x_out=x_out, energy_out=energy_out, sqnorm_out=sqnorm_out,
         input_energy_out=input_energy_out, input_energy=input_energy,
-        workspace=workspace, config=config, props=props,
+        rescale_overflow=rescale_overflow, workspace=workspace, config=config, props=props,
     )
     run_all(prepared)
     return prepared.result

@@ -38,6 +38,7 @@ from ._common import (
     one_minus_pow,
     out_or_new,
     props_for,
+    saturate,
     scalar_or_tensor,
     vector_block_config,
 )
@@ -73,10 +74,11 @@ def _namo_factors_kernel(
         for start in range(0, n, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n
-            gs = tl.load(g_row + cols, mask=mask, other=0.0)
-            ns = tl.load(n_row + cols, mask=mask, other=0.0)
+            # Saturated already by the pass's finalize; again after a caller's all-reduce.
+            gs = saturate(tl.load(g_row + cols, mask=mask, other=0.0))
+            ns = saturate(tl.load(n_row + cols, mask=mask, other=0.0))
             v = tl.load(v_ptr + b * s_v_b + cols, mask=mask, other=0.0)
-            v = tl.fma(gs, one_minus_beta2, v * beta2)  # v.mul_(b2).add_(gs, alpha=1-b2)
+            v = saturate(tl.fma(gs, one_minus_beta2, v * beta2))  # v.mul_(b2).add_(gs, alpha=1-b2)
             tl.store(v_ptr + b * s_v_b + cols, v, mask=mask)
             d = tl.div_rn(tl.sqrt_rn(ns), tl.sqrt_rn(v) + eps)
             tl.store(up_ptr + b * s_out_b + cols, d, mask=mask)
@@ -108,10 +110,10 @@ def _namo_factors_kernel(
             mask = cols < n
             g_acc += tl.load(g_row + cols, mask=mask, other=0.0)
             n_acc += tl.load(n_row + cols, mask=mask, other=0.0)
-        gs = tl.sum(g_acc, axis=0)
-        ns = tl.sum(n_acc, axis=0)
+        gs = saturate(tl.sum(g_acc, axis=0))
+        ns = saturate(tl.sum(n_acc, axis=0))
         v = tl.load(v_ptr + b * s_v_b)
-        v = tl.fma(gs, one_minus_beta2, v * beta2)
+        v = saturate(tl.fma(gs, one_minus_beta2, v * beta2))
         tl.store(v_ptr + b * s_v_b, v)
         alpha = tl.div_rn(base * tl.sqrt_rn(ns), tl.sqrt_rn(v) + eps)
         up = tl.minimum(alpha * shape, 1.0)

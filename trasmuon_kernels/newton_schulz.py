@@ -17,7 +17,8 @@ launches for the whole stack of same-shape matrices:
    input is never materialized); on the last step it is written straight into ``out`` and
    can also reduce the row sums of squares of O (``row_sumsq_out=``, docs/rule.md, step 4).
 
-plus, when ``fro_sumsq`` is not given, one small reduction (``fro_sumsq.fro_sumsq``).
+plus, when ``fro_sumsq`` is not given, one small reduction (``fro_sumsq.fro_sumsq``), which
+scales a matrix whose sum of squares overflows float32 in place by a power of two.
 
 Prepared launches. ``prepare_newton_schulz`` returns the whole list (checks, configs,
 buffers and every argument computed once); ``newton_schulz`` prepares and runs it. A caller
@@ -523,7 +524,9 @@ def newton_schulz(
         the normalized bf16 input). ``reference.ns_schedule(coefficients, steps)`` builds it.
     eps: added to ||X||_F before dividing.
     fro_sumsq: optional (B,) (or ``x.shape[:-2]``) fp32 sums of squares ||bf16(x_b)||_F^2,
-        e.g. from the momentum pass; computed with a small reduction when not given.
+        e.g. from the momentum pass; computed with a small reduction when not given. It must
+        be finite: where the sum overflows, that reduction (like the momentum pass) first
+        scales ``x_b`` in place by a power of two (same O; docs/usage.md, "Huge gradients").
     out: optional bf16 output of ``x``'s shape (must not share memory with ``x``).
     row_sumsq_out: optional fp32 ``x.shape[:-1]`` output receiving sum_j O_ij^2 of the
         returned bf16 O, reduced in the last product's epilogue (deterministic).

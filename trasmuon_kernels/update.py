@@ -41,6 +41,7 @@ from ._common import (
     out_or_new,
     props_for,
     round_to,
+    saturate,
     scalar_or_tensor,
     vector_block_config,
 )
@@ -89,7 +90,7 @@ def _row_stats_kernel(
         rss = tl.load(rss_ptr + row0 + rows, mask=mask, other=0.0)
         v = tl.load(v_ptr + row0 + rows, mask=mask, other=0.0)
         # row_v.mul_(beta2).add_(rowsumsq / d_in, alpha=1-beta2): ATen fuses the add (fma)
-        v = tl.fma(tl.div_rn(rss, d_in_f), one_minus_beta2, v * beta2)
+        v = saturate(tl.fma(tl.div_rn(rss, d_in_f), one_minus_beta2, v * beta2))
         tl.store(v_ptr + row0 + rows, v, mask=mask)
         # row_scale: 1 / (sqrt(v) + eps), IEEE sqrt and division as torch
         rs = tl.div_rn(1.0, tl.sqrt_rn(v) + eps)

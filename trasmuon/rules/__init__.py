@@ -60,12 +60,14 @@ class StateEntry:
     """One state tensor of a parameter. ``extent``: ``"param"`` (one entry per element,
     stored like the parameter), ``"rows"`` (d_out entries of the (out, in) matrix),
     ``"cols"`` (d_in entries) or ``"scalar"``. ``lazy`` entries are created by the rule's own
-    first use (e.g. ``energy_ref`` at the first gated step), not with the rest."""
+    first use (e.g. ``energy_ref`` at the first gated step), not with the rest.
+    ``nonnegative``: a mean of squares, which a loaded checkpoint may not make negative."""
 
     name: str
     extent: str
     fill: float = 0.0
     lazy: bool = False
+    nonnegative: bool = False
 
 
 class Program:

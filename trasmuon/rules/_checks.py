@@ -63,13 +63,24 @@ def valid_ns_coefficients(v: object) -> bool:
 
 
 def valid_lr(v: object) -> bool:
-    """A finite float >= 0, or a one-element floating tensor (its value is checked when the
-    group is added, not at every step: reading a CUDA tensor would sync the host)."""
+    """A finite float >= 0, or a one-element floating tensor (its value is checked by
+    ``tensor_lr_problem`` when the optimizer first sees that tensor, not at every step:
+    reading a CUDA tensor would sync the host)."""
     if isinstance(v, Tensor):
         return v.numel() == 1 and v.is_floating_point()
     return in_range(0.0, math.inf)(v)
 
 
-def tensor_lr_value_ok(v: object) -> bool:
-    return not isinstance(v, Tensor) or bool(v.detach().cpu().item() >= 0.0)
-
+def tensor_lr_problem(v: Tensor) -> str | None:
+    """What is wrong with a tensor lr (None when nothing is). Reads its value, a host sync
+    on CUDA: the optimizer calls it once per lr tensor it binds, not at every step."""
+    if v.numel() != 1:
+        return f"a tensor lr must have one element, got shape {tuple(v.shape)}"
+    if not v.is_floating_point():
+        return f"a tensor lr must be floating point, got dtype {v.dtype}"
+    if v.device.type == "meta":
+        return "a tensor lr on the meta device has no value; create it on the parameters' device"
+    value = float(v.detach().reshape(()).cpu())
+    if not (math.isfinite(value) and value >= 0.0):
+        return f"a tensor lr must be finite and >= 0, got {value}"
+    return None

@@ -55,6 +55,11 @@ def ns_coefficients(default: Any) -> Hyperparameter:
 
 NS_STEPS = Hyperparameter("ns_steps", 5, lambda v: int_at_least(1)(v) and v <= 100, "an int in [1, 100]")
 NS_DTYPE = Hyperparameter("ns_dtype", torch.bfloat16, one_of(ref.NS_DTYPES), f"one of {ref.NS_DTYPES}")
+# The update RMS per unit lr (TrasMuon, NorMuon, NAMO). Bounded above so that the step size
+# scale * lr * sqrt(d_out d_in) / ||O_base||_F stays far inside float32's range.
+SCALE_MAX = 1000.0
+SCALE = Hyperparameter("scale", 0.2, in_range(0.0, SCALE_MAX, lo_open=True),
+                       f"a finite float in (0, {SCALE_MAX:g}]")
 ORIENTATION = Hyperparameter("orientation", "out_in", one_of(ORIENTATIONS), f"one of {ORIENTATIONS}")
 
 

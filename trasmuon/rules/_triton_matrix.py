@@ -107,7 +107,9 @@ class TritonMatrixProgram(Program):
             self.grad_table.bucket, self.momentum_table.bucket, self.beta1(), nesterov=g["nesterov"],
             energy_source=self.energy_source, x_out=self.x,
             energy_out=self.pass1_energy_out(), sqnorm_out=self.x_sqnorm, props=self.props,
-            input_energy_out=self.pass1_input_energy_out())
+            input_energy_out=self.pass1_input_energy_out(),
+            # A row shard's X must keep its scale: its owner normalizes the assembled matrix.
+            rescale_overflow=not b.sharded)
         self.ns = self._ns(self.x, self.o, self.x_sqnorm, self.row_sumsq)
         self.build_rule()
 

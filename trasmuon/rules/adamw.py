@@ -37,7 +37,7 @@ class AdamWRule(Rule):
     state_names = frozenset({"exp_avg", "exp_avg_sq"})
 
     def state_entries(self, group: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[StateEntry, ...]:
-        return (StateEntry("exp_avg", "param"), StateEntry("exp_avg_sq", "param"))
+        return (StateEntry("exp_avg", "param"), StateEntry("exp_avg_sq", "param", nonnegative=True))
 
     def program(self, bucket: Bucket, backend: str, plan: StepPlan | None = None) -> Program:
         if backend == "triton":

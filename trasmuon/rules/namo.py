@@ -14,24 +14,22 @@ Eager: ``reference.namo_update_stage_`` matrix by matrix. Triton:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .. import reference as ref
 from . import Hyperparameter, MatrixRule, Program, StateEntry, register
 from . import _matrix as M
-from ._checks import in_range, one_of
+from ._checks import one_of
 
 if TYPE_CHECKING:
     from ..plan import Bucket, StepPlan
 
-SCALE = Hyperparameter("scale", 0.2, in_range(0.0, math.inf, lo_open=True), "a finite float > 0")
 WEIGHT_DECAY_MODE = Hyperparameter("weight_decay_mode", "adaptive", one_of(ref.WEIGHT_DECAY_MODES),
                                    f"one of {ref.WEIGHT_DECAY_MODES}")
 HYPERPARAMETERS = (
     M.lr(1e-2), M.betas((0.95, 0.99)), M.eps(1e-8), M.weight_decay(0.1), M.nesterov(True),
-    M.ns_coefficients(ref.MUON_NS_COEFFICIENTS), M.NS_STEPS, M.NS_DTYPE, SCALE,
+    M.ns_coefficients(ref.MUON_NS_COEFFICIENTS), M.NS_STEPS, M.NS_DTYPE, M.SCALE,
     WEIGHT_DECAY_MODE, M.ORIENTATION,
 )
 
@@ -41,7 +39,7 @@ class NAMORule(MatrixRule):
     hyperparameters = HYPERPARAMETERS
     # The second-moment state, and the two sums over rows: the column energies of G and of N
     # (NAMO adds each up; NAMO-D uses them column by column).
-    second_moment = StateEntry("grad_sq_avg", "scalar")
+    second_moment = StateEntry("grad_sq_avg", "scalar", nonnegative=True)
     state_names = frozenset({"momentum", "grad_sq_avg"})
     sums = ("grad_col_sumsq", "n_col_sumsq")
 

@@ -19,7 +19,7 @@ CLAMP = Hyperparameter("clamp", 0.75, in_range(0.0, 1.0), "a float in [0, 1] (0:
 class NAMODRule(NAMORule):
     name = "namo_d"
     hyperparameters = (*HYPERPARAMETERS, CLAMP)
-    second_moment = StateEntry("col_grad_sq_avg", "cols")
+    second_moment = StateEntry("col_grad_sq_avg", "cols", nonnegative=True)
     state_names = frozenset({"momentum", "col_grad_sq_avg"})
 
     def program(self, bucket: Bucket, backend: str, plan: StepPlan | None = None) -> Program:

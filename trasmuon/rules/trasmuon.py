@@ -30,7 +30,6 @@ from ._checks import in_range, int_at_least, is_bool, one_of
 if TYPE_CHECKING:
     from ..plan import Bucket, StepPlan
 
-SCALE = Hyperparameter("scale", 0.2, in_range(0.0, math.inf, lo_open=True), "a finite float > 0")
 GATE_HYPERPARAMETERS = (
     Hyperparameter("clip", True, is_bool, "a bool"),
     Hyperparameter("clip_alpha", 1.0, in_range(0.0, math.inf), "a finite float >= 0"),
@@ -55,7 +54,7 @@ GATE_KWARGS = ("warmup_steps", "clip_period", "clip_alpha", "clip_min", "clip_tr
                "sf_mix")
 NORMUON_HYPERPARAMETERS = (
     M.lr(1e-3), M.betas((0.95, 0.95)), M.eps(1e-8), M.weight_decay(0.0), M.nesterov(False),
-    M.ns_coefficients(ref.TRASMUON_NS_COEFFICIENTS), M.NS_STEPS, M.NS_DTYPE, SCALE,
+    M.ns_coefficients(ref.TRASMUON_NS_COEFFICIENTS), M.NS_STEPS, M.NS_DTYPE, M.SCALE,
     M.ORIENTATION,
 )
 
@@ -71,11 +70,12 @@ class TrasMuonRule(MatrixRule):
         return ref.gate_is_on(group["clip"], shape[1], group["clip_min_cols"])
 
     def state_entries(self, group: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[StateEntry, ...]:
-        entries = [StateEntry("momentum", "param"), StateEntry("row_v", "rows")]
+        entries = [StateEntry("momentum", "param"), StateEntry("row_v", "rows", nonnegative=True)]
         if self.gate_on(group, shape):
-            entries += [StateEntry("c_ema", "cols", 1.0), StateEntry("energy_ref", "scalar", lazy=True)]
+            entries += [StateEntry("c_ema", "cols", 1.0), StateEntry("energy_ref", "scalar", lazy=True, nonnegative=True)]
             if group["schedule_free"]:
-                entries += [StateEntry("sf_lr2_sum", "scalar"), StateEntry("sf_c_lr2_sum", "cols"),
+                entries += [StateEntry("sf_lr2_sum", "scalar", nonnegative=True),
+                            StateEntry("sf_c_lr2_sum", "cols", nonnegative=True),
                             StateEntry("c_last", "cols", 1.0)]
         return tuple(entries)
 
