@@ -529,6 +529,20 @@ def _worker_init(root: str) -> None:
     install_compile_only_driver()
 
 
+# What a report's compiled facts depend on besides the installed Triton: the kernels and
+# their launchers and configs, the models' shapes, and this script's mirror of the programs.
+REPORT_SOURCES = ("trasmuon_kernels/*.py", "bench/shapes.py", "bench/compile_report.py")
+
+
+def report_sources() -> dict[str, str]:
+    """sha256 of every file a report depends on (``REPORT_SOURCES``), by path: stored in the
+    report, so that a test can tell a committed report from a stale one without compiling."""
+    import hashlib
+
+    files = sorted({f for pattern in REPORT_SOURCES for f in ROOT.glob(pattern)})
+    return {f.relative_to(ROOT).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
 def build_report(*, dtypes: Iterable[str] = ("bf16", "fp32"), workers: int | None = None,
                  variants: bool = False, uncapped: bool = False, log=print) -> dict[str, Any]:
     """Compile every distinct specialization among the launches of ``all_sites`` (in
@@ -584,6 +598,7 @@ def build_report(*, dtypes: Iterable[str] = ("bf16", "fp32"), workers: int | Non
         + (", maxnreg caps removed" if uncapped else ""),
         "launches": n_launches,
         "seconds": round(time.perf_counter() - start, 1),
+        "sources": report_sources(),
         "variants": sorted(rows.values(), key=lambda r: (r["kernel"], str(r["config"]), r["hash"])),
     }
 

@@ -1,7 +1,8 @@
 """The sm_90 compile report (bench/compile_report.py) builds the launches of a step for model
 sized buckets without allocating them, by mirroring the Triton programs of the rules. This
 checks the mirror against the programs themselves: for every rule, on a small bucket under the
-interpreter, the same kernels with the same grids and constexprs in the same order."""
+interpreter, the same kernels with the same grids and constexprs in the same order. And it
+checks that the committed reports were made from the sources as they are."""
 
 from __future__ import annotations
 
@@ -16,7 +17,14 @@ import trasmuon
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.compile_report import RULE_OF, RULES, adamw_launches, default_group, launches_for  # noqa: E402
+from bench.compile_report import (  # noqa: E402
+    RULE_OF,
+    RULES,
+    adamw_launches,
+    default_group,
+    launches_for,
+    report_sources,
+)
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter check on CPU tensors")
 
@@ -60,3 +68,19 @@ def test_the_report_compiles_the_adamw_launch():
     opt.step()
     (b,) = opt._plan.adamw
     assert _signature(b.program.launches) == _signature(adamw_launches(shapes, torch.bfloat16, props=INTERPRETER))
+
+
+@pytest.mark.parametrize("version", ["3.6.0", "3.9.0"])
+def test_the_committed_reports_are_not_stale(version):
+    """A kernel, launcher, config, shape list or the report script changed since the report
+    in bench/results was made: its compiled facts may be wrong. Regenerate it (the command is
+    in docs/benchmarks.md)."""
+    import json
+
+    path = ROOT / "bench" / "results" / f"compile_report_sm90_triton-{version}.json"
+    report = json.loads(path.read_text())
+    assert report["triton"] == version
+    assert not report["problems"], report["problems"]
+    recorded, current = report.get("sources", {}), report_sources()
+    changed = sorted(k for k in recorded.keys() | current.keys() if recorded.get(k) != current.get(k))
+    assert not changed, f"{path.name} is stale: regenerate it; changed since: {changed}"

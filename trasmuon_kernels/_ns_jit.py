@@ -133,6 +133,15 @@ def dot_k_loop(acc, a_ptrs, b_ptrs, a_step, b_step, rows_ok, cols_ok, offs_k, n_
 
 
 @device_fn
+def _tile(r0, c0, offs_r, offs_c, n_rows, n_cols, s_r, s_c):
+    """int64 offsets and mask of the (BLOCK_R, BLOCK_C) tile at (r0, c0) of a strided matrix."""
+    rows = r0 + offs_r
+    cols = c0 + offs_c
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    return rows.to(tl.int64)[:, None] * s_r + cols.to(tl.int64)[None, :] * s_c, mask
+
+
+@device_fn
 def rescale_overflowed_(x_ptr, n_rows, n_cols, s_r, s_c,
                         UPCAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """The rare path of a Newton–Schulz input whose sum of squares overflowed float32
@@ -146,10 +155,7 @@ def rescale_overflowed_(x_ptr, n_rows, n_cols, s_r, s_c,
     amax = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for r0 in range(0, n_rows, BLOCK_R):
         for c0 in range(0, n_cols, BLOCK_C):
-            rows = r0 + offs_r
-            cols = c0 + offs_c
-            mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-            offs = rows.to(tl.int64)[:, None] * s_r + cols.to(tl.int64)[None, :] * s_c
+            offs, mask = _tile(r0, c0, offs_r, offs_c, n_rows, n_cols, s_r, s_c)
             x = as_f32(tl.load(x_ptr + offs, mask=mask, other=0.0), UPCAST)
             amax = tl.maximum(amax, tl.abs(x))
     top = tl.max(tl.max(amax, axis=1), axis=0)
@@ -158,10 +164,7 @@ def rescale_overflowed_(x_ptr, n_rows, n_cols, s_r, s_c,
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for r0 in range(0, n_rows, BLOCK_R):
         for c0 in range(0, n_cols, BLOCK_C):
-            rows = r0 + offs_r
-            cols = c0 + offs_c
-            mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-            offs = rows.to(tl.int64)[:, None] * s_r + cols.to(tl.int64)[None, :] * s_c
+            offs, mask = _tile(r0, c0, offs_r, offs_c, n_rows, n_cols, s_r, s_c)
             raw = tl.load(x_ptr + offs, mask=mask, other=0.0)
             if raw.dtype == tl.bfloat16:
                 x = bf16_to_f32(raw, UPCAST) * scale
