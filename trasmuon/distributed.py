@@ -279,7 +279,7 @@ def hyperparameter_digest(opt: MatrixOptimizer, key: tuple | None = None) -> byt
     processes). ``key``: the step's plan fingerprint; everything but the lrs and the
     parameter counts is hashed again only when it changes (the fingerprint covers every
     other group key)."""
-    cached = getattr(opt, "_static_digest", None)
+    cached = opt._static_digest
     if key is None or cached is None or cached[0] != key:
         static = hashlib.blake2b(repr(_group_descriptions(opt, with_lr=False)).encode()).digest()
         opt._static_digest = cached = (key, static)

@@ -135,6 +135,8 @@ class MatrixOptimizer(Optimizer):
         self._fallback_warned: set[frozenset] = set()
         self._key_warned: set[tuple[int, str]] = set()
         self._bound_lrs: dict[int, Tensor] = {}  # group index -> the lr tensor last checked
+        # (plan fingerprint, hash of the groups but for lrs): distributed.hyperparameter_digest
+        self._static_digest: tuple[tuple, bytes] | None = None
         super().__init__(params, defaults)
         # torch.optim.Optimizer.__setstate__ adds this key; add it now so that a deepcopy
         # or an unpickled optimizer has the same defaults as the original.
@@ -179,6 +181,7 @@ class MatrixOptimizer(Optimizer):
         state.setdefault("_fallback_warned", self.__dict__.get("_fallback_warned", set()))
         state.setdefault("_key_warned", self.__dict__.get("_key_warned", set()))
         state["_bound_lrs"] = {}
+        state["_static_digest"] = None
         super().__setstate__(state)
 
     # ----------------------------------------------------------------------------------
@@ -429,8 +432,8 @@ class MatrixOptimizer(Optimizer):
             group = {**rule.defaults, **{k: v for k, v in saved_group.items() if k in rule.keys}}
             orientation = group.get("orientation", "out_in")
             expected = planning.state_shapes(rule, group, tuple(param.shape), orientation)
-            entries = {e.name: e for e in rule.state_entries(group, tuple(expected_shape(
-                rule, param, orientation)))}
+            entries = {e.name: e for e in planning.state_entries_for(
+                rule, group, tuple(param.shape), orientation)}
             for key, value in saved.items():
                 if key not in expected:
                     if key in _ALL_STATE_KEYS:  # state of another rule or setting: not read
@@ -750,14 +753,6 @@ def _check_loaded_step(where: str, value: Any) -> None:
     if not (math.isfinite(number) and number >= 0 and number == int(number)):
         raise ValueError(f"{where} must be a finite whole number >= 0, got {number}; "
                          "nothing was loaded")
-
-
-def expected_shape(rule: Any, param: Tensor, orientation: str) -> tuple[int, ...]:
-    """The shape a rule's ``state_entries`` takes: the (out, in) shape of a matrix."""
-    shape = tuple(param.shape)
-    if rule.matrix and len(shape) == 2 and orientation == "in_out":
-        return shape[::-1]
-    return shape
 
 
 def _describe(t: Tensor) -> str:

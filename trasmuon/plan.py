@@ -160,15 +160,26 @@ def _extent_shape(entry: StateEntry, bucket: Bucket, param: Tensor) -> tuple[int
     return ()
 
 
+def _oriented_shape(rule: Rule, param_shape: tuple[int, ...], orientation: str) -> tuple[int, ...]:
+    """The (out, in) shape a matrix rule sees for a parameter stored as ``param_shape``."""
+    if rule.matrix and len(param_shape) == 2 and orientation == "in_out":
+        return param_shape[::-1]
+    return param_shape
+
+
+def state_entries_for(rule: Rule, group: Mapping[str, Any], param_shape: tuple[int, ...],
+                      orientation: str) -> tuple[StateEntry, ...]:
+    """The state entries ``rule`` keeps for a parameter stored as ``param_shape``."""
+    return tuple(rule.state_entries(group, _oriented_shape(rule, param_shape, orientation)))
+
+
 def state_shapes(rule: Rule, group: Mapping[str, Any], param_shape: tuple[int, ...],
                  orientation: str) -> dict[str, tuple[int, ...]]:
     """The shape of every state tensor ``rule`` keeps for a parameter stored as
     ``param_shape`` (``step`` included)."""
-    shape = param_shape
-    if rule.matrix and len(param_shape) == 2 and orientation == "in_out":
-        shape = param_shape[::-1]
+    shape = _oriented_shape(rule, param_shape, orientation)
     shapes: dict[str, tuple[int, ...]] = {"step": ()}
-    for entry in rule.state_entries(group, shape):
+    for entry in state_entries_for(rule, group, param_shape, orientation):
         if entry.extent == "param":
             shapes[entry.name] = tuple(param_shape)
         elif entry.extent == "rows":
@@ -454,6 +465,7 @@ __all__ = [
     "local",
     "oriented",
     "split_counts",
+    "state_entries_for",
     "state_shapes",
 ]
 

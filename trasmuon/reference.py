@@ -801,7 +801,7 @@ def momentum_energy_pass_(
     sumsq = (x * x).sum(dim=-2).sum(dim=-1)
     # The kernel's rare path: where the sum overflowed, X is scaled in place and summed again.
     x = x * overflow_scale(x, sumsq[..., None, None])
-    sumsq = torch.where(torch.isinf(sumsq), (x * x).sum(dim=-2).sum(dim=-1), sumsq)
+    sumsq = (x * x).sum(dim=-2).sum(dim=-1)  # unchanged where the scale is 1
     if energy_source == "momentum":
         energy = column_energy(momentum, acc)
     elif energy_source == "grad":

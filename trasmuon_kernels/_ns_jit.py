@@ -132,6 +132,10 @@ def dot_k_loop(acc, a_ptrs, b_ptrs, a_step, b_step, rows_ok, cols_ok, offs_k, n_
     return acc
 
 
+# Tile of the rare in-place rescale of an overflowed matrix (one program walks the matrix).
+RESCALE_TILE = (16, 128)
+
+
 @device_fn
 def _tile(r0, c0, offs_r, offs_c, n_rows, n_cols, s_r, s_c):
     """int64 offsets and mask of the (BLOCK_R, BLOCK_C) tile at (r0, c0) of a strided matrix."""

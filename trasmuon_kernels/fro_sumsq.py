@@ -24,10 +24,7 @@ import triton.language as tl
 
 from ._common import FLT32_MAX, check_device, interpreting, props_for, workspace_or_new
 from ._launch import DeviceProps, Launch, Prepared, TorchLaunch, run_all
-from ._ns_jit import as_f32, rescale_overflowed_, tile_offset
-
-# Tile of the rare in-place rescale of an overflowed matrix (one program walks the matrix).
-_RESCALE_R, _RESCALE_C = 16, 128
+from ._ns_jit import RESCALE_TILE, as_f32, rescale_overflowed_, tile_offset
 
 
 @triton.jit
@@ -149,7 +146,7 @@ def prepare_fro_sumsq(
                 x.stride(0), x.stride(1), x.stride(2), target.stride(0), target.stride(1),
             ),
             dict(ROWS=rows, BLOCK_C=block_c, UPCAST=interpreting(),
-                 RESCALE_R=_RESCALE_R, RESCALE_C=_RESCALE_C, num_warps=4),
+                 RESCALE_R=RESCALE_TILE[0], RESCALE_C=RESCALE_TILE[1], num_warps=4),
         )
     ]
     if row_tiles > 1:
@@ -158,7 +155,7 @@ def prepare_fro_sumsq(
             (batch,),
             (x, target, out, m, n, row_tiles, x.stride(0), x.stride(1), x.stride(2)),
             dict(UPCAST=interpreting(), BLOCK_T=min(1024, triton.next_power_of_2(row_tiles)),
-                 RESCALE_R=_RESCALE_R, RESCALE_C=_RESCALE_C, num_warps=4),
+                 RESCALE_R=RESCALE_TILE[0], RESCALE_C=RESCALE_TILE[1], num_warps=4),
         ))
     return Prepared(launches, out)
 

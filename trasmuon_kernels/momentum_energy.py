@@ -57,7 +57,7 @@ from ._common import (
     workspace_or_new,
 )
 from ._launch import DeviceProps, Launch, Prepared, TorchLaunch, run_all
-from ._ns_jit import rescale_overflowed_
+from ._ns_jit import RESCALE_TILE, rescale_overflowed_
 
 # Energy sources of the rule (docs/rule.md, step 7): S = M, G or O_base. This pass computes
 # the first two; "update" (O_base) exists only after Newton-Schulz (``column_energy``), and
@@ -68,8 +68,6 @@ PASS1_ENERGY_SOURCES = ("momentum", "grad", None)
 _ENERGY_NONE, _ENERGY_MOMENTUM, _ENERGY_GRAD = 0, 1, 2
 # Programs per SM the row-split heuristic aims for (a few waves hide the tail).
 _PROGRAMS_PER_SM = 4
-# Tile of the finalize's rare rescale of an overflowed X (one program walks the matrix).
-_RESCALE_R, _RESCALE_C = 16, 128
 
 
 # --------------------------------------------------------------------------------------
@@ -312,7 +310,7 @@ def _finalize_launch(
             HAS_ENERGY=energy is not None, HAS_SQNORM=sqnorm is not None,
             RESCALE=sqnorm is not None and x is not None, UPCAST=interpreting(),
             BLOCK=block, BLOCK_F=min(1024, next_pow2(max(n_fpart, 1))),
-            RESCALE_R=_RESCALE_R, RESCALE_C=_RESCALE_C,
+            RESCALE_R=RESCALE_TILE[0], RESCALE_C=RESCALE_TILE[1],
             num_warps=4, enable_fp_fusion=False,
         ),
     )
