@@ -2,6 +2,14 @@
 
 from . import bursts, reference, rules
 from .bursts import BurstEvent, ColumnBurst
+from .distributed import (
+    DistributedAdamW,
+    DistributedMuon,
+    DistributedNAMO,
+    DistributedNAMOD,
+    DistributedNorMuon,
+    DistributedTrasMuon,
+)
 from .namo import NAMO, NAMOD
 from .optimizer import (
     BACKENDS,
@@ -26,6 +34,12 @@ __all__ = [
     "AdamW",
     "BurstEvent",
     "ColumnBurst",
+    "DistributedAdamW",
+    "DistributedMuon",
+    "DistributedNAMO",
+    "DistributedNAMOD",
+    "DistributedNorMuon",
+    "DistributedTrasMuon",
     "MatrixOptimizer",
     "Muon",
     "NorMuon",

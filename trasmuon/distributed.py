@@ -1,34 +1,30 @@
 """The optimizers under ``torch.distributed``: collectives between the step plan's stages
 (see docs/distributed.md and docs/architecture.md).
 
-Every class takes DTensor parameters as FSDP2 makes them (``Shard(0)`` on a 1-D mesh) and
-runs the same stages as in one process, on each rank's rows. Three collectives join the
-stages of a step:
+Every class takes DTensor parameters on any layout of blocks (FSDP2, HSDP, tensor
+parallelism, FSDP2 over TP: ``trasmuon.layout``) and runs the same stages as in one process,
+on each rank's block of every matrix. Per step and process group:
 
-* around ``orthogonalize``, per bucket of row-sharded matrices: an all-to-all sends every
-  rank's rows of the Newton–Schulz input to the matrix's owner, which orthogonalizes whole
-  matrices, and a second all-to-all sends each rank its rows of O;
-* with ``process_group=`` (DDP work splitting, opt-in), per bucket of replicated matrices:
-  each rank orthogonalizes a contiguous share of the bucket (balanced by Newton–Schulz FLOPs)
-  and broadcasts it;
-* between ``post`` and ``finish``: one all-reduce per step (per device, dtype and process
-  group) of every sum over rows of every row-sharded matrix: column energies, ||O_base||_F^2,
-  and whatever else a rule declares in ``MatrixRule.reductions``.
-
-Before anything changes, with ``check_consistency`` (default) or ``check_finite``, one small
-all-reduce agrees on which parameters have a gradient, whether every shard has the expected
-rows and whether every gradient is finite, so that all ranks raise the same error instead of
-hanging in a collective.
+* one all-reduce, the agreement (``check_consistency`` or ``check_finite``), before anything
+  changes: every rank's validation verdict, a digest of the hyperparameters, and per
+  parameter whether it has a gradient, a block of the expected shape and a finite gradient,
+  so that all ranks raise the same error instead of hanging in a collective;
+* one asynchronous all-to-all of the Newton–Schulz inputs' blocks to every matrix's owner,
+  and one of O's blocks (with O's row sums of squares) back to every holder
+  (:class:`StepExchange`); DDP work splitting (``process_group=``) is the same exchange with
+  every rank holding every matrix;
+* one all-reduce of every sum over rows of every sharded matrix (column energies,
+  ||O_base||_F^2, and whatever else a rule declares in ``MatrixRule.reductions``).
 
 The plain classes are all there is: ``TrasMuon(model.parameters())`` after ``fully_shard``
-works as ``torch.optim.AdamW`` does on FSDP2 params (the process group comes from the mesh).
-``DistributedTrasMuon`` & co. are the same classes with ``process_group`` defaulting to the
-world (work splitting on).
+works as ``torch.optim.AdamW`` does on DTensor params. ``DistributedTrasMuon`` & co. are the
+same classes with ``process_group`` defaulting to the world (DDP work splitting on).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -37,14 +33,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .layout import ExchangeEntry, ExchangePlan, MatrixLayout, matrix_layout, replicated_layout
 from .plan import Bucket, StepPlan, ceil_div, local, split_counts
 from .rules import REGISTRY, get_rule
-from .rules._matrix import eager_newton_schulz
 
 try:  # torch >= 2.5
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - torch 2.4
-    from torch.distributed._tensor import DTensor, Shard
+    from torch.distributed._tensor import DTensor
 
 if TYPE_CHECKING:
     from .optimizer import MatrixOptimizer
@@ -54,6 +50,8 @@ __all__ = [
     "CommStats",
     "DistributedAdamW",
     "DistributedMuon",
+    "DistributedNAMO",
+    "DistributedNAMOD",
     "DistributedNorMuon",
     "DistributedTrasMuon",
     "distributed",
@@ -194,54 +192,94 @@ def _comm_device(group: Any, fallback: torch.device) -> torch.device:
 # --------------------------------------------------------------------------------------
 # Layouts
 # --------------------------------------------------------------------------------------
-def is_row_sharded(p: Tensor) -> bool:
-    return isinstance(p, DTensor) and p.device_mesh.ndim == 1 and tuple(p.placements) == (Shard(0),)
+def exchange_group(opt: MatrixOptimizer, p: DTensor) -> Any:
+    """The process group a DTensor matrix's exchange runs on: ``process_group`` when given,
+    else its mesh's group (1-D mesh) or the world (a mesh over every rank). A mesh over some
+    ranks only (pipeline stages) needs ``process_group``: a group can be created only by all
+    ranks together, which a step cannot ask for."""
+    if opt.process_group is not None:
+        return opt.process_group
+    mesh = p.device_mesh
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    _, ranks = _mesh_facts(mesh)
+    if len(ranks) == dist.get_world_size():
+        return dist.group.WORLD
+    raise ValueError(
+        f"{type(opt).__name__}: a parameter lives on a {mesh.ndim}-D mesh over ranks "
+        f"{sorted(ranks)}, not every rank; pass process_group= a group "
+        "over exactly the mesh's ranks (dist.new_group(ranks), created on every rank)")
 
 
-def mesh_group(p: DTensor) -> Any:
-    return p.device_mesh.get_group()
+_MESH_FACTS: dict[int, tuple[Any, tuple[int, ...], tuple[int, ...]]] = {}
+
+
+def _mesh_facts(mesh: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(shape, global ranks row-major) of a device mesh, read once per mesh: validation asks
+    at every step, and ``DeviceMesh.mesh`` builds a new tensor at every access."""
+    cached = _MESH_FACTS.get(id(mesh))
+    if cached is None or cached[0] is not mesh:
+        grid = mesh.mesh
+        cached = _MESH_FACTS[id(mesh)] = (mesh, tuple(grid.shape), tuple(grid.flatten().tolist()))
+    return cached[1], cached[2]
+
+
+def _group_ranks(group: Any) -> tuple[int, ...]:
+    if group is dist.group.WORLD:
+        return tuple(range(dist.get_world_size()))
+    return tuple(dist.get_process_group_ranks(group))
+
+
+def param_layout(opt: MatrixOptimizer, p: DTensor, orientation: str) -> tuple[MatrixLayout, Any, int]:
+    """(layout, exchange group, this rank's group rank) of a DTensor matrix: pure functions of
+    its global shape and placements, the same on every rank."""
+    group = exchange_group(opt, p)
+    mesh_shape, mesh_ranks = _mesh_facts(p.device_mesh)
+    layout = _cached_layout(tuple(p.shape), mesh_shape, tuple(p.placements), mesh_ranks,
+                            _group_ranks(group), orientation)
+    return layout, group, _rank(group)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_layout(shape: tuple, mesh_shape: tuple, placements: tuple, mesh_ranks: tuple,
+                   group_ranks: tuple, orientation: str) -> MatrixLayout:
+    return matrix_layout(shape, mesh_shape, placements, mesh_ranks, group_ranks, orientation)
+
+
+def describe_layout(opt: MatrixOptimizer, bucket: Bucket, p: Tensor) -> None:
+    """Set the bucket's layout, exchange group and group rank: a DTensor's blocks, or the
+    whole matrix on every rank of ``process_group`` (DDP work splitting); none otherwise."""
+    if isinstance(p, DTensor):
+        bucket.layout, bucket.process_group, bucket.group_rank = param_layout(opt, p, bucket.orientation)
+    elif opt.process_group is not None and _world(opt.process_group) > 1:
+        bucket.layout = replicated_layout(bucket.shape, _world(opt.process_group))
+        bucket.process_group, bucket.group_rank = opt.process_group, _rank(opt.process_group)
 
 
 def check_layout(opt: MatrixOptimizer, gi: int, pi: int, p: Tensor, rule: Any) -> None:
-    """A DTensor of a matrix rule must be Shard(0) over a 1-D mesh (FSDP2's default), stored
-    (out, in), over the ranks of ``process_group`` when one is given. Raised when the
-    parameter is added and again before a step changes anything (the answer depends only on
-    the global layout, so it is the same on every rank). AdamW takes any layout."""
+    """A DTensor of a matrix rule must be laid out in blocks (``trasmuon.layout``: Replicate,
+    Shard and _StridedShard placements, contiguous shards) over the ranks of its exchange
+    group. Raised when the parameter is added and again before a step changes anything (the
+    answer depends only on the global layout, so it is the same on every rank). AdamW takes
+    any layout."""
     if not isinstance(p, DTensor) or not rule.matrix:
         return
     name = type(opt).__name__
     label = opt._label(gi, pi)
-    if opt.param_groups[gi].get("orientation", "out_in") == "in_out":
-        raise NotImplementedError(
-            f"{name}: {label} is a DTensor stored (in, out) (orientation='in_out'); sharding "
-            "its rows shards the matrix's input features, which the matrix rules do not "
-            "support. Replicate it (DDP) or store it (out, in) like nn.Linear")
-    mesh = p.device_mesh
-    if not is_row_sharded(p):
+    orientation = opt.param_groups[gi].get("orientation", "out_in") if gi < len(opt.param_groups) else "out_in"
+    try:
+        param_layout(opt, p, orientation)
+    except NotImplementedError as exc:
         raise NotImplementedError(
             f"{name}: {label} is a DTensor with placements {tuple(p.placements)} on a "
-            f"{mesh.ndim}-D mesh; rule {rule.name!r} supports DTensor parameters sharded on "
-            "rows only (Shard(0) on a 1-D mesh, FSDP2's default). Use FSDP2's default "
-            "sharding for this parameter, or put it on AdamW")
-    if opt.process_group is not None:
-        ranks = dist.get_process_group_ranks(opt.process_group)
-        if mesh.mesh.flatten().tolist() != ranks:
-            raise ValueError(
-                f"{name}: {label} is sharded over ranks {mesh.mesh.flatten().tolist()}, but "
-                f"the optimizer's process_group has ranks {ranks}; pass the mesh's group as "
-                "process_group (or none)")
-
-
-def describe_sharded(bucket: Bucket, p: DTensor) -> None:
-    """Record the process group and this rank's rows of a row-sharded bucket."""
-    group = mesh_group(p)
-    bucket.process_group = group
-    bucket.row_range = shard_rows(bucket.shape[0], _world(group))[_rank(group)]
+            f"{p.device_mesh.ndim}-D mesh that rule {rule.name!r} cannot take: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"{name}: {label}: {exc}") from None
 
 
 def _comm_group(opt: MatrixOptimizer) -> Any:
-    """The group the agreement all-reduce runs on: ``process_group``, or the mesh of the
-    first row-sharded matrix."""
+    """The group the agreement all-reduce runs on: ``process_group``, or the exchange group
+    of the first DTensor matrix."""
     if opt.process_group is not None:
         return opt.process_group
     for group in opt.param_groups:
@@ -249,8 +287,11 @@ def _comm_group(opt: MatrixOptimizer) -> Any:
             # REGISTRY.get: an unknown rule set on a group later is validation's to report
             # (through the agreement), not a local error here.
             rule = REGISTRY.get(opt.rule_of(group, p))
-            if isinstance(p, DTensor) and rule is not None and rule.matrix and is_row_sharded(p):
-                return mesh_group(p)
+            if isinstance(p, DTensor) and rule is not None and rule.matrix:
+                try:
+                    return exchange_group(opt, p)
+                except ValueError:
+                    continue
     return None
 
 
@@ -319,7 +360,6 @@ def agree(opt: MatrixOptimizer, work: list[tuple[int, int, Tensor, Tensor, str]]
     rank(s) it comes from; the gathers that name them run only on that error path."""
     name = type(opt).__name__
     group = _comm_group(opt)
-    world, me = _world(group), _rank(group)
     labels, index = [], {}
     for gi, g in enumerate(opt.param_groups):
         for pi, p in enumerate(g["params"]):
@@ -337,10 +377,8 @@ def agree(opt: MatrixOptimizer, work: list[tuple[int, int, Tensor, Tensor, str]]
         lg = local(grad)
         fallback = lg.device
         if isinstance(p, DTensor) and get_rule(rule_name).matrix:
-            start, stop = shard_rows(p.shape[0], world)[me]
-            expected = (stop - start, p.shape[1])
             if (not isinstance(grad, DTensor) or tuple(grad.placements) != tuple(p.placements)
-                    or tuple(p.to_local().shape) != expected or tuple(lg.shape) != expected):
+                    or not _holds_its_block(opt, p, lg)):
                 flags[i, _BAD_LAYOUT] = 1
         if opt.check_finite:
             finite_rows.append(i)
@@ -366,22 +404,32 @@ def agree(opt: MatrixOptimizer, work: list[tuple[int, int, Tensor, Tensor, str]]
         raise RuntimeError(
             f"{name}: {opt._label(*labels[culprit])} has a gradient on some ranks of the "
             "process group and none on others; the optimizer state is replicated (or "
-            "row-sharded), so every rank must have a gradient for it or none must (DDP "
+            "sharded), so every rank must have a gradient for it or none must (DDP "
             "with find_unused_parameters=True and FSDP2 guarantee this). The step was not "
             "taken and nothing was changed")
     culprit = next((i for i, r in enumerate(rows) if r[_BAD_LAYOUT]), None)
     if culprit is not None:
         raise RuntimeError(
             f"{name}: {opt._label(*labels[culprit])}: on some rank the local shard of the "
-            "parameter or of its gradient is not the Shard(0) chunk that torch.chunk gives "
-            "(or the gradient is not a DTensor with the parameter's placements). The step "
-            "was not taken and nothing was changed")
+            "parameter or of its gradient is not the block its placements give (or the "
+            "gradient is not a DTensor with the parameter's placements). The step was not "
+            "taken and nothing was changed")
     culprit = next((i for i, r in enumerate(rows) if r[_NON_FINITE]), None)
     if culprit is not None:
         raise RuntimeError(
             f"{name}: {opt._label(*labels[culprit])} has a non-finite gradient (NaN or Inf) "
             "on at least one rank; the step was not taken and no weight or optimizer state "
             "was changed")
+
+
+def _holds_its_block(opt: MatrixOptimizer, p: DTensor, local_grad: Tensor) -> bool:
+    """Whether this rank's shards of ``p`` and of its gradient have the block's shape."""
+    try:
+        layout, _, me = param_layout(opt, p, "out_in")
+    except (ValueError, NotImplementedError):
+        return False
+    expected = layout.blocks[me].shape
+    return tuple(p.to_local().shape) == expected and tuple(local_grad.shape) == expected
 
 
 def agree_on_error(opt: MatrixOptimizer, error: Exception | None) -> None:
@@ -457,211 +505,173 @@ def _raise_hyperparameter_mismatch(opt: MatrixOptimizer, group: Any) -> None:
 # --------------------------------------------------------------------------------------
 # Exchanges around Newton–Schulz
 # --------------------------------------------------------------------------------------
-def _tall(shape: tuple[int, int]) -> bool:
-    return shape[0] > shape[1]
+class StepExchange:
+    """The exchange of one step over one process group, for every bucket whose Newton–Schulz
+    involves other ranks: one all-to-all of the Newton–Schulz inputs' blocks to each matrix's
+    owner, Newton–Schulz of whole matrices there, and one all-to-all of O's blocks (with O's
+    row sums of squares when the rule needs them) back to every rank that holds a block.
 
+    Both all-to-alls are asynchronous: the input exchange is posted before any local
+    Newton–Schulz runs, the output exchange before the ``post`` stage of the buckets that
+    need nothing from it (see :func:`run_matrix_stages`). The pieces and their places in the
+    byte buffers are planned once (``trasmuon.layout.ExchangePlan``); the buffers are
+    allocated with the plan. The programs pack and unpack their blocks (``pack_input``,
+    ``owner_stage``, ``unpack_output``): nothing here depends on the backend."""
 
-def _o_stack(count: int, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A (count, d_out, d_in) buffer in the layout of the eager Newton–Schulz output: a tall
-    matrix's O is the transpose of a contiguous (d_in, d_out) tensor (``newton_schulz``
-    iterates on X^T), so sums over its rows and columns round as in one process."""
-    d_out, d_in = shape
-    if _tall(shape):
-        return torch.empty(count, d_in, d_out, dtype=dtype, device=device).mT
-    return torch.empty(count, d_out, d_in, dtype=dtype, device=device)
-
-
-class SplitExchange:
-    """DDP work splitting for one bucket of replicated matrices: rank r orthogonalizes
-    matrices [start_r, stop_r) and broadcasts them (one broadcast per rank with a share)."""
-
-    def __init__(self, opt: MatrixOptimizer, bucket: Bucket, ranges: list[tuple[int, int]]) -> None:
-        self.opt, self.bucket, self.ranges = opt, bucket, ranges
-        self.group = opt.process_group
-        self.me = _rank(self.group)
-        b = bucket
-        if b.backend == "triton":
-            self.ortho = b.program.ortho_buffer()
+    def __init__(self, opt: MatrixOptimizer, group: Any, buckets: list[Bucket],
+                 loads: list[float]) -> None:
+        self.opt, self.group, self.buckets = opt, group, buckets
+        self.world, self.me = _world(group), _rank(group)
+        entries, self.owned = [], []
+        for b in buckets:
+            ranges = split_counts(b.count, self.world, loads, ns_flops(b.shape, b.group["ns_steps"]))
+            owners = tuple(r for r, (s0, s1) in enumerate(ranges) for _ in range(s0, s1))
             start, stop = ranges[self.me]
-            self.own = b.program.ns_launches(start, stop) if stop > start else []
-            self.row_sums = b.program.row_sumsq_launches()
-        else:
-            self.ortho = _o_stack(b.count, b.shape, b.group["ns_dtype"], b.device)
-        self._works: list[Any] = []
+            self.owned.append((start, stop))
+            entries.append(ExchangeEntry(b.layout, owners, b.program.exchange_dtype.itemsize,
+                                         b.program.row_sums_dtype.itemsize if b.rule.needs_row_sumsq else 0))
+            b.exchange = self
+        self.plan = ExchangePlan(entries, self.world, rank=self.me)
+        device = _comm_device(group, buckets[0].device)
+        self.owners = [b.program.owner_stage(stop - start) if stop > start else None
+                       for b, (start, stop) in zip(buckets, self.owned, strict=True)]
+        self.send_x_sizes, self.send_x = self.plan.parts(self.plan.inputs, self.me, sending=True)
+        self.recv_x_sizes, self.recv_x = self.plan.parts(self.plan.inputs, self.me, sending=False)
+        self.send_o_sizes, self.send_o = self.plan.parts(self.plan.outputs, self.me, sending=True)
+        self.recv_o_sizes, self.recv_o = self.plan.parts(self.plan.outputs, self.me, sending=False)
+        self.local_x = self.plan.local(self.plan.inputs, self.me)
+        self.local_o = self.plan.local(self.plan.outputs, self.me)
+        local_bytes = max([p.nbytes for p in self.local_x + self.local_o] + [0])
 
-    def start(self) -> None:
-        b = self.bucket
-        start, stop = self.ranges[self.me]
-        if b.backend == "triton":
-            for launch in self.own:
-                launch()
-        else:
-            for i in range(start, stop):
-                self.ortho[i].copy_(eager_newton_schulz(b, b.ns_input[i]))
-        stats = self.opt.comm_stats
-        for r, (s0, s1) in enumerate(self.ranges):
-            if s1 == s0:
-                continue
-            part = self.ortho[s0:s1]
-            buf = part.mT if _tall(b.shape) and b.backend != "triton" else part
-            nbytes = buf.numel() * buf.element_size()
-            stats.add("broadcast(O)", nbytes if r == self.me else 0, 0 if r == self.me else nbytes)
-            self._works.append(dist.broadcast(buf, src=_global_rank(self.group, r),
-                                              group=self.group, async_op=True))
+        def buffer(n: int) -> Tensor:
+            return torch.empty(n, dtype=torch.uint8, device=device)
 
-    def finish(self) -> None:
-        for work in self._works:
-            work.wait()
-        self._works = []
-        b = self.bucket
-        if b.backend == "triton":
-            b.ortho = self.ortho
-            for launch in self.row_sums:
-                launch()
-        else:
-            b.ortho = [self.ortho[i] for i in range(b.count)]
+        self.buffers = {name: buffer(sum(sizes)) for name, sizes in (
+            ("send_x", self.send_x_sizes), ("recv_x", self.recv_x_sizes),
+            ("send_o", self.send_o_sizes), ("recv_o", self.recv_o_sizes))}
+        self.scratch = buffer(local_bytes)  # a piece this rank keeps, between pack and unpack
+        # Known on every rank from the plan alone: whether a direction moves anything at all
+        # (DDP's owners hold their inputs: no input exchange).
+        self.moves_inputs = any(p.src != p.dst for p in self.plan.inputs)
+        self.moves_outputs = any(p.src != p.dst for p in self.plan.outputs)
+        self._work: Any = None
 
+    # The owner's matrix k of bucket e is the bucket's matrix start + k.
+    def _owner_index(self, e: int, i: int) -> int:
+        return i - self.owned[e][0]
 
-class ShardedExchange:
-    """One bucket of row-sharded matrices: an all-to-all of the Newton–Schulz input rows to
-    each matrix's owner (a contiguous share of the bucket per rank), Newton–Schulz on whole
-    matrices there, and an all-to-all of O's rows back."""
+    def _all_to_all(self, out: Tensor, inp: Tensor, out_sizes: list[int], in_sizes: list[int],
+                    op: str, moves: bool) -> Any:
+        if not moves:
+            return None
+        self.opt.comm_stats.add(op, sum(in_sizes), sum(out_sizes))
+        return dist.all_to_all_single(out, inp, out_sizes, in_sizes, group=self.group, async_op=True)
 
-    def __init__(self, opt: MatrixOptimizer, bucket: Bucket, ranges: list[tuple[int, int]]) -> None:
-        self.opt, self.bucket, self.ranges = opt, bucket, ranges
-        b = bucket
-        self.group = b.process_group
-        self.world, self.me = _world(self.group), _rank(self.group)
-        self.rows = shard_rows(b.shape[0], self.world)
-        start, stop = ranges[self.me]
-        self.own = stop - start
-        d_out, d_in = b.shape
-        self.dtype = b.group["ns_dtype"] if b.backend == "eager" else torch.bfloat16
-        self.full_x = torch.empty(self.own, d_out, d_in, dtype=self.dtype, device=b.device)
-        if b.backend == "triton":
-            self.full_o = torch.empty(self.own, d_out, d_in, dtype=torch.bfloat16, device=b.device)
-            self.ns = b.program.full_ns_launches(self.full_x, self.full_o) if self.own else []
-            self.local_o = b.program.ortho_buffer()
-            self.row_sums = b.program.row_sumsq_launches()
-            # Allocated once: what the input rows arrive in, and O's rows in owner order.
-            # O's rows come back straight into ``local_o``: the shares are contiguous and in
-            # rank order, so the received blocks are its layout.
-            self.recv_x = torch.empty(self.own * d_out * d_in, dtype=self.dtype, device=b.device)
-            self.send_o = torch.empty(self.own * d_out * d_in, dtype=torch.bfloat16, device=b.device)
+    def post_inputs(self) -> None:
+        """Pack this rank's blocks of the inputs for their owners and post the all-to-all."""
+        send = self.buffers["send_x"]
+        for piece, offset in self.send_x:
+            b = self.buckets[piece.entry]
+            b.program.pack_input(piece.index, send[offset:offset + piece.nbytes])
+        self._work = self._all_to_all(self.buffers["recv_x"], send, self.recv_x_sizes,
+                                      self.send_x_sizes, "all_to_all(X)", self.moves_inputs)
 
-    def _part_rows(self, r: int) -> int:
-        return self.rows[r][1] - self.rows[r][0]
+    def orthogonalize_owned(self) -> None:
+        """Wait for the inputs, run Newton–Schulz on the matrices this rank owns, pack O's
+        blocks for their holders and post the all-to-all back."""
+        for piece in self.local_x:  # blocks the owner holds itself
+            data = self.scratch[:piece.nbytes]
+            self.buckets[piece.entry].program.pack_input(piece.index, data)
+            self.owners[piece.entry].unpack_input(self._owner_index(piece.entry, piece.index),
+                                                  piece.block, data)
+        if self._work is not None:
+            self._work.wait()
+        recv = self.buffers["recv_x"]
+        for piece, offset in self.recv_x:
+            self.owners[piece.entry].unpack_input(self._owner_index(piece.entry, piece.index),
+                                                  piece.block, recv[offset:offset + piece.nbytes])
+        for owner in self.owners:
+            if owner is not None:
+                owner.run()
+        send = self.buffers["send_o"]
+        for piece, offset in self.send_o:
+            self.owners[piece.entry].pack_output(self._owner_index(piece.entry, piece.index),
+                                                 piece.block, send[offset:offset + piece.nbytes])
+        for piece in self.local_o:
+            data = self.scratch[:piece.nbytes]
+            self.owners[piece.entry].pack_output(self._owner_index(piece.entry, piece.index),
+                                                 piece.block, data)
+            self.buckets[piece.entry].program.unpack_output(piece.index, data)
+        self._work = self._all_to_all(self.buffers["recv_o"], send, self.recv_o_sizes,
+                                      self.send_o_sizes, "all_to_all(O)", self.moves_outputs)
 
-    def _all_to_all(self, out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int],
-                    op: str) -> None:
-        me = self.me
-        sent = sum(s for r, s in enumerate(in_splits) if r != me) * inp.element_size()
-        received = sum(s for r, s in enumerate(out_splits) if r != me) * out.element_size()
-        self.opt.comm_stats.add(op, sent, received)
-        dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group)
-
-    def run(self) -> None:
-        b = self.bucket
-        d_in = b.shape[1]
-        me_rows = self._part_rows(self.me)
-        # (1) Rows of the Newton–Schulz input (cast to its dtype: Newton–Schulz's own first
-        # step) to every owner, in owner order (the shares are contiguous in the bucket).
-        if b.backend == "triton":
-            x_local = b.ns_input  # (B, local rows, d_in) bf16
-        else:
-            x_local = torch.stack([x.to(self.dtype) for x in b.ns_input]) if b.count else None
-        send = x_local.reshape(-1)
-        in_splits = [(s1 - s0) * me_rows * d_in for s0, s1 in self.ranges]
-        out_splits = [self.own * self._part_rows(r) * d_in for r in range(self.world)]
-        if b.backend == "triton":
-            recv = self.recv_x
-        else:
-            recv = torch.empty(sum(out_splits), dtype=self.dtype, device=b.device)
-        self._all_to_all(recv, send.contiguous(), out_splits, in_splits, "all_to_all(M)")
-        offset = 0
-        for r in range(self.world):
-            n = out_splits[r]
-            r0, r1 = self.rows[r]
-            self.full_x[:, r0:r1].copy_(recv[offset:offset + n].view(self.own, r1 - r0, d_in))
-            offset += n
-        # (2) Newton–Schulz on whole matrices, (3) O's rows back.
-        if b.backend == "triton":
-            for launch in self.ns:
-                launch()
-            full_o = self.full_o
-        else:
-            full_o = _o_stack(self.own, b.shape, self.dtype, b.device)
-            for i in range(self.own):
-                full_o[i].copy_(eager_newton_schulz(b, self.full_x[i]))
-        in_splits = [self.own * self._part_rows(r) * d_in for r in range(self.world)]
-        out_splits = [(s1 - s0) * me_rows * d_in for s0, s1 in self.ranges]
-        if b.backend == "triton":
-            offset = 0
-            for r, n in enumerate(in_splits):
-                r0, r1 = self.rows[r]
-                self.send_o[offset:offset + n].view(self.own, r1 - r0, d_in).copy_(full_o[:, r0:r1])
-                offset += n
-            self._all_to_all(self.local_o.view(-1), self.send_o, out_splits, in_splits, "all_to_all(O)")
-            b.ortho = self.local_o
-            for launch in self.row_sums:
-                launch()
-        else:
-            tall = _tall(b.shape)
-            parts = []
-            for r in range(self.world):
-                r0, r1 = self.rows[r]
-                block = full_o[:, r0:r1]
-                parts.append((block.mT if tall else block).contiguous().reshape(-1))
-            send = torch.cat(parts) if parts else torch.empty(0, dtype=self.dtype, device=b.device)
-            recv = torch.empty(sum(out_splits), dtype=self.dtype, device=b.device)
-            self._all_to_all(recv, send, out_splits, in_splits, "all_to_all(O)")
-            shape = (b.count, d_in, me_rows) if tall else (b.count, me_rows, d_in)
-            stack = recv.view(shape)
-            b.ortho = [stack[i].mT if tall else stack[i] for i in range(b.count)]
+    def receive_outputs(self) -> None:
+        """Wait for O's blocks and hand them to the programs."""
+        if self._work is not None:
+            self._work.wait()
+        self._work = None
+        recv = self.buffers["recv_o"]
+        for piece, offset in self.recv_o:
+            self.buckets[piece.entry].program.unpack_output(piece.index, recv[offset:offset + piece.nbytes])
+        for b in self.buckets:
+            b.program.outputs_received()
 
 
 def plan_exchanges(opt: MatrixOptimizer, plan: StepPlan) -> None:
-    """Attach an exchange to every bucket whose Newton–Schulz involves other ranks, with the
-    shares of work balanced by Newton–Schulz FLOPs over the step's buckets."""
-    loads: dict[tuple[int, ...], list[float]] = {}
+    """One :class:`StepExchange` per process group for the buckets whose Newton–Schulz
+    involves other ranks: sharded matrices, and replicated ones with ``process_group`` (DDP
+    work splitting). Ownership is balanced by Newton–Schulz FLOPs over all of the group's
+    buckets; groups in the order of their ranks (the same on every rank)."""
+    by_group: dict[tuple[int, ...], tuple[Any, list[Bucket]]] = {}
     for b in plan.matrices:
         b.exchange = None
-        if b.sharded:
-            group = b.process_group
-        elif opt.process_group is not None:
-            group = opt.process_group
-        else:
+        if b.layout is None or b.layout.world == 1:
             continue
-        world = _world(group)
-        if world == 1:
-            continue
-        group_loads = loads.setdefault(tuple(dist.get_process_group_ranks(group)), [0.0] * world)
-        ranges = split_counts(b.count, world, group_loads, ns_flops(b.shape, b.group["ns_steps"]))
-        b.exchange = ShardedExchange(opt, b, ranges) if b.sharded else SplitExchange(opt, b, ranges)
+        by_group.setdefault(_group_ranks(b.process_group), (b.process_group, []))[1].append(b)
+    plan.exchanges = []
+    for ranks in sorted(by_group):
+        group, buckets = by_group[ranks]
+        plan.exchanges.append(StepExchange(opt, group, buckets, [0.0] * len(ranks)))
 
 
-def orthogonalize(opt: MatrixOptimizer, plan: StepPlan) -> None:
-    """Newton–Schulz for every matrix bucket of the step: locally, or through its exchange."""
-    split = []
+def run_matrix_stages(opt: MatrixOptimizer, plan: StepPlan) -> None:
+    """``prepare`` to ``finish`` of every matrix bucket (and AdamW while the inputs travel):
+    the input all-to-alls are posted first; Newton–Schulz of the buckets this rank holds alone
+    runs while they are in flight; each exchange's owners then orthogonalize and post O's
+    blocks back, and the ``post`` stage of the local buckets runs while those travel."""
     for b in plan.matrices:
-        exchange = getattr(b, "exchange", None)
-        if exchange is None:
+        b.program.prepare()
+    for exchange in plan.exchanges:
+        exchange.post_inputs()
+    for b in plan.adamw:
+        b.program.run()
+    for b in plan.matrices:
+        if b.exchange is None:
             b.program.orthogonalize()
-        elif isinstance(exchange, SplitExchange):
-            exchange.start()
-            split.append(exchange)
-        else:
-            exchange.run()
-    for exchange in split:
-        exchange.finish()
+    for exchange in plan.exchanges:
+        exchange.orthogonalize_owned()
+    for b in plan.matrices:
+        if b.exchange is None:
+            b.program.post()
+    for exchange in plan.exchanges:
+        exchange.receive_outputs()
+    for b in plan.matrices:
+        if b.exchange is not None:
+            b.program.post()
+    reduce_rows(opt, plan)
+    for b in plan.matrices:
+        b.program.finish()
 
 
 def reduce_rows(opt: MatrixOptimizer, plan: StepPlan) -> None:
     """One all-reduce per (device, dtype, process group) of the step's sums over rows of
-    row-sharded matrices."""
-    for group, buf in plan.sharded_reductions():
+    sharded matrices: each rank's entries outside its mask (columns it does not hold, a
+    replica's copy) are zeroed first, so that the sum counts every entry of every matrix
+    once."""
+    for group, buf, outside in plan.sharded_reductions():
         if _world(group) == 1 or buf.numel() == 0:
             continue
+        buf.masked_fill_(outside, 0)  # (a fill, not a multiply: a stale inf times 0 is NaN)
         dist.all_reduce(buf, group=group)
         nbytes = buf.numel() * buf.element_size()
         opt.comm_stats.add("all_reduce(rows)", nbytes, nbytes)
@@ -693,10 +703,12 @@ def distributed(cls: type) -> type:
     return _CLASSES[cls]
 
 
-def _classes() -> tuple[type, type, type, type]:
+def _classes() -> tuple[type, ...]:
+    from .namo import NAMO, NAMOD
     from .optimizer import AdamW, Muon, NorMuon, TrasMuon
 
-    return tuple(distributed(c) for c in (TrasMuon, NorMuon, Muon, AdamW))
+    return tuple(distributed(c) for c in (TrasMuon, NorMuon, Muon, NAMO, NAMOD, AdamW))
 
 
-DistributedTrasMuon, DistributedNorMuon, DistributedMuon, DistributedAdamW = _classes()
+(DistributedTrasMuon, DistributedNorMuon, DistributedMuon, DistributedNAMO, DistributedNAMOD,
+ DistributedAdamW) = _classes()

@@ -8,7 +8,7 @@ for keys of that rule, overridden by what the group sets.
 
 A step validates everything first (nothing changes when something is wrong), then runs the
 step plan (:mod:`trasmuon.plan`): AdamW buckets, then the matrix pipeline ``prepare``,
-``orthogonalize``, ``post``, the all-reduce of sums over rows of row-sharded matrices, and
+``orthogonalize``, ``post``, the all-reduce of sums over rows of sharded matrices, and
 ``finish``. Collectives between those stages are in :mod:`trasmuon.distributed`.
 """
 
@@ -569,12 +569,12 @@ class MatrixOptimizer(Optimizer):
             if reason:
                 fallbacks.append((gi, pi, reason))
             lp, lg = planning.local(p), planning.local(grad)
-            sharded = rule.matrix and isinstance(p, DTensor) and dist_support.is_row_sharded(p)
             if rule.matrix:
                 orientation = group["orientation"]
                 shape = tuple(oriented(p, orientation).shape)
-                layout = (lp.stride(), lg.stride()) if backend == "triton" else None
-                bkey = (gi, rule_name, shape, p.dtype, grad.dtype, lp.device, backend, sharded, layout)
+                strides = (lp.stride(), lg.stride()) if backend == "triton" else None
+                placement = (p.device_mesh, tuple(p.placements)) if isinstance(p, DTensor) else None
+                bkey = (gi, rule_name, shape, p.dtype, grad.dtype, lp.device, backend, placement, strides)
             else:
                 orientation, shape = "out_in", ()
                 bkey = (gi, rule_name, p.dtype, grad.dtype, lp.device, backend)
@@ -587,9 +587,9 @@ class MatrixOptimizer(Optimizer):
                 bucket = buckets[bkey] = Bucket(
                     rule=rule, backend=backend, group_index=gi, group=group, params=[], labels=[],
                     states=[], device=lp.device, param_dtype=p.dtype, grad_dtype=grad.dtype,
-                    hyper=hyper, orientation=orientation, shape=shape, sharded=sharded)
-                if sharded:
-                    dist_support.describe_sharded(bucket, p)
+                    hyper=hyper, orientation=orientation, shape=shape)
+                if rule.matrix:
+                    dist_support.describe_layout(self, bucket, p)
             bucket.params.append(p)
             bucket.labels.append(self._label(gi, pi))
             bucket.states.append(self.state[p])
@@ -685,16 +685,7 @@ class MatrixOptimizer(Optimizer):
         from . import distributed as dist_support
 
         plan.begin()
-        for b in plan.adamw:
-            b.program.run()
-        for b in plan.matrices:
-            b.program.prepare()
-        dist_support.orthogonalize(self, plan)
-        for b in plan.matrices:
-            b.program.post()
-        dist_support.reduce_rows(self, plan)
-        for b in plan.matrices:
-            b.program.finish()
+        dist_support.run_matrix_stages(self, plan)
         plan.end()
 
     # ----------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ backends need to run them, built once and reused while nothing it depends on cha
 
 A :class:`Bucket` is the unit every stage runs on: the parameters of one param group that
 take one rule, have one (oriented) shape, one param and grad dtype, one device and one
-layout (replicated or row-sharded), and have a gradient this step. AdamW buckets hold
+layout (plain, or a DTensor's mesh and placements), and have a gradient this step. AdamW buckets hold
 parameters of any shapes. Each bucket gets a program for its backend from its rule
 (:meth:`trasmuon.rules.Rule.program`).
 
@@ -31,6 +31,7 @@ from torch import Tensor
 from trasmuon_kernels._launch import TorchLaunch
 
 from . import reference as ref
+from .layout import Block, MatrixLayout
 from .rules import MatrixRule, Program, Rule, StateEntry
 
 try:  # torch >= 2.5
@@ -106,14 +107,18 @@ class Bucket:
     hyper: Callable[[], Mapping[str, Any]]  # the hyperparameters the rule reads, this step
     orientation: str = "out_in"
     shape: tuple[int, ...] = ()  # matrices: the global (d_out, d_in) of the (out, in) matrix
-    sharded: bool = False  # row-sharded DTensors (FSDP2): this rank holds rows row_range
+    # Matrices whose Newton–Schulz involves other ranks: their layout over the exchange
+    # group (trasmuon.layout) and this rank's place in it; None: this rank alone.
+    layout: MatrixLayout | None = None
     process_group: Any = None
-    row_range: tuple[int, int] | None = None
+    group_rank: int = 0
     reductions: dict[str, Tensor] = field(default_factory=dict)  # name -> (B, n)
     program: Program | None = None
+    exchange: Any = None  # the step's exchange that orthogonalizes this bucket (None: local)
     # Set by the stages each step.
     ns_input: Any = None
     ortho: Any = None
+    ortho_row_sumsq: Any = None  # O's row sums of squares, when an exchange brought them
 
     @property
     def count(self) -> int:
@@ -124,17 +129,38 @@ class Bucket:
         return ref.state_dtype(self.param_dtype)
 
     @property
+    def block(self) -> Block:
+        """This rank's rows and columns of each (out, in) matrix."""
+        if self.layout is None:
+            return Block((0, self.shape[0]), (0, self.shape[1]))
+        return self.layout.blocks[self.group_rank]
+
+    @property
+    def sharded(self) -> bool:
+        """Each rank holds a part of each matrix (FSDP2, HSDP, TP): the sums over rows are
+        partial sums, all-reduced once per step."""
+        return self.layout is not None and not self.layout.whole_everywhere
+
+    @property
     def local_rows(self) -> int:
-        if self.row_range is None:
-            return self.shape[0]
-        return self.row_range[1] - self.row_range[0]
+        return self.block.shape[0]
+
+    @property
+    def local_cols(self) -> int:
+        return self.block.shape[1]
+
+    @property
+    def cols(self) -> slice:
+        """This rank's columns, as a slice of a per-column vector of the whole matrix."""
+        c0, c1 = self.block.cols
+        return slice(c0, c1)
 
     def views(self) -> list[Tensor]:
         """This rank's (out, in) view of every parameter."""
         return [oriented(local(p), self.orientation) for p in self.params]
 
     def grads(self) -> list[Tensor]:
-        if self.orientation == "out_in" and not self.sharded and not isinstance(self.params[0], DTensor):
+        if self.orientation == "out_in" and not isinstance(self.params[0], DTensor):
             return [p.grad for p in self.params]  # the common case, at every step
         return [oriented(local(p.grad), self.orientation) for p in self.params]
 
@@ -191,10 +217,27 @@ def state_shapes(rule: Rule, group: Mapping[str, Any], param_shape: tuple[int, .
     return shapes
 
 
+def dim_placements(placements: tuple, dim: int) -> list:
+    """The placements of a vector along dim ``dim`` of a tensor with ``placements``: the
+    shards of that dim (as shards of the vector's dim 0), Replicate for every other."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    out = []
+    for placement in placements:
+        if getattr(placement, "dim", None) == dim and type(placement).__name__ == "_StridedShard":
+            out.append(type(placement)(0, split_factor=placement.split_factor))
+        elif getattr(placement, "dim", None) == dim and isinstance(placement, Shard):
+            out.append(Shard(0))
+        else:
+            out.append(Replicate())
+    return out
+
+
 def init_state(bucket: Bucket) -> None:
     """Create the missing (non-lazy) state of every parameter of ``bucket``: float32 (float64
-    for float64 params), per-row state of a row-sharded matrix as a ``Shard(0)`` DTensor,
-    per-column and per-matrix state replicated."""
+    for float64 params); per-row state of a DTensor matrix as a DTensor sharded as the rows
+    are; per-column and per-matrix state replicated and whole (every rank updates all of it
+    from the all-reduced sums over rows)."""
     sdt = bucket.state_dtype
     entries = bucket.rule.state_entries(bucket.group, bucket.shape)
     for p, state in zip(bucket.params, bucket.states, strict=True):
@@ -205,13 +248,13 @@ def init_state(bucket: Bucket) -> None:
                 continue
             if entry.extent == "param":
                 value = torch.full_like(p, entry.fill, dtype=sdt, memory_format=torch.preserve_format)
-            elif entry.extent == "rows" and bucket.sharded:
-                from torch.distributed.tensor import Shard
-
-                rows = bucket.local_rows
+            elif entry.extent == "rows" and isinstance(p, DTensor):
+                # Sharded as the matrix's rows are (the parameter's placements on its row dim).
+                row_dim = 1 if bucket.orientation == "in_out" else 0
                 value = DTensor.from_local(
-                    torch.full((rows,), entry.fill, dtype=sdt, device=bucket.device),
-                    p.device_mesh, [Shard(0)], run_check=False, shape=(bucket.shape[0],), stride=(1,),
+                    torch.full((bucket.local_rows,), entry.fill, dtype=sdt, device=bucket.device),
+                    p.device_mesh, dim_placements(p.placements, row_dim), run_check=False,
+                    shape=(bucket.shape[0],), stride=(1,),
                 )
             else:
                 value = torch.full(_extent_shape(entry, bucket, p), entry.fill, dtype=sdt,
@@ -269,15 +312,21 @@ class StepPlan:
         self.matrices = matrices
         self.devices = _DeviceScalars()
         self.reduce_buffers: dict[tuple[torch.device, torch.dtype, int], Tensor] = {}
+        self.reduce_masks: dict[tuple[torch.device, torch.dtype, int], Tensor] = {}
+        self.exchanges: list[Any] = []  # trasmuon.distributed.StepExchange, one per group
 
     @property
     def buckets(self) -> list[Bucket]:
         return [*self.adamw, *self.matrices]
 
     def allocate_reductions(self) -> None:
-        """One flat buffer per (device, dtype) for the sums over rows of replicated matrices,
-        and one per (device, dtype, process group) for those of row-sharded matrices (all-
-        reduced once per step); every bucket's ``reductions`` are (B, n) views into them."""
+        """One flat buffer per (device, dtype) for the sums over rows of matrices this rank
+        holds whole, and one per (device, dtype, process group) for those of sharded matrices
+        (all-reduced once per step); every bucket's ``reductions`` are (B, n) views into
+        them. A sharded buffer has a mask of the entries this rank contributes: its own
+        columns of a per-column sum, a per-row quantity's sum when it holds the first columns
+        of its rows, and only if it is its block's first holder (a replica's copy counts
+        zero)."""
         sizes: dict[tuple, int] = {}
         layout: list[tuple[Bucket, str, int, tuple]] = []
         for b in self.matrices:
@@ -287,18 +336,28 @@ class StepPlan:
                 layout.append((b, name, n, key))
                 sizes[key] = sizes.get(key, 0) + b.count * n
         buffers = {key: torch.zeros(size, dtype=key[1], device=key[0]) for key, size in sizes.items()}
+        masks = {key: torch.zeros(size, dtype=torch.bool) for key, size in sizes.items() if len(key) == 3}
         offsets = dict.fromkeys(sizes, 0)
         for b, name, n, key in layout:
             start = offsets[key]
             b.reductions[name] = buffers[key][start:start + b.count * n].view(b.count, n)
             offsets[key] = start + b.count * n
+            if key in masks and b.layout.primary[b.group_rank]:
+                mask = masks[key][start:start + b.count * n].view(b.count, n)
+                if n == b.shape[1]:  # per column: this rank's columns
+                    mask[:, b.cols] = True
+                elif b.block.cols[0] == 0:  # a sum of whole rows' quantities: once per row
+                    mask[:] = True
         # The replicated buffers live on through the views; the sharded ones are all-reduced.
         self.reduce_buffers = {key: buf for key, buf in buffers.items() if len(key) == 3}
+        # Stored inverted: what reduce_rows zeroes before the all-reduce.
+        self.reduce_masks = {key: (~mask).to(key[0]) for key, mask in masks.items()}
 
-    def sharded_reductions(self) -> list[tuple[Any, Tensor]]:
-        """(process group, buffer) of every buffer that must be all-reduced this step."""
+    def sharded_reductions(self) -> list[tuple[Any, Tensor, Tensor]]:
+        """(process group, buffer, entries to zero first) of every buffer that must be
+        all-reduced this step."""
         groups = {id(b.process_group): b.process_group for b in self.matrices if b.sharded}
-        return [(groups[key[2]], buf) for key, buf in self.reduce_buffers.items()]
+        return [(groups[key[2]], buf, self.reduce_masks[key]) for key, buf in self.reduce_buffers.items()]
 
     def begin(self) -> None:
         """Advance the step counters and publish this step's lr values and gradients."""
@@ -460,6 +519,7 @@ __all__ = [
     "RuleState",
     "StepPlan",
     "ceil_div",
+    "dim_placements",
     "fingerprint",
     "init_state",
     "local",

@@ -238,7 +238,7 @@ def o_base_sumsq(rowsumsq: Tensor, rowscale: Tensor) -> Tensor:
 def eta_hat_from_sumsq(
     scale: float, lr: float | Tensor, d_out: int, d_in: int, base_sumsq: Tensor
 ) -> Tensor:
-    """eta_hat from ||O_base||_F^2 (which a row-sharded matrix sums over its shards)."""
+    """eta_hat from ||O_base||_F^2 (which a sharded matrix sums over its blocks)."""
     return eta_hat_scale(scale, d_out, d_in) * lr / (base_sumsq.sqrt() + ETA_HAT_EPS)
 
 
@@ -476,11 +476,15 @@ def trasmuon_update_stage_(
 
 
 def trasmuon_row_stage_(
-    ortho: Tensor, state: MutableMapping[str, Tensor], d_in: int, *, beta2: float, eps: float
+    ortho: Tensor, state: MutableMapping[str, Tensor], d_in: int, *, beta2: float, eps: float,
+    sumsq: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Steps 4-5 for a matrix (or a block of its rows): updates ``state["row_v"]`` from O's
-    row sums of squares; returns ``(rowscale, partial ||O_base||_F^2 over these rows)``."""
-    sumsq = row_sumsq(ortho, state["momentum"].dtype)
+    row sums of squares (``sumsq``, or summed here from ``ortho``: a block of some of the
+    columns needs the whole rows' sums); returns ``(rowscale, partial ||O_base||_F^2 over
+    these rows)``."""
+    if sumsq is None:
+        sumsq = row_sumsq(ortho, state["momentum"].dtype)
     row_second_moment_update_(state["row_v"], sumsq, d_in, beta2)
     rowscale = row_scale(state["row_v"], eps)
     return rowscale, o_base_sumsq(sumsq, rowscale)
@@ -513,11 +517,14 @@ def trasmuon_apply_stage_(
     *,
     weight_decay: float,
     gate_kwargs: dict,
+    cols: slice | None = None,
 ) -> Tensor | None:
     """Steps 8-12 given eta_hat (``step_size``) and the whole matrix's column energies
-    (``energy`` None: no gate, NorMuon): the gate, then W's update. Returns the gate."""
+    (``energy`` None: no gate, NorMuon): the gate, then W's update (of the block of columns
+    ``cols`` that ``param`` and ``ortho`` hold, when not all). Returns the whole gate."""
     gate = None if energy is None else gate_stage_(state, energy, step, lr, **gate_kwargs)
-    update = matrix_update(ortho, step_size.unsqueeze(-1) * rowscale, gate, state["momentum"].dtype)
+    gate_cols = gate if gate is None or cols is None else gate[..., cols]
+    update = matrix_update(ortho, step_size.unsqueeze(-1) * rowscale, gate_cols, state["momentum"].dtype)
     apply_update_(param, update, weight_decay_factor(lr, weight_decay))
     return gate
 
@@ -758,16 +765,20 @@ def namo_update_stage_(
     weight_decay_mode: str,
     clamp: float | None = None,
     shape: tuple[int, int] | None = None,
+    cols: slice | None = None,
 ) -> dict[str, Tensor | float]:
     """NAMO's (``clamp=None``) or NAMO-D's steps 1 and 4-7 for one matrix given O and the
-    column sums of squares of G (before the momentum) and of N, which a row-sharded matrix
+    column sums of squares of G (before the momentum) and of N, which a sharded matrix
     all-reduces first: ``namo_factors_``, then W <- decay * W - step_up * O (column by column
-    for NAMO-D), rounded once."""
+    for NAMO-D, of the columns ``cols`` that ``param`` and ``ortho`` hold), rounded once."""
     d_out, d_in = shape if shape is not None else tuple(param.shape[-2:])
     out = namo_factors_(v, grad_col_sumsq, n_col_sumsq, step, lr, betas=betas, eps=eps,
                         weight_decay=weight_decay, scale=scale, d_out=d_out, d_in=d_in,
                         weight_decay_mode=weight_decay_mode, clamp=clamp)
-    apply_update_(param, ortho.to(v.dtype) * out["step_up"], out["decay"])
+    step_up, decay = out["step_up"], out["decay"]
+    if cols is not None:  # NAMO-D's per-column factors, on a block of the columns
+        step_up, decay = (f[..., cols] if isinstance(f, Tensor) and f.ndim else f for f in (step_up, decay))
+    apply_update_(param, ortho.to(v.dtype) * step_up, decay)
     return out
 
 

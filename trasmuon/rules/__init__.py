@@ -14,7 +14,7 @@ A rule declares
 Matrix rules share one pipeline (:class:`MatrixRule`): ``prepare`` (the momentum pass: the
 Newton–Schulz input and sums over rows), ``orthogonalize`` (done by the plan, or by the
 distributed exchange around it), ``post`` (what needs O locally), an all-reduce of the
-step's sums over rows when matrices are row-sharded, and ``finish`` (the weight update).
+step's sums over rows when matrices are sharded, and ``finish`` (the weight update).
 
 Adding a rule is one module in this package that defines a :class:`Rule` subclass and calls
 :func:`register` (modules are discovered on import).
@@ -146,9 +146,11 @@ class MatrixRule(Rule):
         return float(group["eps"])
 
     def reductions(self, group: Mapping[str, Any], shape: tuple[int, int]) -> dict[str, int]:
-        """Per matrix, the sums over rows the rule needs (name -> length). A row-sharded
-        matrix computes them on its rows and the plan all-reduces them, once per step for
-        all matrices."""
+        """Per matrix, the sums over rows the rule needs (name -> length). Length d_in: a
+        sum per column, over the rows (a rank holding a block writes its columns' partial
+        sums); length 1: the sum over rows of a quantity of whole rows (a block's rank adds
+        it only if the block holds its rows' first columns). A sharded matrix's sums are
+        all-reduced by the plan, once per step for all matrices."""
         return {}
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import reference as ref
+from ..layout import Block, block_view, row_sums_view
 from . import Hyperparameter, Program
 from ._checks import (
     in_range,
@@ -85,17 +86,93 @@ def eager_newton_schulz(bucket: Bucket, x: Tensor) -> Tensor:
 
 class EagerMatrixProgram(Program):
     """The eager program of a matrix rule: the subclass's ``prepare`` and ``finish`` around
-    Newton–Schulz of every input (run here, or by a distributed exchange), with ``post``
-    for what needs O (nothing by default)."""
+    Newton–Schulz of every input (run here, or by a distributed exchange through the hooks
+    below), with ``post`` for what needs O (nothing by default)."""
 
     bucket: Bucket
 
     def orthogonalize(self) -> None:
         b = self.bucket
         b.ortho = [eager_newton_schulz(b, x) for x in b.ns_input]
+        b.ortho_row_sumsq = None
 
     def post(self) -> None:
         pass
+
+    # The distributed exchange's hooks (trasmuon.distributed.StepExchange) ----------------
+    @property
+    def exchange_dtype(self) -> torch.dtype:
+        """What Newton–Schulz's input and output travel as: its own dtype."""
+        return self.bucket.group["ns_dtype"]
+
+    @property
+    def row_sums_dtype(self) -> torch.dtype:
+        return self.bucket.state_dtype
+
+    def _transposed(self) -> bool:
+        # A tall matrix's O is the transpose of a contiguous (d_in, d_out) tensor (Newton–
+        # Schulz iterates on X^T): its blocks travel and arrive in that layout, so that sums
+        # over O round as in one process.
+        return self.bucket.shape[0] > self.bucket.shape[1]
+
+    def pack_input(self, i: int, out: Tensor) -> None:
+        """This rank's block of matrix ``i``'s Newton–Schulz input into ``out`` (bytes)."""
+        x = self.bucket.ns_input[i]
+        block_view(out, self.exchange_dtype, tuple(x.shape)).copy_(x)
+
+    def owner_stage(self, count: int) -> EagerOwner:
+        """Newton–Schulz of the ``count`` whole matrices this rank owns."""
+        return EagerOwner(self, count)
+
+    def unpack_output(self, i: int, data: Tensor) -> None:
+        """This rank's block of matrix ``i``'s O (and its rows' sums of squares) from bytes."""
+        b = self.bucket
+        shape = b.block.shape
+        o = block_view(data, self.exchange_dtype, shape, self._transposed()).clone()
+        sums = None
+        if b.rule.needs_row_sumsq:
+            sums = row_sums_view(data, self.exchange_dtype, shape, self.row_sums_dtype).clone()
+        self.__dict__.setdefault("_received", {})[i] = (o, sums)
+
+    def outputs_received(self) -> None:
+        b = self.bucket
+        received = self.__dict__.pop("_received", {})
+        shape = b.block.shape
+        empty = (torch.empty(shape, dtype=self.exchange_dtype, device=b.device),  # no rows here
+                 torch.empty(shape[0], dtype=self.row_sums_dtype, device=b.device))
+        pairs = [received.get(i, empty) for i in range(b.count)]
+        b.ortho = [o for o, _ in pairs]
+        b.ortho_row_sumsq = [s for _, s in pairs] if b.rule.needs_row_sumsq else None
+
+
+class EagerOwner:
+    """The whole matrices a rank owns in an exchange: inputs assembled from their blocks,
+    Newton–Schulz, O's blocks (and O's row sums of squares, in the state dtype, when the rule
+    needs them) out."""
+
+    def __init__(self, program: EagerMatrixProgram, count: int) -> None:
+        b = program.bucket
+        self.program, self.bucket = program, b
+        self.x = torch.empty(count, *b.shape, dtype=program.exchange_dtype, device=b.device)
+        self.o: list[Tensor] = []
+        self.row_sums: list[Tensor] = []
+
+    def unpack_input(self, k: int, block: Block, data: Tensor) -> None:
+        (r0, r1), (c0, c1) = block.rows, block.cols
+        self.x[k, r0:r1, c0:c1].copy_(block_view(data, self.program.exchange_dtype, block.shape))
+
+    def run(self) -> None:
+        b = self.bucket
+        self.o = [eager_newton_schulz(b, x) for x in self.x]
+        if b.rule.needs_row_sumsq:
+            self.row_sums = [ref.row_sumsq(o, b.state_dtype) for o in self.o]
+
+    def pack_output(self, k: int, block: Block, out: Tensor) -> None:
+        (r0, r1), (c0, c1) = block.rows, block.cols
+        p = self.program
+        block_view(out, p.exchange_dtype, block.shape, p._transposed()).copy_(self.o[k][r0:r1, c0:c1])
+        if self.bucket.rule.needs_row_sumsq:
+            row_sums_view(out, p.exchange_dtype, block.shape, p.row_sums_dtype).copy_(self.row_sums[k][r0:r1])
 
 
 def eager_momentum(bucket: Bucket, beta1: float, nesterov_: bool) -> list[Tensor]:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import reference as ref
+from ..layout import Block, block_view, row_sums_view
 from . import Program
 from ._matrix import PointerTable
 
@@ -50,7 +51,7 @@ def unsupported_reason(group: Mapping[str, Any], param: Tensor, grad: Tensor) ->
 def stack_state(bucket: Bucket, key: str, shape: tuple[int, ...], fill: float) -> Tensor:
     """One contiguous (B, *shape) float32 stack on the bucket's device whose rows become the
     state entries ``key`` of its parameters (existing values are copied in, missing ones start
-    at ``fill``). A row-sharded entry stays a DTensor whose local tensor is its row."""
+    at ``fill``). A DTensor entry stays a DTensor whose local tensor is its row."""
     stack = torch.full((bucket.count, *shape), fill, dtype=torch.float32, device=bucket.device)
     for i, state in enumerate(bucket.states):
         old = state.get(key)
@@ -96,8 +97,8 @@ class TritonMatrixProgram(Program):
         self.param_table = PointerTable(b.views())
         self.momentum_table = PointerTable([s["momentum"] for s in states])
         self.grad_table = PointerTable(b.grads(), stand_in=True)
-        rows, d_in = b.local_rows, b.shape[1]
-        self.x = torch.empty(b.count, rows, d_in, dtype=torch.bfloat16, device=b.device)
+        rows, cols = b.block.shape
+        self.x = torch.empty(b.count, rows, cols, dtype=torch.bfloat16, device=b.device)
         self.o = torch.empty_like(self.x)
         self.x_sqnorm = torch.empty(b.count, dtype=torch.float32, device=b.device)
         self.row_sumsq = (torch.empty(b.count, rows, dtype=torch.float32, device=b.device)
@@ -106,11 +107,12 @@ class TritonMatrixProgram(Program):
         self.pass1 = prepare_momentum_energy_pass(
             self.grad_table.bucket, self.momentum_table.bucket, self.beta1(), nesterov=g["nesterov"],
             energy_source=self.energy_source, x_out=self.x,
-            energy_out=self.pass1_energy_out(), sqnorm_out=self.x_sqnorm, props=self.props,
-            input_energy_out=self.pass1_input_energy_out(),
-            # A row shard's X must keep its scale: its owner normalizes the assembled matrix.
-            rescale_overflow=not b.sharded)
-        self.ns = self._ns(self.x, self.o, self.x_sqnorm, self.row_sumsq)
+            energy_out=self.pass1_energy_view(self.pass1_energy_out()), sqnorm_out=self.x_sqnorm,
+            props=self.props, input_energy_out=self.pass1_energy_view(self.pass1_input_energy_out()),
+            # A block of X must keep its scale: its owner normalizes the assembled matrix.
+            rescale_overflow=b.layout is None)
+        # (Blocks of matrices that span ranks are orthogonalized by their owner.)
+        self.ns = self._ns(self.x, self.o, self.x_sqnorm, self.row_sumsq) if b.layout is None else []
         self.build_rule()
 
     def beta1(self) -> float:
@@ -127,6 +129,10 @@ class TritonMatrixProgram(Program):
     def build_rule(self) -> None:
         raise NotImplementedError
 
+    def pass1_energy_view(self, energy: Tensor | None) -> Tensor | None:
+        """This rank's columns of a (B, d_in) per-column sum."""
+        return None if energy is None else energy[:, self.bucket.cols]
+
     def _ns(self, x: Tensor, out: Tensor, fro: Tensor | None, row_sumsq: Tensor | None) -> list[Any]:
         from trasmuon_kernels.newton_schulz import prepare_newton_schulz
 
@@ -136,26 +142,27 @@ class TritonMatrixProgram(Program):
             x, schedule, b.rule.ns_eps(b.group), fro_sumsq=fro, out=out, row_sumsq_out=row_sumsq,
             props=self.props, overwrite_input=len(schedule) % 2 == 1)
 
-    # The distributed exchanges' hooks ------------------------------------------------
-    def ortho_buffer(self) -> Tensor:
-        return self.o
+    # The distributed exchange's hooks (trasmuon.distributed.StepExchange) ------------
+    exchange_dtype = torch.bfloat16  # what X and O travel as (the kernels' Newton–Schulz dtype)
+    row_sums_dtype = torch.float32
 
-    def ns_launches(self, start: int, stop: int) -> list[Any]:
-        """Newton–Schulz of matrices [start, stop) of the bucket (this rank's share)."""
-        return self._ns(self.x[start:stop], self.o[start:stop], self.x_sqnorm[start:stop], None)
+    def pack_input(self, i: int, out: Tensor) -> None:
+        """This rank's block of matrix ``i``'s Newton–Schulz input into ``out`` (bytes)."""
+        block_view(out, torch.bfloat16, tuple(self.x.shape[1:])).copy_(self.x[i])
 
-    def full_ns_launches(self, x: Tensor, out: Tensor) -> list[Any]:
-        """Newton–Schulz of whole matrices assembled from every rank's rows."""
-        return self._ns(x, out, None, None)
+    def owner_stage(self, count: int) -> TritonOwner:
+        """Newton–Schulz of the ``count`` whole matrices this rank owns."""
+        return TritonOwner(self, count)
 
-    def row_sumsq_launches(self) -> list[Any]:
-        """O's row sums of squares after an exchange (Newton–Schulz's epilogue cannot give the
-        rows a rank received)."""
-        if self.row_sumsq is None:
-            return []
-        from trasmuon_kernels.update import prepare_row_sumsq
+    def unpack_output(self, i: int, data: Tensor) -> None:
+        """This rank's block of matrix ``i``'s O (and its rows' sums of squares) from bytes."""
+        shape = tuple(self.o.shape[1:])
+        self.o[i].copy_(block_view(data, torch.bfloat16, shape))
+        if self.row_sumsq is not None:
+            self.row_sumsq[i].copy_(row_sums_view(data, torch.bfloat16, shape, torch.float32))
 
-        return prepare_row_sumsq(self.o, out=self.row_sumsq, props=self.props)
+    def outputs_received(self) -> None:
+        self.bucket.ortho = self.o
 
     # The stages ----------------------------------------------------------------------
     def begin(self) -> None:
@@ -177,6 +184,34 @@ class TritonMatrixProgram(Program):
     def finish(self) -> None:
         for launch in self.finish_launches:
             launch()
+
+
+class TritonOwner:
+    """The whole matrices a rank owns in an exchange: bf16 inputs assembled from their blocks,
+    Newton–Schulz with O's row sums of squares from its last epilogue (when the rule needs
+    them), O's blocks out."""
+
+    def __init__(self, program: TritonMatrixProgram, count: int) -> None:
+        b = program.bucket
+        self.x = torch.empty(count, *b.shape, dtype=torch.bfloat16, device=b.device)
+        self.o = torch.empty_like(self.x)
+        self.row_sums = (torch.empty(count, b.shape[0], dtype=torch.float32, device=b.device)
+                         if b.rule.needs_row_sumsq else None)
+        self.launches = program._ns(self.x, self.o, None, self.row_sums)
+
+    def unpack_input(self, k: int, block: Block, data: Tensor) -> None:
+        (r0, r1), (c0, c1) = block.rows, block.cols
+        self.x[k, r0:r1, c0:c1].copy_(block_view(data, torch.bfloat16, block.shape))
+
+    def run(self) -> None:
+        for launch in self.launches:
+            launch()
+
+    def pack_output(self, k: int, block: Block, out: Tensor) -> None:
+        (r0, r1), (c0, c1) = block.rows, block.cols
+        block_view(out, torch.bfloat16, block.shape).copy_(self.o[k, r0:r1, c0:c1])
+        if self.row_sums is not None:
+            row_sums_view(out, torch.bfloat16, block.shape, torch.float32).copy_(self.row_sums[k, r0:r1])
 
 
 class TritonMuon(TritonMatrixProgram):
@@ -234,7 +269,8 @@ class TritonTrasMuon(TritonMatrixProgram):
             sumsq_out=base_sumsq, props=self.props)
         if self.gate_on and g["energy_source"] == "update":
             post += prepare_column_energy(self.o, row_scale=self.rowscale,
-                                          out=b.reductions["energy"], props=self.props)
+                                          out=self.pass1_energy_view(b.reductions["energy"]),
+                                          props=self.props)
         self.post_launches = post
         finish = []
         self.gate = None
@@ -244,7 +280,7 @@ class TritonTrasMuon(TritonMatrixProgram):
             self.param_table.bucket, self.o, lr=self.lr, weight_decay=g["weight_decay"],
             rowscale=self.rowscale, o_base_sumsq=base_sumsq,
             eta_scale=ref.eta_hat_scale(g["scale"], d_out, d_in), eta_eps=ref.ETA_HAT_EPS,
-            col_gate=self.gate, props=self.props)
+            col_gate=None if self.gate is None else self.gate[:, b.cols], props=self.props)
         self.finish_launches = finish
 
     def _gate(self) -> list[Any]:

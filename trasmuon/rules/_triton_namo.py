@@ -49,8 +49,9 @@ class TritonNAMO(TritonMatrixProgram):
         self.decay, self.step_up = factors.result
         if self.columns:  # column j scaled by step_up_j: the update pass's column factor
             update = prepare_update_pass(
-                self.param_table.bucket, self.o, lr=self.lr, step_size=1.0, col_gate=self.step_up,
-                decay=self.decay, props=self.props)
+                self.param_table.bucket, self.o, lr=self.lr, step_size=1.0,
+                col_gate=self.step_up[:, b.cols],
+                decay=self.decay[:, b.cols] if self.decay.ndim == 2 else self.decay, props=self.props)
         else:
             update = prepare_update_pass(
                 self.param_table.bucket, self.o, lr=self.lr, step_size=self.step_up,

@@ -4,7 +4,7 @@ matrix (docs/rule.md, "NAMO and NAMO-D").
 Stages of a bucket (see :mod:`trasmuon.rules`):
 
 * ``prepare``: ||G||_F^2 of the raw gradient, the momentum and the Nesterov input N, and
-  ||N||_F^2, both as sums over rows (all-reduced for row-sharded matrices);
+  ||N||_F^2, both as sums over rows (all-reduced for sharded matrices);
 * ``orthogonalize``: Newton–Schulz of N with Muon's triple, normalized by ||X||_F + 1e-7;
 * ``finish``: the second moment v, alpha, the decay and the update.
 
@@ -80,10 +80,10 @@ class EagerNAMO(M.EagerMatrixProgram):
         acc = b.state_dtype
         grad_sums, n_sums = (b.reductions[k] for k in b.rule.sums)
         for i, grad in enumerate(b.grads()):  # the raw gradient, before the momentum
-            grad_sums[i].copy_(ref.column_energy(grad, acc))
+            grad_sums[i, b.cols].copy_(ref.column_energy(grad, acc))
         M.eager_momentum(b, g["betas"][0], g["nesterov"])  # sets b.ns_input = N
         for i, n in enumerate(b.ns_input):
-            n_sums[i].copy_(ref.column_energy(n, acc))
+            n_sums[i, b.cols].copy_(ref.column_energy(n, acc))
 
     def finish(self) -> None:
         b = self.bucket
@@ -99,7 +99,7 @@ class EagerNAMO(M.EagerMatrixProgram):
                 view, ortho, state[key], step, lr, grad_col_sumsq=grad_sums[i],
                 n_col_sumsq=n_sums[i], betas=g["betas"], eps=g["eps"],
                 weight_decay=g["weight_decay"], scale=g["scale"],
-                weight_decay_mode=g["weight_decay_mode"], clamp=clamp, shape=b.shape)
+                weight_decay_mode=g["weight_decay_mode"], clamp=clamp, shape=b.shape, cols=b.cols)
             if self.collect:
                 self._out.append(out)
 

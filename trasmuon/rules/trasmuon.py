@@ -116,20 +116,21 @@ class EagerTrasMuon(M.EagerMatrixProgram):
         if self.gate_on and g["energy_source"] != "update":
             energy = b.reductions["energy"]
             for i, (grad_wide, state) in enumerate(zip(self._grads_wide, b.rule_states(), strict=True)):
-                energy[i].copy_(ref.trasmuon_energy_partial(state, grad_wide, None, None, g["energy_source"]))
+                energy[i, b.cols].copy_(ref.trasmuon_energy_partial(state, grad_wide, None, None, g["energy_source"]))
 
     def post(self) -> None:
         b = self.bucket
         g = b.group
         base = b.reductions["o_base_sumsq"]
         self._rowscale = []
+        row_sums = b.ortho_row_sumsq or [None] * b.count  # whole rows' sums, from an exchange
         for i, (ortho, state) in enumerate(zip(b.ortho, b.rule_states(), strict=True)):
             rowscale, base_partial = ref.trasmuon_row_stage_(
-                ortho, state, b.shape[1], beta2=g["betas"][1], eps=g["eps"])
+                ortho, state, b.shape[1], beta2=g["betas"][1], eps=g["eps"], sumsq=row_sums[i])
             self._rowscale.append(rowscale)
             base[i].copy_(base_partial.reshape(1))
             if self.gate_on and g["energy_source"] == "update":
-                b.reductions["energy"][i].copy_(
+                b.reductions["energy"][i, b.cols].copy_(
                     ref.trasmuon_energy_partial(state, None, ortho, rowscale, "update"))
 
     def finish(self) -> None:
@@ -145,7 +146,8 @@ class EagerTrasMuon(M.EagerMatrixProgram):
             eta = ref.eta_hat_from_sumsq(g["scale"], lr, d_out, d_in, base[i][0])
             energy = b.reductions["energy"][i] if self.gate_on else None
             gate = ref.trasmuon_apply_stage_(view, ortho, state, self._rowscale[i], eta, energy, steps[i], lr,
-                                             weight_decay=g["weight_decay"], gate_kwargs=gate_kwargs)
+                                             weight_decay=g["weight_decay"], gate_kwargs=gate_kwargs,
+                                             cols=b.cols)
             if self.collect:
                 self._out.append({"eta_hat": eta, "energy": None if energy is None else energy.clone(),
                                   "gate": gate, "state": state})
