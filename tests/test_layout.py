@@ -98,11 +98,14 @@ def test_exchange_pieces(name, mesh, placements, row_sums):
                 assert recv_sizes[r] == send_sizes[peer]  # both sides agree on the split
             offsets = [o for _, o in mine]
             assert all(o % 16 == 0 for o in offsets)
-    # What one rank plans is exactly the whole plan's pieces it sends or receives.
+    # What one rank plans is exactly the whole plan's pieces it sends or receives; whether
+    # a direction moves anything is the whole plan's answer on every rank.
     for r in range(world):
         own = ExchangePlan(entries, world, rank=r)
         for whole, part in ((plan.inputs, own.inputs), (plan.outputs, own.outputs)):
             assert part == [p for p in whole if r in (p.src, p.dst)]
+        assert own.moves_inputs == any(p.src != p.dst for p in plan.inputs)
+        assert own.moves_outputs == any(p.src != p.dst for p in plan.outputs)
 
 
 def test_block_and_row_sums_views_share_a_piece_without_overlap():

@@ -331,7 +331,11 @@ def test_every_layout_equals_one_process(tmp_path):
         # A steady step: the agreement, the two all-to-alls and the all-reduce of the sums
         # over rows (a replicated layout needs none).
         assert sum(steady.values()) <= 4, (name, steady)
-        assert steady.get("all_to_all(X)") == steady.get("all_to_all(O)") == 1, (name, steady)
+        assert steady.get("all_to_all(O)") == 1, (name, steady)
+        if name.startswith("replicated"):  # every owner holds its inputs: nothing to send
+            assert "all_to_all(X)" not in steady, (name, steady)
+            continue
+        assert steady.get("all_to_all(X)") == 1, (name, steady)
         if name.endswith("eager"):
             events = values["events"]
             # The inputs are posted before any Newton-Schulz runs, O's blocks after.

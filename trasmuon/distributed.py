@@ -550,10 +550,9 @@ class StepExchange:
             ("send_x", self.send_x_sizes), ("recv_x", self.recv_x_sizes),
             ("send_o", self.send_o_sizes), ("recv_o", self.recv_o_sizes))}
         self.scratch = buffer(local_bytes)  # a piece this rank keeps, between pack and unpack
-        # Known on every rank from the plan alone: whether a direction moves anything at all
-        # (DDP's owners hold their inputs: no input exchange).
-        self.moves_inputs = any(p.src != p.dst for p in self.plan.inputs)
-        self.moves_outputs = any(p.src != p.dst for p in self.plan.outputs)
+        # Whether a direction moves anything at all, on any rank (DDP's owners hold their
+        # inputs: no input exchange).
+        self.moves_inputs, self.moves_outputs = self.plan.moves_inputs, self.plan.moves_outputs
         self._work: Any = None
 
     # The owner's matrix k of bucket e is the bucket's matrix start + k.

@@ -264,6 +264,17 @@ class ExchangePlan:
                     # its per-row state is kept like every other holder's of those rows.
                     if block.numel or (entry.row_sum_itemsize and block.shape[0]):
                         outputs.append(Piece(e, i, block, owner, r))
+        # Whether each all-to-all moves anything on any rank: a fact of the whole plan, which
+        # every rank must agree on (a rank that skipped a collective the others call would
+        # hang them), so it is not read off a rank's own pieces.
+        self.moves_inputs = self.moves_outputs = False
+        for entry in self.entries:
+            full = Block((0, entry.layout.shape[0]), (0, entry.layout.shape[1]))
+            receivers = [r for r, b in enumerate(entry.layout.blocks)
+                         if b.numel or (entry.row_sum_itemsize and b.shape[0])]
+            for owner in set(entry.owners):
+                self.moves_inputs |= entry.layout.blocks[owner] != full
+                self.moves_outputs |= any(r != owner for r in receivers)
         self.inputs = [self._sized(p, row_sums=False) for p in inputs]
         self.outputs = [self._sized(p, row_sums=True) for p in outputs]
 
