@@ -26,7 +26,8 @@ WORLD = 4
 STEPS = 4
 EAGER_RTOL = 1e-5  # float64 Newton-Schulz: only the order of the sums over rows differs
 SHAPES = {"a": (7, 10), "b": (12, 5), "c": (6, 9), "d": (9, 6), "e": (5, 11), "f": (10, 7),
-          "g": (3, 12)}
+          "g": (3, 12), "i": (9, 5)}
+CONV = {"h": (5, 3, 2, 2)}  # flatten=True, on the layouts that shard its dim 0 only
 
 
 def _placements() -> dict[str, tuple[tuple[int, ...], tuple]]:
@@ -45,9 +46,12 @@ def _placements() -> dict[str, tuple[tuple[int, ...], tuple]]:
 
 def _groups(params: dict[str, torch.Tensor], ns_dtype: torch.dtype) -> list[dict]:
     p = params
+    conv = [{"params": [p["h"]], "ns_dtype": ns_dtype, "flatten": True}] if "h" in p else []
     return [
+        *conv,
         {"params": [p["a"], p["b"]], "ns_dtype": ns_dtype},
         {"params": [p["g"]], "ns_dtype": ns_dtype, "energy_source": "update"},
+        {"params": [p["i"]], "ns_dtype": ns_dtype, "orientation": "in_out"},  # (in, out) stored
         {"params": [p["c"]], "rule": "normuon", "ns_dtype": ns_dtype},
         {"params": [p["d"]], "rule": "muon", "ns_dtype": ns_dtype, "nesterov": True},
         {"params": [p["e"]], "rule": "namo", "ns_dtype": ns_dtype},
@@ -55,9 +59,9 @@ def _groups(params: dict[str, torch.Tensor], ns_dtype: torch.dtype) -> list[dict
     ]
 
 
-def _grads(step: int) -> dict[str, torch.Tensor]:
+def _grads(step: int, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(100 + step)
-    out = {k: torch.randn(*s, generator=gen) for k, s in SHAPES.items()}
+    out = {k: torch.randn(*s, generator=gen) for k, s in shapes.items()}
     if step >= 3:  # a burst on two columns: the gate engages
         for g in out.values():
             g[:, :2] *= 30.0
@@ -79,8 +83,11 @@ def distribute(full: torch.Tensor, mesh, placements):
 def _run_layout(name: str, mesh, placements, backend: str, events: list[str]) -> dict:
     from torch.distributed.tensor import DTensor
 
+    shapes = dict(SHAPES)
+    if all(getattr(pl, "dim", 0) == 0 for pl in placements):
+        shapes.update(CONV)
     gen = torch.Generator().manual_seed(0)
-    start = {k: torch.randn(*s, generator=gen) for k, s in SHAPES.items()}
+    start = {k: torch.randn(*s, generator=gen) for k, s in shapes.items()}
     ref = {k: nn.Parameter(v.clone()) for k, v in start.items()}
     mine = {k: nn.Parameter(distribute(v.clone(), mesh, placements)) for k, v in start.items()}
     ns_dtype = torch.float64 if backend == "eager" else torch.bfloat16
@@ -92,8 +99,8 @@ def _run_layout(name: str, mesh, placements, backend: str, events: list[str]) ->
     worst = 0.0
     calls = []
     for step in range(1, STEPS + 1):
-        grads = _grads(step)
-        for k in SHAPES:
+        grads = _grads(step, shapes)
+        for k in shapes:
             ref[k].grad = grads[k].clone()
             mine[k].grad = distribute(grads[k].clone(), mesh, placements)
         ref_opt.step()
@@ -102,7 +109,7 @@ def _run_layout(name: str, mesh, placements, backend: str, events: list[str]) ->
         calls.append(dict(opt.comm_stats.calls))
         if backend == "triton":
             assert all(b.backend == "triton" for b in opt._plan.buckets), name
-        for k in SHAPES:
+        for k in shapes:
             got, want = mine[k].full_tensor().detach(), ref[k].detach()
             if backend == "eager":
                 rel = float((got - want).norm() / want.norm())

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -230,27 +231,29 @@ def _group_ranks(group: Any) -> tuple[int, ...]:
     return tuple(dist.get_process_group_ranks(group))
 
 
-def param_layout(opt: MatrixOptimizer, p: DTensor, orientation: str) -> tuple[MatrixLayout, Any, int]:
+def param_layout(opt: MatrixOptimizer, p: DTensor, orientation: str, flatten: bool = False
+                 ) -> tuple[MatrixLayout, Any, int]:
     """(layout, exchange group, this rank's group rank) of a DTensor matrix: pure functions of
     its global shape and placements, the same on every rank."""
     group = exchange_group(opt, p)
     mesh_shape, mesh_ranks = _mesh_facts(p.device_mesh)
     layout = _cached_layout(tuple(p.shape), mesh_shape, tuple(p.placements), mesh_ranks,
-                            _group_ranks(group), orientation)
+                            _group_ranks(group), orientation, flatten)
     return layout, group, _rank(group)
 
 
 @functools.lru_cache(maxsize=1024)
 def _cached_layout(shape: tuple, mesh_shape: tuple, placements: tuple, mesh_ranks: tuple,
-                   group_ranks: tuple, orientation: str) -> MatrixLayout:
-    return matrix_layout(shape, mesh_shape, placements, mesh_ranks, group_ranks, orientation)
+                   group_ranks: tuple, orientation: str, flatten: bool) -> MatrixLayout:
+    return matrix_layout(shape, mesh_shape, placements, mesh_ranks, group_ranks, orientation, flatten)
 
 
 def describe_layout(opt: MatrixOptimizer, bucket: Bucket, p: Tensor) -> None:
     """Set the bucket's layout, exchange group and group rank: a DTensor's blocks, or the
     whole matrix on every rank of ``process_group`` (DDP work splitting); none otherwise."""
     if isinstance(p, DTensor):
-        bucket.layout, bucket.process_group, bucket.group_rank = param_layout(opt, p, bucket.orientation)
+        bucket.layout, bucket.process_group, bucket.group_rank = param_layout(
+            opt, p, bucket.orientation, bucket.flatten)
     elif opt.process_group is not None and _world(opt.process_group) > 1:
         bucket.layout = replicated_layout(bucket.shape, _world(opt.process_group))
         bucket.process_group, bucket.group_rank = opt.process_group, _rank(opt.process_group)
@@ -266,9 +269,9 @@ def check_layout(opt: MatrixOptimizer, gi: int, pi: int, p: Tensor, rule: Any) -
         return
     name = type(opt).__name__
     label = opt._label(gi, pi)
-    orientation = opt.param_groups[gi].get("orientation", "out_in") if gi < len(opt.param_groups) else "out_in"
+    group = opt.param_groups[gi] if gi < len(opt.param_groups) else {}
     try:
-        param_layout(opt, p, orientation)
+        param_layout(opt, p, group.get("orientation", "out_in"), bool(group.get("flatten", False)))
     except NotImplementedError as exc:
         raise NotImplementedError(
             f"{name}: {label} is a DTensor with placements {tuple(p.placements)} on a "
@@ -371,14 +374,15 @@ def agree(opt: MatrixOptimizer, work: list[tuple[int, int, Tensor, Tensor, str]]
     flags[:, _NO_GRAD] = 1
     finite_rows, finite_flags = [], []
     fallback = torch.device("cpu")
-    for _, _, p, grad, rule_name in work or ():
+    for gi, _, p, grad, rule_name in work or ():
         i = index[id(p)]
         flags[i, _HAS_GRAD], flags[i, _NO_GRAD] = 1, 0
         lg = local(grad)
         fallback = lg.device
         if isinstance(p, DTensor) and get_rule(rule_name).matrix:
+            flatten = bool(opt.param_groups[gi].get("flatten", False))
             if (not isinstance(grad, DTensor) or tuple(grad.placements) != tuple(p.placements)
-                    or not _holds_its_block(opt, p, lg)):
+                    or not _holds_its_block(opt, p, lg, flatten)):
                 flags[i, _BAD_LAYOUT] = 1
         if opt.check_finite:
             finite_rows.append(i)
@@ -422,14 +426,18 @@ def agree(opt: MatrixOptimizer, work: list[tuple[int, int, Tensor, Tensor, str]]
             "was changed")
 
 
-def _holds_its_block(opt: MatrixOptimizer, p: DTensor, local_grad: Tensor) -> bool:
+def _holds_its_block(opt: MatrixOptimizer, p: DTensor, local_grad: Tensor, flatten: bool) -> bool:
     """Whether this rank's shards of ``p`` and of its gradient have the block's shape."""
     try:
-        layout, _, me = param_layout(opt, p, "out_in")
+        layout, _, me = param_layout(opt, p, "out_in", flatten)
     except (ValueError, NotImplementedError):
         return False
     expected = layout.blocks[me].shape
-    return tuple(p.to_local().shape) == expected and tuple(local_grad.shape) == expected
+
+    def block(t: Tensor) -> tuple[int, ...]:
+        return (t.shape[0], math.prod(t.shape[1:])) if flatten and t.ndim > 2 else tuple(t.shape)
+
+    return block(p.to_local()) == expected and block(local_grad) == expected
 
 
 def agree_on_error(opt: MatrixOptimizer, error: Exception | None) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -171,21 +172,33 @@ def _check_tiling(shape: tuple[int, int], blocks: Sequence[Block], what: str) ->
 
 
 def matrix_layout(param_shape: Sequence[int], mesh_shape: Sequence[int], placements: Sequence[object],
-                  mesh_ranks: Sequence[int], group_ranks: Sequence[int], orientation: str = "out_in"
-                  ) -> MatrixLayout:
-    """The layout of a 2-D DTensor parameter of global ``param_shape`` over the exchange group.
-    ``mesh_ranks``: the global ranks of the mesh, row-major; ``group_ranks``: the global ranks
-    of the exchange group in group-rank order (the same set)."""
+                  mesh_ranks: Sequence[int], group_ranks: Sequence[int], orientation: str = "out_in",
+                  flatten: bool = False) -> MatrixLayout:
+    """The layout of a 2-D DTensor parameter of global ``param_shape`` over the exchange group
+    (or, with ``flatten``, of an (out, in, *kernel) one as the (out, in * prod(kernel))
+    matrix: its dims after the first must not be sharded). ``mesh_ranks``: the global ranks
+    of the mesh, row-major; ``group_ranks``: the global ranks of the exchange group in
+    group-rank order (the same set)."""
     if sorted(mesh_ranks) != sorted(group_ranks):
         raise ValueError(f"the mesh's ranks {sorted(mesh_ranks)} are not the exchange group's "
                          f"ranks {sorted(group_ranks)}")
-    per_coordinate = dtensor_ranges(param_shape, mesh_shape, placements)
+    shape = tuple(int(n) for n in param_shape)
+    per_coordinate = dtensor_ranges(shape, mesh_shape, placements)
+    if len(shape) > 2:
+        if not flatten:
+            raise NotImplementedError(f"a {len(shape)}-D parameter needs flatten=True")
+        if any(r != (0, n) for ranges in per_coordinate for r, n in zip(ranges[1:], shape[1:], strict=True)):
+            raise NotImplementedError(
+                f"placements {tuple(placements)} shard a dim after the first of a flattened "
+                f"{len(shape)}-D parameter; flatten=True takes shards of dim 0 only")
+        cols = (0, math.prod(shape[1:]))
+        per_coordinate = [(ranges[0], cols) for ranges in per_coordinate]
+        shape = (shape[0], cols[1])
     by_global = dict(zip(mesh_ranks, per_coordinate, strict=True))
     blocks = []
     for g in group_ranks:
         first, second = by_global[g]
         blocks.append(Block(second, first) if orientation == "in_out" else Block(first, second))
-    shape = tuple(int(n) for n in param_shape)
     shape = (shape[1], shape[0]) if orientation == "in_out" else (shape[0], shape[1])
     _check_tiling(shape, blocks, f"placements {tuple(placements)}")
     seen: set[Block] = set()

@@ -66,6 +66,15 @@ def kernels_available() -> bool:
     return True
 
 
+def _viewable(t: Tensor) -> bool:
+    """Whether ``t`` (more than 2D) can be viewed as (t.shape[0], -1) without a copy."""
+    try:
+        t.view(t.shape[0], -1)
+    except RuntimeError:
+        return False
+    return True
+
+
 def _interpreting() -> bool:
     import os
 
@@ -243,10 +252,7 @@ class MatrixOptimizer(Optimizer):
             self._check_lr(index, added)
             for pi, p in enumerate(added["params"]):
                 rule = get_rule(self.rule_of(added, p))
-                if rule.matrix and p.ndim != 2:
-                    raise ValueError(
-                        f"{name}: {self._label(index, pi)} has shape {tuple(p.shape)}, but "
-                        f"rule {rule.name!r} needs a 2D parameter")
+                self._check_matrix(index, pi, p, rule, added)
                 self._check_layout(index, pi, p, rule)
             self._warn_unused_keys(index, added, given)
         except Exception:
@@ -321,10 +327,32 @@ class MatrixOptimizer(Optimizer):
             )
 
     def rule_of(self, group: dict[str, Any], param: Tensor) -> str:
-        """The name of the rule that updates ``param`` in ``group``."""
+        """The name of the rule that updates ``param`` in ``group``: a group that names none
+        sends 2D params (and, with ``flatten=True``, params of more dims) to the matrix rule."""
         if group.get("rule") is not None:
             return group["rule"]
-        return self.matrix_rule if param.ndim == 2 else adamw_rule.ADAMW.name
+        matrix = param.ndim == 2 or (param.ndim > 2 and group.get("flatten") is True)
+        return self.matrix_rule if matrix else adamw_rule.ADAMW.name
+
+    def _check_matrix(self, gi: int, pi: int, p: Tensor, rule: Any, group: dict[str, Any]) -> None:
+        """A matrix rule's parameter is 2D, or (out, in, *kernel) with ``flatten=True`` and
+        viewable as (out, in * prod(kernel)) (not ``orientation="in_out"``)."""
+        if not rule.matrix or p.ndim == 2:
+            return
+        name, label = type(self).__name__, self._label(gi, pi)
+        if p.ndim < 2 or not group.get("flatten"):
+            raise ValueError(
+                f"{name}: {label} has shape {tuple(p.shape)}, but rule {rule.name!r} needs a 2D "
+                "parameter (or flatten=True in its group, for an (out, in, *kernel) weight)")
+        if group.get("orientation", "out_in") == "in_out":
+            raise ValueError(f"{name}: {label}: flatten=True takes (out, in, *kernel) weights; "
+                             "it cannot be combined with orientation='in_out'")
+        lp = planning.local(p)
+        if not _viewable(lp):
+            raise ValueError(
+                f"{name}: {label} has strides {lp.stride()}, which cannot be viewed as an "
+                f"({p.shape[0]}, {math.prod(p.shape[1:])}) matrix; flatten=True needs the dims "
+                "after the first to be contiguous (not channels_last)")
 
     def fallback_adamw(self, group: dict[str, Any]) -> dict[str, Any]:
         """The AdamW hyperparameters of the non-matrix params of a group that names no rule:
@@ -430,10 +458,8 @@ class MatrixOptimizer(Optimizer):
                                  f"{rule_name!r}, which is not registered")
             rule = get_rule(rule_name)
             group = {**rule.defaults, **{k: v for k, v in saved_group.items() if k in rule.keys}}
-            orientation = group.get("orientation", "out_in")
-            expected = planning.state_shapes(rule, group, tuple(param.shape), orientation)
-            entries = {e.name: e for e in planning.state_entries_for(
-                rule, group, tuple(param.shape), orientation)}
+            expected = planning.state_shapes(rule, group, tuple(param.shape))
+            entries = {e.name: e for e in planning.state_entries_for(rule, group, tuple(param.shape))}
             for key, value in saved.items():
                 if key not in expected:
                     if key in _ALL_STATE_KEYS:  # state of another rule or setting: not read
@@ -509,9 +535,7 @@ class MatrixOptimizer(Optimizer):
                         f"is a {_describe(grad)}; a gradient must match its parameter's shape, "
                         "dtype, device and type (as torch requires when .grad is assigned)")
                 rule = get_rule(self.rule_of(group, p))
-                if rule.matrix and p.ndim != 2:
-                    raise ValueError(f"{name}: {self._label(gi, pi)} has shape {tuple(p.shape)}, "
-                                     f"but rule {rule.name!r} needs a 2D parameter")
+                self._check_matrix(gi, pi, p, rule, group)
                 self._check_layout(gi, pi, p, rule)
                 work.append((gi, pi, p, grad, rule.name))
         return work
@@ -548,8 +572,9 @@ class MatrixOptimizer(Optimizer):
             return "eager", "triton or trasmuon_kernels cannot be imported"
         if not (lp.is_cuda or (lp.device.type == "cpu" and _interpreting())):
             return "eager", f"it is on {lp.device} (the kernels need CUDA, or TRITON_INTERPRET=1 on the CPU)"
-        view = oriented(lp, group.get("orientation", "out_in")) if rule.matrix else lp
-        grad_view = oriented(lg, group.get("orientation", "out_in")) if rule.matrix else lg
+        orientation, flatten = group.get("orientation", "out_in"), group.get("flatten", False)
+        view = planning.matrix_view(lp, orientation, flatten) if rule.matrix else lp
+        grad_view = planning.matrix_view(lg, orientation, flatten) if rule.matrix else lg
         reason = rule.unsupported_by_triton(group, view, grad_view)
         if reason is None and lg.stride() != lp.stride():
             reason = "its gradient has other strides than the parameter"
@@ -570,13 +595,13 @@ class MatrixOptimizer(Optimizer):
                 fallbacks.append((gi, pi, reason))
             lp, lg = planning.local(p), planning.local(grad)
             if rule.matrix:
-                orientation = group["orientation"]
-                shape = tuple(oriented(p, orientation).shape)
+                orientation, flatten = group["orientation"], group["flatten"]
+                shape = planning.matrix_shape(tuple(p.shape), orientation, flatten)
                 strides = (lp.stride(), lg.stride()) if backend == "triton" else None
                 placement = (p.device_mesh, tuple(p.placements)) if isinstance(p, DTensor) else None
                 bkey = (gi, rule_name, shape, p.dtype, grad.dtype, lp.device, backend, placement, strides)
             else:
-                orientation, shape = "out_in", ()
+                orientation, flatten, shape = "out_in", False, ()
                 bkey = (gi, rule_name, p.dtype, grad.dtype, lp.device, backend)
             bucket = buckets.get(bkey)
             if bucket is None:
@@ -587,7 +612,7 @@ class MatrixOptimizer(Optimizer):
                 bucket = buckets[bkey] = Bucket(
                     rule=rule, backend=backend, group_index=gi, group=group, params=[], labels=[],
                     states=[], device=lp.device, param_dtype=p.dtype, grad_dtype=grad.dtype,
-                    hyper=hyper, orientation=orientation, shape=shape)
+                    hyper=hyper, orientation=orientation, flatten=flatten, shape=shape)
                 if rule.matrix:
                     dist_support.describe_layout(self, bucket, p)
             bucket.params.append(p)

@@ -9,8 +9,12 @@ move. Three kinds of parameters do not fit that picture and go to AdamW instead:
   updates with the frequent ones (Muon, Moonlight and NorMuon all keep them on AdamW);
 - the output head (``lm_head``, a classifier): its outputs are logits, where per-coordinate
   (Adam) scaling has been found to train better than a spectral step;
-- every parameter that is not 2D: biases, norm gains, scalars (no matrix to orthogonalize),
-  and conv kernels (which the matrix rules would need flattened first).
+- every parameter that is not 2D, but convolution weights: biases, norm gains, scalars (no
+  matrix to orthogonalize).
+
+Convolutions. The weight of an ``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d``, (out, in,
+*kernel), goes to a matrix group with ``flatten=True``: the rules see the (out, in *
+prod(kernel)) matrix.
 
 Orientation. The matrix rules read a weight as (out_features, in_features), nn.Linear's
 layout: rows are output features (the row normalization acts on them) and columns input
@@ -33,6 +37,17 @@ from .optimizer import MATRIX_RULES
 # Module names (last component of the qualified name) taken as output heads by default.
 HEAD_NAMES = ("lm_head", "head", "classifier", "output_head")
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _flattens(p: Any) -> bool:
+    """Whether a weight can be viewed as (out, -1) without a copy (not channels_last)."""
+    local = p.to_local() if hasattr(p, "to_local") else p
+    try:
+        local.view(local.shape[0], -1)
+    except RuntimeError:
+        return False
+    return True
 
 
 def stores_in_out(module: nn.Module) -> bool:
@@ -66,8 +81,10 @@ def split_params(
 
     Returns a list of param groups whose params are ``(name, parameter)`` pairs, so the
     optimizer's errors and diagnostics name them: the (out, in) matrices, the (in, out)
-    matrices of ``transformers`` Conv1D modules (``orientation="in_out"``), and the AdamW
-    params. Empty groups are left out.
+    matrices of ``transformers`` Conv1D modules (``orientation="in_out"``), the weights of
+    ``nn.Conv1d/2d/3d`` as (out, in * prod(kernel)) matrices (``flatten=True``; a weight
+    whose memory format cannot be viewed so, e.g. channels_last, goes to AdamW), and the
+    AdamW params. Empty groups are left out.
     """
     if matrix_rule is not None and matrix_rule not in MATRIX_RULES:
         raise ValueError(f"matrix_rule must be None or one of {MATRIX_RULES}, got {matrix_rule!r}")
@@ -92,12 +109,15 @@ def split_params(
             to_adamw.add(id(module.weight))
 
     in_out = {id(m.weight) for m in model.modules() if stores_in_out(m)}
-    matrix, matrix_in_out, other = [], [], []
+    conv = {id(m.weight) for m in model.modules() if isinstance(m, _CONVOLUTIONS)}
+    matrix, matrix_in_out, matrix_flat, other = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if p.ndim == 2 and id(p) not in to_adamw:
             (matrix_in_out if id(p) in in_out else matrix).append((name, p))
+        elif p.ndim > 2 and id(p) in conv and id(p) not in to_adamw and _flattens(p):
+            matrix_flat.append((name, p))
         else:
             other.append((name, p))
 
@@ -106,6 +126,9 @@ def split_params(
         groups.append({"params": matrix, "rule": matrix_rule, **(matrix_options or {})})
     if matrix_in_out:
         groups.append({"params": matrix_in_out, "rule": matrix_rule, "orientation": "in_out",
+                       **(matrix_options or {})})
+    if matrix_flat:
+        groups.append({"params": matrix_flat, "rule": matrix_rule, "flatten": True,
                        **(matrix_options or {})})
     if other:
         groups.append({"params": other, "rule": "adamw", **(adamw_options or {})})

@@ -21,6 +21,7 @@ AdamW buckets and the matrix pipeline (see :mod:`trasmuon.rules`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,21 @@ def oriented(tensor: Tensor, orientation: str) -> Tensor:
     return tensor.mT if orientation == "in_out" else tensor
 
 
+def matrix_view(tensor: Tensor, orientation: str, flatten: bool = False) -> Tensor:
+    """The (out, in) matrix of a parameter (or of its gradient or momentum): ``oriented``, or
+    for ``flatten`` an (out, in, *kernel) tensor viewed as (out, in * prod(kernel))."""
+    if flatten and tensor.ndim != 2:
+        return tensor.view(tensor.shape[0], -1)
+    return oriented(tensor, orientation)
+
+
+def matrix_shape(param_shape: tuple[int, ...], orientation: str, flatten: bool = False) -> tuple[int, int]:
+    """The (d_out, d_in) of the matrix of a parameter stored as ``param_shape``."""
+    if flatten and len(param_shape) != 2:
+        return (param_shape[0], math.prod(param_shape[1:]))
+    return tuple(param_shape[::-1]) if orientation == "in_out" else tuple(param_shape)
+
+
 def local(tensor: Tensor) -> Tensor:
     """This rank's part of a DTensor (the tensor itself otherwise)."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
@@ -61,23 +77,28 @@ def local(tensor: Tensor) -> Tensor:
 
 class RuleState(MutableMapping):
     """A parameter's state as a rule sees it: DTensor entries as their local shard, per-element
-    entries of an (in, out) matrix through their ``.mT`` view. In-place updates land in the
-    stored tensors; a new entry is stored as given (rules create only replicated entries)."""
+    entries (``matrix_keys``) through the matrix view of the parameter (``.mT`` of an (in, out)
+    matrix, the 2D view of a flattened weight). In-place updates land in the stored tensors;
+    a new entry is stored as given (rules create only replicated entries)."""
 
-    def __init__(self, state: MutableMapping[str, Any], transposed: frozenset[str] = frozenset()) -> None:
+    def __init__(self, state: MutableMapping[str, Any], matrix_keys: frozenset[str] = frozenset(),
+                 orientation: str = "out_in", flatten: bool = False) -> None:
         self._state = state
-        self._transposed = transposed
+        self._matrix_keys = matrix_keys
+        self._view = (orientation, flatten)
 
     def __getitem__(self, key: str) -> Any:
         value = local(self._state[key])
-        return value.mT if key in self._transposed else value
+        return matrix_view(value, *self._view) if key in self._matrix_keys else value
 
     def __setitem__(self, key: str, value: Any) -> None:
         old = self._state.get(key)
-        if isinstance(old, DTensor):
-            local(old).copy_(value.mT if key in self._transposed else value)
+        if key in self._matrix_keys and old is not None:
+            matrix_view(local(old), *self._view).copy_(value)
+        elif isinstance(old, DTensor):
+            local(old).copy_(value)
         else:
-            self._state[key] = value.mT if key in self._transposed else value
+            self._state[key] = value
 
     def __delitem__(self, key: str) -> None:
         del self._state[key]
@@ -106,6 +127,7 @@ class Bucket:
     grad_dtype: torch.dtype
     hyper: Callable[[], Mapping[str, Any]]  # the hyperparameters the rule reads, this step
     orientation: str = "out_in"
+    flatten: bool = False  # (out, in, *kernel) parameters as (out, in * prod(kernel))
     shape: tuple[int, ...] = ()  # matrices: the global (d_out, d_in) of the (out, in) matrix
     # Matrices whose Newton–Schulz involves other ranks: their layout over the exchange
     # group (trasmuon.layout) and this rank's place in it; None: this rank alone.
@@ -157,16 +179,16 @@ class Bucket:
 
     def views(self) -> list[Tensor]:
         """This rank's (out, in) view of every parameter."""
-        return [oriented(local(p), self.orientation) for p in self.params]
+        return [matrix_view(local(p), self.orientation, self.flatten) for p in self.params]
 
     def grads(self) -> list[Tensor]:
-        if self.orientation == "out_in" and not isinstance(self.params[0], DTensor):
+        if self.orientation == "out_in" and not self.flatten and not isinstance(self.params[0], DTensor):
             return [p.grad for p in self.params]  # the common case, at every step
-        return [oriented(local(p.grad), self.orientation) for p in self.params]
+        return [matrix_view(local(p.grad), self.orientation, self.flatten) for p in self.params]
 
     def rule_states(self) -> list[RuleState]:
-        transposed = frozenset(("momentum",)) if self.orientation == "in_out" else frozenset()
-        return [RuleState(s, transposed) for s in self.states]
+        keys = frozenset(("momentum",)) if self.orientation == "in_out" or self.flatten else frozenset()
+        return [RuleState(s, keys, self.orientation, self.flatten) for s in self.states]
 
     def steps(self) -> list[int]:
         """Each parameter's step t (eager backend: host counters)."""
@@ -186,26 +208,27 @@ def _extent_shape(entry: StateEntry, bucket: Bucket, param: Tensor) -> tuple[int
     return ()
 
 
-def _oriented_shape(rule: Rule, param_shape: tuple[int, ...], orientation: str) -> tuple[int, ...]:
+def _oriented_shape(rule: Rule, param_shape: tuple[int, ...], group: Mapping[str, Any]) -> tuple[int, ...]:
     """The (out, in) shape a matrix rule sees for a parameter stored as ``param_shape``."""
-    if rule.matrix and len(param_shape) == 2 and orientation == "in_out":
-        return param_shape[::-1]
-    return param_shape
+    if not rule.matrix or len(param_shape) < 2:
+        return param_shape
+    return matrix_shape(param_shape, group.get("orientation", "out_in"), group.get("flatten", False))
 
 
-def state_entries_for(rule: Rule, group: Mapping[str, Any], param_shape: tuple[int, ...],
-                      orientation: str) -> tuple[StateEntry, ...]:
-    """The state entries ``rule`` keeps for a parameter stored as ``param_shape``."""
-    return tuple(rule.state_entries(group, _oriented_shape(rule, param_shape, orientation)))
+def state_entries_for(rule: Rule, group: Mapping[str, Any], param_shape: tuple[int, ...]
+                      ) -> tuple[StateEntry, ...]:
+    """The state entries ``rule`` keeps for a parameter stored as ``param_shape`` in
+    ``group`` (its orientation and flatten keys)."""
+    return tuple(rule.state_entries(group, _oriented_shape(rule, param_shape, group)))
 
 
-def state_shapes(rule: Rule, group: Mapping[str, Any], param_shape: tuple[int, ...],
-                 orientation: str) -> dict[str, tuple[int, ...]]:
+def state_shapes(rule: Rule, group: Mapping[str, Any], param_shape: tuple[int, ...]
+                 ) -> dict[str, tuple[int, ...]]:
     """The shape of every state tensor ``rule`` keeps for a parameter stored as
-    ``param_shape`` (``step`` included)."""
-    shape = _oriented_shape(rule, param_shape, orientation)
+    ``param_shape`` in ``group`` (``step`` included)."""
+    shape = _oriented_shape(rule, param_shape, group)
     shapes: dict[str, tuple[int, ...]] = {"step": ()}
-    for entry in state_entries_for(rule, group, param_shape, orientation):
+    for entry in state_entries_for(rule, group, param_shape):
         if entry.extent == "param":
             shapes[entry.name] = tuple(param_shape)
         elif entry.extent == "rows":
@@ -523,6 +546,8 @@ __all__ = [
     "fingerprint",
     "init_state",
     "local",
+    "matrix_shape",
+    "matrix_view",
     "oriented",
     "split_counts",
     "state_entries_for",

@@ -62,6 +62,9 @@ SCALE_MAX = 1000.0
 SCALE = Hyperparameter("scale", 0.2, in_range(0.0, SCALE_MAX, lo_open=True),
                        f"a finite float in (0, {SCALE_MAX:g}]")
 ORIENTATION = Hyperparameter("orientation", "out_in", one_of(ORIENTATIONS), f"one of {ORIENTATIONS}")
+# A weight of more than two dims, (out, in, *kernel) as convolutions store theirs, is the
+# (out, in * prod(kernel)) matrix (Dion's convention for conv weights).
+FLATTEN = Hyperparameter("flatten", False, is_bool, "a bool")
 
 
 # --------------------------------------------------------------------------------------
