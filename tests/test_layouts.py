@@ -179,9 +179,10 @@ def _fully_shard():
 
 def _checkpoints_across_layouts(mesh, tmp: str) -> dict:
     """DCP checkpoints that move between layouts: HSDP 2x2 saved after step 2, loaded by
-    FSDP2 on 4 ranks, which saves after step 3, loaded by one process for step 4; and FSDP2
-    over TP (2x2) saved after step 2 and loaded by one process. Every continued run matches
-    the uninterrupted one within 1e-6 relative (float64 Newton-Schulz)."""
+    FSDP2 on 4 ranks, which saves after step 3, loaded by one process for step 4; FSDP2 over
+    TP (2x2) and TP over 2 ranks saved after step 2 and loaded by one process. Every
+    continued run matches the uninterrupted one within 1e-6 relative (float64
+    Newton-Schulz)."""
     import os
 
     import torch.distributed.checkpoint as dcp
@@ -214,6 +215,8 @@ def _checkpoints_across_layouts(mesh, tmp: str) -> dict:
         elif layout == "fsdp2":
             fully_shard(model.up, mesh=flat)
             fully_shard(model, mesh=flat)
+        elif layout == "tp":  # TP over 2 ranks; the two dp rows are replicas of each other
+            parallelize_module(model, named["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
         elif layout == "fsdp+tp":
             parallelize_module(model, named["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
             fully_shard(model.up, mesh=named["dp"])
@@ -245,7 +248,7 @@ def _checkpoints_across_layouts(mesh, tmp: str) -> dict:
         return max(float((a - b).norm() / b.norm()) for a, b in zip(got, want, strict=True))
 
     out = {}
-    for first in ("hsdp", "fsdp+tp"):
+    for first in ("hsdp", "fsdp+tp", "tp"):
         model, opt = build(first, 0)
         train(model, opt, range(1, 5))
         uninterrupted = weights(model)
