@@ -27,7 +27,9 @@ STEPS = 4
 EAGER_RTOL = 1e-5  # float64 Newton-Schulz: only the order of the sums over rows differs
 SHAPES = {"a": (7, 10), "b": (12, 5), "c": (6, 9), "d": (9, 6), "e": (5, 11), "f": (10, 7),
           "g": (3, 12), "i": (9, 5)}
-CONV = {"h": (5, 3, 2, 2)}  # flatten=True, on the layouts that shard its dim 0 only
+# flatten=True (a conv weight) and stacked=True (5 experts), on the layouts that shard dim 0
+# only: the experts are then split between ranks, each orthogonalized where it lies.
+DIM0 = {"h": (5, 3, 2, 2), "x": (5, 4, 6)}
 
 
 def _placements() -> dict[str, tuple[tuple[int, ...], tuple]]:
@@ -46,7 +48,8 @@ def _placements() -> dict[str, tuple[tuple[int, ...], tuple]]:
 
 def _groups(params: dict[str, torch.Tensor], ns_dtype: torch.dtype) -> list[dict]:
     p = params
-    conv = [{"params": [p["h"]], "ns_dtype": ns_dtype, "flatten": True}] if "h" in p else []
+    conv = [{"params": [p["h"]], "ns_dtype": ns_dtype, "flatten": True},
+            {"params": [p["x"]], "ns_dtype": ns_dtype, "stacked": True}] if "h" in p else []
     return [
         *conv,
         {"params": [p["a"], p["b"]], "ns_dtype": ns_dtype},
@@ -85,7 +88,7 @@ def _run_layout(name: str, mesh, placements, backend: str, events: list[str]) ->
 
     shapes = dict(SHAPES)
     if all(getattr(pl, "dim", 0) == 0 for pl in placements):
-        shapes.update(CONV)
+        shapes.update(DIM0)
     gen = torch.Generator().manual_seed(0)
     start = {k: torch.randn(*s, generator=gen) for k, s in shapes.items()}
     ref = {k: nn.Parameter(v.clone()) for k, v in start.items()}

@@ -265,11 +265,11 @@ def check_layout(opt: MatrixOptimizer, gi: int, pi: int, p: Tensor, rule: Any) -
     group. Raised when the parameter is added and again before a step changes anything (the
     answer depends only on the global layout, so it is the same on every rank). AdamW takes
     any layout."""
-    if not isinstance(p, DTensor) or not rule.matrix:
-        return
+    group = opt.param_groups[gi] if gi < len(opt.param_groups) else {}
+    if not isinstance(p, DTensor) or not rule.matrix or group.get("stacked"):
+        return  # (a stack's placements are the optimizer's _check_matrix's to judge)
     name = type(opt).__name__
     label = opt._label(gi, pi)
-    group = opt.param_groups[gi] if gi < len(opt.param_groups) else {}
     try:
         param_layout(opt, p, group.get("orientation", "out_in"), bool(group.get("flatten", False)))
     except NotImplementedError as exc:
@@ -381,8 +381,10 @@ def agree(opt: MatrixOptimizer, work: list[tuple[int, int, Tensor, Tensor, str]]
         fallback = lg.device
         if isinstance(p, DTensor) and get_rule(rule_name).matrix:
             flatten = bool(opt.param_groups[gi].get("flatten", False))
+            stacked = bool(opt.param_groups[gi].get("stacked", False))
             if (not isinstance(grad, DTensor) or tuple(grad.placements) != tuple(p.placements)
-                    or not _holds_its_block(opt, p, lg, flatten)):
+                    or tuple(lg.shape) != tuple(p.to_local().shape)
+                    or (not stacked and not _holds_its_block(opt, p, lg, flatten))):
                 flags[i, _BAD_LAYOUT] = 1
         if opt.check_finite:
             finite_rows.append(i)

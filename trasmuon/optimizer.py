@@ -66,6 +66,16 @@ def kernels_available() -> bool:
     return True
 
 
+def _first_expert(p: Tensor) -> int:
+    """The global index of the first expert of this rank's part of a stacked parameter."""
+    if not isinstance(p, DTensor):
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return int(offset[0])
+
+
 def _viewable(t: Tensor) -> bool:
     """Whether ``t`` (more than 2D) can be viewed as (t.shape[0], -1) without a copy."""
     try:
@@ -331,19 +341,32 @@ class MatrixOptimizer(Optimizer):
         sends 2D params (and, with ``flatten=True``, params of more dims) to the matrix rule."""
         if group.get("rule") is not None:
             return group["rule"]
-        matrix = param.ndim == 2 or (param.ndim > 2 and group.get("flatten") is True)
+        matrix = (param.ndim == 2 or (param.ndim > 2 and group.get("flatten") is True)
+                  or (param.ndim == 3 and group.get("stacked") is True))
         return self.matrix_rule if matrix else adamw_rule.ADAMW.name
 
     def _check_matrix(self, gi: int, pi: int, p: Tensor, rule: Any, group: dict[str, Any]) -> None:
         """A matrix rule's parameter is 2D, or (out, in, *kernel) with ``flatten=True`` and
         viewable as (out, in * prod(kernel)) (not ``orientation="in_out"``)."""
-        if not rule.matrix or p.ndim == 2:
+        if not rule.matrix or (p.ndim == 2 and not group.get("stacked")):
             return
         name, label = type(self).__name__, self._label(gi, pi)
+        if group.get("stacked"):
+            if p.ndim != 3 or group.get("flatten"):
+                raise ValueError(
+                    f"{name}: {label} has shape {tuple(p.shape)}; stacked=True takes (E, out, in) "
+                    "(or (E, in, out) with orientation='in_out') expert stacks, without flatten=True")
+            if isinstance(p, DTensor) and any(getattr(pl, "dim", 0) != 0 for pl in p.placements):
+                raise NotImplementedError(
+                    f"{name}: {label} is a stacked DTensor with placements {tuple(p.placements)}; "
+                    "stacked=True takes stacks sharded on the expert dim only (FSDP2's Shard(0), "
+                    "expert parallelism), not inside an expert's matrix")
+            return
         if p.ndim < 2 or not group.get("flatten"):
             raise ValueError(
                 f"{name}: {label} has shape {tuple(p.shape)}, but rule {rule.name!r} needs a 2D "
-                "parameter (or flatten=True in its group, for an (out, in, *kernel) weight)")
+                "parameter (or flatten=True in its group, for an (out, in, *kernel) weight, or "
+                "stacked=True, for an (E, out, in) expert stack)")
         if group.get("orientation", "out_in") == "in_out":
             raise ValueError(f"{name}: {label}: flatten=True takes (out, in, *kernel) weights; "
                              "it cannot be combined with orientation='in_out'")
@@ -594,12 +617,14 @@ class MatrixOptimizer(Optimizer):
             if reason:
                 fallbacks.append((gi, pi, reason))
             lp, lg = planning.local(p), planning.local(grad)
+            stacked = rule.matrix and group["stacked"]
             if rule.matrix:
                 orientation, flatten = group["orientation"], group["flatten"]
-                shape = planning.matrix_shape(tuple(p.shape), orientation, flatten)
+                shape = planning.matrix_shape(tuple(p.shape), orientation, flatten, stacked)
                 strides = (lp.stride(), lg.stride()) if backend == "triton" else None
                 placement = (p.device_mesh, tuple(p.placements)) if isinstance(p, DTensor) else None
-                bkey = (gi, rule_name, shape, p.dtype, grad.dtype, lp.device, backend, placement, strides)
+                bkey = (gi, rule_name, shape, p.dtype, grad.dtype, lp.device, backend, placement,
+                        strides, stacked)
             else:
                 orientation, flatten, shape = "out_in", False, ()
                 bkey = (gi, rule_name, p.dtype, grad.dtype, lp.device, backend)
@@ -612,9 +637,19 @@ class MatrixOptimizer(Optimizer):
                 bucket = buckets[bkey] = Bucket(
                     rule=rule, backend=backend, group_index=gi, group=group, params=[], labels=[],
                     states=[], device=lp.device, param_dtype=p.dtype, grad_dtype=grad.dtype,
-                    hyper=hyper, orientation=orientation, flatten=flatten, shape=shape)
-                if rule.matrix:
+                    hyper=hyper, orientation=orientation, flatten=flatten, shape=shape,
+                    experts=[] if stacked else None)
+                if rule.matrix and not stacked:  # (a stack is sharded over whole experts only)
                     dist_support.describe_layout(self, bucket, p)
+            if stacked:  # one member per expert this rank holds, all of a stack in a row
+                count, fresh = lp.shape[0], {}
+                first = _first_expert(p)
+                for e in range(count):
+                    bucket.params.append(p)
+                    bucket.experts.append(e)
+                    bucket.labels.append(f"{self._label(gi, pi)} expert {first + e}")
+                    bucket.states.append(planning.ExpertState(self.state[p], e, count, fresh))
+                continue
             bucket.params.append(p)
             bucket.labels.append(self._label(gi, pi))
             bucket.states.append(self.state[p])
@@ -737,21 +772,21 @@ class MatrixOptimizer(Optimizer):
         plan = self._plan
         if plan is None:
             return out
-        per_param: dict[int, dict[str, Tensor]] = {}
+        per_param: dict[int, list[tuple[str, dict[str, Tensor]]]] = {}
         for b in plan.matrices:
-            for p, values in zip(b.params, b.program.diagnostics(), strict=False):
-                per_param[id(p)] = values
+            for i, (p, values) in enumerate(zip(b.params, b.program.diagnostics(), strict=False)):
+                # A stack has one entry per expert: "name[e]" (e global under sharding).
+                suffix = "" if b.experts is None else f"[{_first_expert(p) + b.experts[i]}]"
+                per_param.setdefault(id(p), []).append((suffix, values))
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
-                values = per_param.get(id(p))
-                if values is None:
-                    continue
                 names = group.get("param_names")
                 label = names[pi] if names is not None else f"group{gi}.param{pi}"
-                keys = list(values)
-                floats = torch.stack([torch.as_tensor(values[k]).detach().double().cpu()
-                                      for k in keys]).tolist()
-                out[label] = dict(zip(keys, floats, strict=True))
+                for suffix, values in per_param.get(id(p), []):
+                    keys = list(values)
+                    floats = torch.stack([torch.as_tensor(values[k]).detach().double().cpu()
+                                          for k in keys]).tolist()
+                    out[label + suffix] = dict(zip(keys, floats, strict=True))
         return out
 
 

@@ -40,6 +40,13 @@ _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def _expert_orientation(name: str) -> str:
+    """How a torchtitan ``GroupedExperts`` stores its (E, ., .) weights: since torchtitan 0.3
+    (E, out, in), named with their dims (``w1_EFD``, ``w2_EDF``); before, ``w1``/``w2``/``w3``
+    as (E, in, out), multiplied as ``x @ w``."""
+    return "out_in" if name.endswith(("_EFD", "_EDF")) else "in_out"
+
+
 def _flattens(p: Any) -> bool:
     """Whether a weight can be viewed as (out, -1) without a copy (not channels_last)."""
     local = p.to_local() if hasattr(p, "to_local") else p
@@ -83,8 +90,9 @@ def split_params(
     optimizer's errors and diagnostics name them: the (out, in) matrices, the (in, out)
     matrices of ``transformers`` Conv1D modules (``orientation="in_out"``), the weights of
     ``nn.Conv1d/2d/3d`` as (out, in * prod(kernel)) matrices (``flatten=True``; a weight
-    whose memory format cannot be viewed so, e.g. channels_last, goes to AdamW), and the
-    AdamW params. Empty groups are left out.
+    whose memory format cannot be viewed so, e.g. channels_last, goes to AdamW), the 3-D
+    expert stacks of torchtitan's ``GroupedExperts`` (``stacked=True``, in the orientation
+    its version stores them), and the AdamW params. Empty groups are left out.
     """
     if matrix_rule is not None and matrix_rule not in MATRIX_RULES:
         raise ValueError(f"matrix_rule must be None or one of {MATRIX_RULES}, got {matrix_rule!r}")
@@ -110,7 +118,10 @@ def split_params(
 
     in_out = {id(m.weight) for m in model.modules() if stores_in_out(m)}
     conv = {id(m.weight) for m in model.modules() if isinstance(m, _CONVOLUTIONS)}
+    experts = {id(p): _expert_orientation(n) for m in model.modules() if type(m).__name__ == "GroupedExperts"
+               for n, p in m.named_parameters(recurse=False) if p.ndim == 3}
     matrix, matrix_in_out, matrix_flat, other = [], [], [], []
+    stacks: dict[str, list] = {"out_in": [], "in_out": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -118,6 +129,8 @@ def split_params(
             (matrix_in_out if id(p) in in_out else matrix).append((name, p))
         elif p.ndim > 2 and id(p) in conv and id(p) not in to_adamw and _flattens(p):
             matrix_flat.append((name, p))
+        elif id(p) in experts and id(p) not in to_adamw:
+            stacks[experts[id(p)]].append((name, p))
         else:
             other.append((name, p))
 
@@ -130,6 +143,10 @@ def split_params(
     if matrix_flat:
         groups.append({"params": matrix_flat, "rule": matrix_rule, "flatten": True,
                        **(matrix_options or {})})
+    for orientation, stack in stacks.items():
+        if stack:
+            groups.append({"params": stack, "rule": matrix_rule, "stacked": True,
+                           "orientation": orientation, **(matrix_options or {})})
     if other:
         groups.append({"params": other, "rule": "adamw", **(adamw_options or {})})
     return groups

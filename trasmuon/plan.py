@@ -63,11 +63,63 @@ def matrix_view(tensor: Tensor, orientation: str, flatten: bool = False) -> Tens
     return oriented(tensor, orientation)
 
 
-def matrix_shape(param_shape: tuple[int, ...], orientation: str, flatten: bool = False) -> tuple[int, int]:
-    """The (d_out, d_in) of the matrix of a parameter stored as ``param_shape``."""
+def matrix_shape(param_shape: tuple[int, ...], orientation: str, flatten: bool = False,
+                 stacked: bool = False) -> tuple[int, int]:
+    """The (d_out, d_in) of the matrix (of each expert's, ``stacked``) of a parameter stored
+    as ``param_shape``."""
+    if stacked and len(param_shape) == 3:
+        param_shape = param_shape[1:]
     if flatten and len(param_shape) != 2:
         return (param_shape[0], math.prod(param_shape[1:]))
     return tuple(param_shape[::-1]) if orientation == "in_out" else tuple(param_shape)
+
+
+class ExpertState(MutableMapping):
+    """Expert ``expert`` of a stacked parameter's state, as a rule sees one matrix's: every
+    entry but ``step`` is the expert's row of the parameter's (E, ...) tensor. An entry a rule
+    creates (``energy_ref`` at the first gated step) is created for all E experts at once and
+    stays missing, for the experts that have not written theirs yet, within that step."""
+
+    def __init__(self, state: MutableMapping[str, Any], expert: int, experts: int,
+                 fresh: dict[str, set[int]]) -> None:
+        self.base, self.expert, self.experts = state, expert, experts
+        self._fresh = fresh  # key -> experts whose row of a just-created entry is unwritten
+
+    def _missing(self, key: str) -> bool:
+        return key not in self.base or self.expert in self._fresh.get(key, ())
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "step":
+            return self.base["step"]
+        if self._missing(key):
+            raise KeyError(key)
+        return local(self.base[key])[self.expert]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key == "step":
+            self.base["step"] = value
+            return
+        if key not in self.base:
+            self.base[key] = torch.empty((self.experts, *value.shape), dtype=value.dtype,
+                                         device=value.device)
+            self._fresh[key] = set(range(self.experts))
+        local(self.base[key])[self.expert].copy_(value)
+        self._fresh.get(key, set()).discard(self.expert)
+
+    def bind(self, key: str, rows: Tensor) -> None:
+        """Make the parameter's entry ``rows`` (E rows of a program's stack, this expert's
+        first): called for expert 0."""
+        self.base[key] = rows
+        self._fresh.pop(key, None)
+
+    def __delitem__(self, key: str) -> None:
+        del self.base[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k in self.base if not self._missing(k) or k == "step")
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def local(tensor: Tensor) -> Tensor:
@@ -128,6 +180,7 @@ class Bucket:
     hyper: Callable[[], Mapping[str, Any]]  # the hyperparameters the rule reads, this step
     orientation: str = "out_in"
     flatten: bool = False  # (out, in, *kernel) parameters as (out, in * prod(kernel))
+    experts: list[int] | None = None  # stacked: each member's expert (params repeat per expert)
     shape: tuple[int, ...] = ()  # matrices: the global (d_out, d_in) of the (out, in) matrix
     # Matrices whose Newton–Schulz involves other ranks: their layout over the exchange
     # group (trasmuon.layout) and this rank's place in it; None: this rank alone.
@@ -177,14 +230,21 @@ class Bucket:
         c0, c1 = self.block.cols
         return slice(c0, c1)
 
+    def _member(self, i: int, t: Tensor) -> Tensor:
+        t = local(t)
+        if self.experts is not None:
+            t = t[self.experts[i]]
+        return matrix_view(t, self.orientation, self.flatten)
+
     def views(self) -> list[Tensor]:
-        """This rank's (out, in) view of every parameter."""
-        return [matrix_view(local(p), self.orientation, self.flatten) for p in self.params]
+        """This rank's (out, in) view of every parameter (of every expert, when stacked)."""
+        return [self._member(i, p) for i, p in enumerate(self.params)]
 
     def grads(self) -> list[Tensor]:
-        if self.orientation == "out_in" and not self.flatten and not isinstance(self.params[0], DTensor):
+        if (self.orientation == "out_in" and not self.flatten and self.experts is None
+                and not isinstance(self.params[0], DTensor)):
             return [p.grad for p in self.params]  # the common case, at every step
-        return [matrix_view(local(p.grad), self.orientation, self.flatten) for p in self.params]
+        return [self._member(i, p.grad) for i, p in enumerate(self.params)]
 
     def rule_states(self) -> list[RuleState]:
         keys = frozenset(("momentum",)) if self.orientation == "in_out" or self.flatten else frozenset()
@@ -212,7 +272,8 @@ def _oriented_shape(rule: Rule, param_shape: tuple[int, ...], group: Mapping[str
     """The (out, in) shape a matrix rule sees for a parameter stored as ``param_shape``."""
     if not rule.matrix or len(param_shape) < 2:
         return param_shape
-    return matrix_shape(param_shape, group.get("orientation", "out_in"), group.get("flatten", False))
+    return matrix_shape(param_shape, group.get("orientation", "out_in"), group.get("flatten", False),
+                        group.get("stacked", False))
 
 
 def state_entries_for(rule: Rule, group: Mapping[str, Any], param_shape: tuple[int, ...]
@@ -227,16 +288,18 @@ def state_shapes(rule: Rule, group: Mapping[str, Any], param_shape: tuple[int, .
     """The shape of every state tensor ``rule`` keeps for a parameter stored as
     ``param_shape`` in ``group`` (``step`` included)."""
     shape = _oriented_shape(rule, param_shape, group)
+    # A stacked parameter keeps every per-matrix entry per expert: a leading dim of E.
+    experts = (param_shape[0],) if rule.matrix and group.get("stacked") and len(param_shape) == 3 else ()
     shapes: dict[str, tuple[int, ...]] = {"step": ()}
     for entry in state_entries_for(rule, group, param_shape):
         if entry.extent == "param":
             shapes[entry.name] = tuple(param_shape)
         elif entry.extent == "rows":
-            shapes[entry.name] = (shape[0],)
+            shapes[entry.name] = (*experts, shape[0])
         elif entry.extent == "cols":
-            shapes[entry.name] = (shape[1],)
+            shapes[entry.name] = (*experts, shape[1])
         else:
-            shapes[entry.name] = ()
+            shapes[entry.name] = experts
     return shapes
 
 
@@ -266,6 +329,10 @@ def init_state(bucket: Bucket) -> None:
     for p, state in zip(bucket.params, bucket.states, strict=True):
         if "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        if isinstance(state, ExpertState):
+            if state.expert == 0:  # the first expert's member creates the whole stack's
+                _init_stacked(bucket, p, state.base, entries, sdt)
+            continue
         for entry in entries:
             if entry.lazy or entry.name in state:
                 continue
@@ -283,6 +350,29 @@ def init_state(bucket: Bucket) -> None:
                 value = torch.full(_extent_shape(entry, bucket, p), entry.fill, dtype=sdt,
                                    device=bucket.device)
             state[entry.name] = value
+
+
+def _init_stacked(bucket: Bucket, p: Tensor, state: MutableMapping[str, Any],
+                  entries: tuple[StateEntry, ...], sdt: torch.dtype) -> None:
+    """The missing state of a stacked (E, ...) parameter: per-element entries like it, every
+    other entry with a leading dim of E (a DTensor sharded over experts as the parameter is)."""
+    experts = p.shape[0]
+    for entry in entries:
+        if entry.lazy or entry.name in state:
+            continue
+        if entry.extent == "param":
+            state[entry.name] = torch.full_like(p, entry.fill, dtype=sdt,
+                                                memory_format=torch.preserve_format)
+            continue
+        tail = _extent_shape(entry, bucket, p)
+        if isinstance(p, DTensor):
+            rows = local(p).shape[0]
+            state[entry.name] = DTensor.from_local(
+                torch.full((rows, *tail), entry.fill, dtype=sdt, device=bucket.device),
+                p.device_mesh, p.placements, run_check=False, shape=(experts, *tail),
+                stride=torch.empty(experts, *tail, device="meta").stride())
+        else:
+            state[entry.name] = torch.full((experts, *tail), entry.fill, dtype=sdt, device=bucket.device)
 
 
 # --------------------------------------------------------------------------------------
@@ -387,7 +477,8 @@ class StepPlan:
         check_capture(self)
         for b in self.buckets:
             if b.backend == "eager":
-                for s in b.states:
+                # One counter per parameter: a stack's experts share theirs.
+                for s in {id(s): s for s in (getattr(s, "base", s) for s in b.states)}.values():
                     s["step"] += 1
         self.devices.begin()
         for b in self.buckets:
@@ -539,6 +630,7 @@ __all__ = [
     "BACKENDS",
     "ORIENTATIONS",
     "Bucket",
+    "ExpertState",
     "RuleState",
     "StepPlan",
     "ceil_div",

@@ -65,6 +65,9 @@ ORIENTATION = Hyperparameter("orientation", "out_in", one_of(ORIENTATIONS), f"on
 # A weight of more than two dims, (out, in, *kernel) as convolutions store theirs, is the
 # (out, in * prod(kernel)) matrix (Dion's convention for conv weights).
 FLATTEN = Hyperparameter("flatten", False, is_bool, "a bool")
+# An (E, out, in) weight (or (E, in, out) with orientation="in_out") is E independent matrices,
+# as MoE layers stack their experts; every per-matrix quantity is kept per expert.
+STACKED = Hyperparameter("stacked", False, is_bool, "a bool")
 
 
 # --------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .. import reference as ref
 from ..layout import Block, block_view, row_sums_view
+from ..plan import ExpertState
 from . import Program
 from ._matrix import PointerTable
 
@@ -55,6 +56,12 @@ def stack_state(bucket: Bucket, key: str, shape: tuple[int, ...], fill: float) -
     stack = torch.full((bucket.count, *shape), fill, dtype=torch.float32, device=bucket.device)
     for i, state in enumerate(bucket.states):
         old = state.get(key)
+        if isinstance(state, ExpertState):  # a stack's experts are consecutive members
+            if old is not None:
+                stack[i].copy_(old)
+            if state.expert == state.experts - 1:
+                bind_rows(state, key, stack[i + 1 - state.experts:i + 1])
+            continue
         if isinstance(old, DTensor):
             stack[i].copy_(old.to_local())
             state[key] = DTensor.from_local(stack[i], old.device_mesh, old.placements,
@@ -64,6 +71,16 @@ def stack_state(bucket: Bucket, key: str, shape: tuple[int, ...], fill: float) -
                 stack[i].copy_(old)
             state[key] = stack[i]
     return stack
+
+
+def bind_rows(state: ExpertState, key: str, rows: Tensor) -> None:
+    """A stacked parameter's entry ``key`` becomes ``rows`` (a DTensor over them when the
+    stack is sharded over experts)."""
+    old = state.base.get(key)
+    if isinstance(old, DTensor):
+        rows = DTensor.from_local(rows, old.device_mesh, old.placements, run_check=False,
+                                  shape=old.shape, stride=old.stride())
+    state.bind(key, rows)
 
 
 class TritonMatrixProgram(Program):
@@ -301,7 +318,11 @@ class TritonTrasMuon(TritonMatrixProgram):
         for i, s in enumerate(b.states):
             if "energy_ref" in s:
                 energy_ref[i].copy_(s["energy_ref"])
-                s["energy_ref"] = energy_ref[i]
+                if isinstance(s, ExpertState):
+                    if s.expert == s.experts - 1:
+                        bind_rows(s, "energy_ref", energy_ref[i + 1 - s.experts:i + 1])
+                else:
+                    s["energy_ref"] = energy_ref[i]
         state["energy_ref"] = energy_ref
         self._energy_ref = energy_ref
         self._first = torch.tensor([1 if i in self._pending_ref else 0 for i in range(b.count)],
@@ -319,7 +340,13 @@ class TritonTrasMuon(TritonMatrixProgram):
     def end(self) -> None:
         if self._pending_ref:
             for i in self._pending_ref:
-                self.bucket.states[i]["energy_ref"] = self._energy_ref[i]
+                s = self.bucket.states[i]
+                if isinstance(s, ExpertState):  # (a stack's experts start their gate together)
+                    if s.expert == s.experts - 1:
+                        s.base.pop("energy_ref", None)
+                        bind_rows(s, "energy_ref", self._energy_ref[i + 1 - s.experts:i + 1])
+                else:
+                    s["energy_ref"] = self._energy_ref[i]
             self._pending_ref = []
 
     def diagnostics(self) -> list[dict[str, Any]]:

@@ -32,7 +32,7 @@ class MuonRule(MatrixRule):
     hyperparameters = (
         M.lr(1e-3), M.weight_decay(0.1), MOMENTUM, M.nesterov(True),
         M.ns_coefficients(ref.MUON_NS_COEFFICIENTS), M.eps(1e-7), M.NS_STEPS, ADJUST_LR_FN,
-        M.NS_DTYPE, M.ORIENTATION, M.FLATTEN,
+        M.NS_DTYPE, M.ORIENTATION, M.FLATTEN, M.STACKED,
     )
     state_names = frozenset({"momentum"})
 

@@ -30,7 +30,7 @@ WEIGHT_DECAY_MODE = Hyperparameter("weight_decay_mode", "adaptive", one_of(ref.W
 HYPERPARAMETERS = (
     M.lr(1e-2), M.betas((0.95, 0.99)), M.eps(1e-8), M.weight_decay(0.1), M.nesterov(True),
     M.ns_coefficients(ref.MUON_NS_COEFFICIENTS), M.NS_STEPS, M.NS_DTYPE, M.SCALE,
-    WEIGHT_DECAY_MODE, M.ORIENTATION, M.FLATTEN,
+    WEIGHT_DECAY_MODE, M.ORIENTATION, M.FLATTEN, M.STACKED,
 )
 
 

@@ -55,7 +55,7 @@ GATE_KWARGS = ("warmup_steps", "clip_period", "clip_alpha", "clip_min", "clip_tr
 NORMUON_HYPERPARAMETERS = (
     M.lr(1e-3), M.betas((0.95, 0.95)), M.eps(1e-8), M.weight_decay(0.0), M.nesterov(False),
     M.ns_coefficients(ref.TRASMUON_NS_COEFFICIENTS), M.NS_STEPS, M.NS_DTYPE, M.SCALE,
-    M.ORIENTATION, M.FLATTEN,
+    M.ORIENTATION, M.FLATTEN, M.STACKED,
 )
 
 
