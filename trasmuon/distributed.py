@@ -177,12 +177,6 @@ def _rank(group: Any) -> int:
     return dist.get_rank(group)
 
 
-def _global_rank(group: Any, group_rank: int) -> int:
-    if group is dist.group.WORLD:
-        return group_rank
-    return dist.get_global_rank(group, group_rank)
-
-
 def _comm_device(group: Any, fallback: torch.device) -> torch.device:
     backend = str(dist.get_backend(group))
     if "nccl" in backend and torch.cuda.is_available():
