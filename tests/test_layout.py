@@ -17,6 +17,7 @@ from trasmuon.layout import (
     matrix_layout,
     replicated_layout,
     row_sums_view,
+    stack_layouts,
 )
 from trasmuon.plan import split_counts
 
@@ -56,6 +57,7 @@ def test_refused_layouts():
     ("fsdp+tp", (2, 2), (_StridedShard(0, split_factor=2), Shard(0))),
     ("tp rowwise under fsdp", (2, 2), (Shard(0), Shard(1))),
     ("replicated", None, None),
+    ("stacks sharded inside their experts", (2, 2), (Shard(1), Shard(0))),
 ])
 @pytest.mark.parametrize("row_sums", [0, 4])
 def test_exchange_pieces(name, mesh, placements, row_sums):
@@ -65,27 +67,34 @@ def test_exchange_pieces(name, mesh, placements, row_sums):
     loads = [0.0] * world
     entries = []
     for shape, count in zip(shapes, counts, strict=True):
-        layout = (replicated_layout(shape, world) if mesh is None else
-                  matrix_layout(shape, mesh, placements, range(world), range(world)))
+        stack = None
+        if name.startswith("stacks"):  # `count` experts, each its own layout
+            stack = stack_layouts((count, *shape), mesh, placements, range(world), range(world))
+            layout = stack.matrices[0]
+        elif mesh is None:
+            layout = replicated_layout(shape, world)
+        else:
+            layout = matrix_layout(shape, mesh, placements, range(world), range(world))
         ranges = split_counts(count, world, loads, 1.0)
         owners = tuple(r for r, (a, b) in enumerate(ranges) for _ in range(a, b))
-        entries.append(ExchangeEntry(layout, owners, 2, row_sums))
+        entries.append(ExchangeEntry(layout, owners, 2, row_sums, stack.matrices if stack else ()))
     plan = ExchangePlan(entries, world)
     for e, entry in enumerate(entries):
-        d_out, d_in = entry.layout.shape
         for i, owner in enumerate(entry.owners):
+            layout = entry.layout_of(i)
+            d_out, d_in = layout.shape
             # The owner gets every element of the matrix exactly once.
             covered = torch.zeros(d_out, d_in, dtype=torch.int64)
             for p in plan.inputs:
                 if (p.entry, p.index) == (e, i):
-                    assert p.dst == owner and entry.layout.blocks[p.src] == p.block
+                    assert p.dst == owner and layout.blocks[p.src] == p.block
                     covered[p.block.rows[0]:p.block.rows[1], p.block.cols[0]:p.block.cols[1]] += 1
             assert bool((covered == 1).all())
             # Every rank with a block gets it back from the owner.
             back = {p.dst: p.block for p in plan.outputs if (p.entry, p.index) == (e, i)}
             assert all(p_src == owner for p_src in
                        {p.src for p in plan.outputs if (p.entry, p.index) == (e, i)})
-            for r, block in enumerate(entry.layout.blocks):
+            for r, block in enumerate(layout.blocks):
                 assert (back.get(r) == block) == bool(block.numel or (row_sums and block.shape[0]))
     for pieces in (plan.inputs, plan.outputs):
         sent, received = plan.totals(pieces)
@@ -106,6 +115,26 @@ def test_exchange_pieces(name, mesh, placements, row_sums):
             assert part == [p for p in whole if r in (p.src, p.dst)]
         assert own.moves_inputs == any(p.src != p.dst for p in plan.inputs)
         assert own.moves_outputs == any(p.src != p.dst for p in plan.outputs)
+
+
+def test_stack_layouts():
+    # FSDP2's Shard(0) and HSDP: whole experts, each where it lies (no exchange).
+    assert stack_layouts((5, 4, 6), (2,), (Shard(0),), range(2), range(2)).whole_experts
+    assert stack_layouts((5, 4, 6), (2, 2), (Replicate(), Shard(0)), range(4), range(4)).whole_experts
+    # torchtitan's EP with FSDP2 when dp * ep > E: dim 1 over dp, experts over ep.
+    stack = stack_layouts((5, 4, 6), (2, 2), (Shard(1), Shard(0)), range(4), range(4))
+    assert not stack.whole_experts
+    assert stack.experts == ((0, 3), (3, 5), (0, 3), (3, 5))
+    expert4 = stack.matrices[4]
+    empty = Block((0, 0), (0, 0))
+    assert expert4.blocks == (empty, Block((0, 2), (0, 6)), empty, Block((2, 4), (0, 6)))
+    assert expert4.primary == (False, True, False, True)
+    # (E, in, out) stored: the sharded dim 1 is the matrix's columns.
+    stack = stack_layouts((5, 6, 4), (2, 2), (Shard(1), Shard(0)), range(4), range(4), "in_out")
+    assert stack.matrices[0].shape == (4, 6)
+    assert stack.matrices[0].blocks[0] == Block((0, 4), (0, 3))
+    with pytest.raises(NotImplementedError, match="Partial"):
+        stack_layouts((4, 4, 4), (2,), (Partial(),), range(2), range(2))
 
 
 def test_block_and_row_sums_views_share_a_piece_without_overlap():

@@ -27,9 +27,11 @@ STEPS = 4
 EAGER_RTOL = 1e-5  # float64 Newton-Schulz: only the order of the sums over rows differs
 SHAPES = {"a": (7, 10), "b": (12, 5), "c": (6, 9), "d": (9, 6), "e": (5, 11), "f": (10, 7),
           "g": (3, 12), "i": (9, 5)}
-# flatten=True (a conv weight) and stacked=True (5 experts), on the layouts that shard dim 0
-# only: the experts are then split between ranks, each orthogonalized where it lies.
-DIM0 = {"h": (5, 3, 2, 2), "x": (5, 4, 6)}
+# stacked=True (5 experts, (E, out, in) and (E, in, out)) on every layout: sharded over
+# experts only, each rank orthogonalizes its own; sharded inside them, they go through the
+# exchange. flatten=True (a conv weight) on the layouts that shard dim 0 only.
+STACKS = {"x": (5, 4, 6), "y": (5, 6, 4)}
+DIM0 = {"h": (5, 3, 2, 2)}
 
 
 def _placements() -> dict[str, tuple[tuple[int, ...], tuple]]:
@@ -41,6 +43,9 @@ def _placements() -> dict[str, tuple[tuple[int, ...], tuple]]:
         "fsdp+tp colwise": ((2, 2), (_StridedShard(0, split_factor=2), Shard(0))),
         "fsdp+tp rowwise": ((2, 2), (Shard(0), Shard(1))),
         "dp+tp rowwise": ((2, 2), (Replicate(), Shard(1))),
+        # torchtitan's EP under FSDP2 when dp * ep exceeds the experts: a stack's dim 1 over
+        # dp, its experts over ep (a 2-D matrix: columns over dp, rows over ep).
+        "ep+fsdp inside experts": ((2, 2), (Shard(1), Shard(0))),
         "tp rowwise": ((4,), (Shard(1),)),
         "replicated": ((4,), (Replicate(),)),
     }
@@ -48,10 +53,13 @@ def _placements() -> dict[str, tuple[tuple[int, ...], tuple]]:
 
 def _groups(params: dict[str, torch.Tensor], ns_dtype: torch.dtype) -> list[dict]:
     p = params
-    conv = [{"params": [p["h"]], "ns_dtype": ns_dtype, "flatten": True},
-            {"params": [p["x"]], "ns_dtype": ns_dtype, "stacked": True}] if "h" in p else []
+    conv = [{"params": [p["h"]], "ns_dtype": ns_dtype, "flatten": True}] if "h" in p else []
+    stacks = [{"params": [p["x"]], "ns_dtype": ns_dtype, "stacked": True},
+              {"params": [p["y"]], "rule": "normuon", "ns_dtype": ns_dtype, "stacked": True,
+               "orientation": "in_out"}]
     return [
         *conv,
+        *stacks,
         {"params": [p["a"], p["b"]], "ns_dtype": ns_dtype},
         {"params": [p["g"]], "ns_dtype": ns_dtype, "energy_source": "update"},
         {"params": [p["i"]], "ns_dtype": ns_dtype, "orientation": "in_out"},  # (in, out) stored
@@ -86,7 +94,7 @@ def distribute(full: torch.Tensor, mesh, placements):
 def _run_layout(name: str, mesh, placements, backend: str, events: list[str]) -> dict:
     from torch.distributed.tensor import DTensor
 
-    shapes = dict(SHAPES)
+    shapes = dict(SHAPES, **STACKS)
     if all(getattr(pl, "dim", 0) == 0 for pl in placements):
         shapes.update(DIM0)
     gen = torch.Generator().manual_seed(0)
@@ -153,13 +161,25 @@ def _layouts_worker(rank: int, world: int, tmp: str) -> None:
     report = {}
     for name, (shape, placements) in _placements().items():
         mesh = meshes.get(shape) or meshes.setdefault(shape, init_device_mesh("cpu", shape))
-        backends = ("eager", "triton") if name in ("fsdp+tp colwise", "tp rowwise") else ("eager",)
+        backends = ("eager", "triton") if name in ("fsdp+tp colwise", "ep+fsdp inside experts") else ("eager",)
         for backend in backends:
             report[f"{name} {backend}"] = _run_layout(name, mesh, placements, backend, events)
     dist.all_to_all_single, matrix.eager_newton_schulz = all_to_all, eager_ns
+    report["refused stack"] = _refused_stack(meshes[(4,)])
     report["torch apis"] = _torch_apis(meshes[(2, 2)])
     report["checkpoints"] = _checkpoints_across_layouts(meshes[(2, 2)], tmp)
     write_report(tmp, report)
+
+
+def _refused_stack(mesh) -> str:
+    """A stack whose experts' rows interleave between ranks (a _StridedShard alone) is not
+    a grid of blocks: refused when the optimizer is built, naming the parameter."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    w = nn.Parameter(distribute(torch.randn(5, 8, 6), mesh, (_StridedShard(1, split_factor=2),)))
+    with pytest.raises(NotImplementedError, match="non-contiguous") as info:
+        TrasMuon([{"params": [w], "stacked": True}], lr=0.02)
+    return str(info.value)
 
 
 class MLP(nn.Module):
@@ -338,7 +358,7 @@ def test_every_layout_equals_one_process(tmp_path):
     run_workers(_layouts_worker, WORLD, tmp_path, timeout=600)
     report = read_report(tmp_path)
     for name, values in report.items():
-        if name in ("torch apis", "checkpoints"):
+        if name in ("torch apis", "checkpoints", "refused stack"):
             continue
         steady = values["calls"][-1]
         # A steady step: the agreement, the two all-to-alls and the all-reduce of the sums
@@ -355,6 +375,7 @@ def test_every_layout_equals_one_process(tmp_path):
             assert events[0] == "all_to_all" and events[-1] == "all_to_all", (name, events)
             assert "ns" in events[1:-1], (name, events)
         print(f"\n{name}: worst relative difference {values['worst']:.2e}; steady step {steady}")
+    assert "parameter 0 of param group 0" in report["refused stack"], report["refused stack"]
     apis = report["torch apis"]
     assert "_StridedShard" in apis["fsdp+tp"]["placements"]["up.weight"]
     assert "Shard(dim=1)" in apis["fsdp+tp"]["placements"]["down.weight"]

@@ -159,11 +159,30 @@ def test_split_params_follows_muon_practice():
     groups = split_params(model)
     names = [[n for n, _ in g["params"]] for g in groups]
     assert names[0] == ["fc1.weight", "fc2.weight"]
-    assert groups[0]["rule"] is None and groups[1]["rule"] == "adamw"
-    assert set(names[1]) == {"emb.weight", "fc1.bias", "norm.weight", "norm.bias",
-                             "lm_head.weight", "lm_head.bias"}
-    opt = TrasMuon(groups, lr=0.01)
+    assert groups[0]["rule"] is None and groups[1]["rule"] == groups[2]["rule"] == "adamw"
+    # Embeddings and heads keep the optimizer's weight decay; 1-D params get none.
+    assert names[1] == ["emb.weight", "lm_head.weight"] and "weight_decay" not in groups[1]
+    assert names[2] == ["fc1.bias", "norm.weight", "norm.bias", "lm_head.bias"]
+    assert groups[2]["weight_decay"] == 0.0
+    opt = TrasMuon(groups, lr=0.01, weight_decay=0.1)
     assert opt.param_groups[0]["param_names"] == ["fc1.weight", "fc2.weight"]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.1, 0.0]
+    # Overridable: embeddings without decay, the no-decay group's own keys.
+    groups = split_params(model, decay_embeddings=False, adamw_options={"weight_decay": 0.05},
+                          no_decay_options={"lr": 0.001})
+    assert [n for n, _ in groups[1]["params"]] == ["lm_head.weight"] and groups[1]["weight_decay"] == 0.05
+    assert groups[2]["params"][0][0] == "emb.weight"
+    assert groups[2]["weight_decay"] == 0.0 and groups[2]["lr"] == 0.001
+    # The head's own group, its lr a function of its d_in (Dion: lr / sqrt(d_in)).
+    groups = split_params(model, head_lr=lambda d_in: 0.02 / d_in ** 0.5)
+    assert [n for n, _ in groups[1]["params"]] == ["lm_head.weight"]
+    assert groups[1]["lr"] == pytest.approx(0.02 / 3.0) and groups[1]["rule"] == "adamw"
+    assert [n for n, _ in groups[2]["params"]] == ["emb.weight"]
+    assert split_params(model, head_lr=0.003)[1]["lr"] == 0.003
+    with pytest.raises(ValueError, match="head_lr"):
+        split_params(model, head_lr=-1.0)
+    with pytest.raises(ValueError, match="decay_embeddings"):
+        split_params(model, decay_embeddings=0)
     # Explicit heads, no head, a tied head, and the matrix rule option.
     assert [n for n, _ in split_params(model, head="fc2")[0]["params"]] == ["fc1.weight",
                                                                              "lm_head.weight"]
@@ -172,9 +191,25 @@ def test_split_params_follows_muon_practice():
     tied.out = nn.Linear(12, 17, bias=False)
     tied.out.weight = tied.emb.weight
     assert "emb.weight" not in [n for n, _ in split_params(tied)[0]["params"]]
+    # A tied head is an embedding table: it stays in the embeddings' group.
+    assert [n for g in split_params(tied, head=("lm_head", "out"), head_lr=0.003) if g.get("lr") == 0.003
+            for n, _ in g["params"]] == ["lm_head.weight"]
     assert split_params(model, matrix_rule="muon")[0]["rule"] == "muon"
     with pytest.raises(ValueError, match="matrix_rule"):
         split_params(model, matrix_rule="adamw")
+
+
+def test_unnamed_params_join_named_groups_and_the_reverse():
+    """torch refuses groups with and without names side by side; here the side without
+    names is named by place, and a checkpoint round trip keeps them."""
+    model, extra = TinyNet(), nn.Linear(5, 5)
+    opt = TrasMuon(split_params(model), lr=0.01)
+    opt.add_param_group({"params": [extra.weight, extra.bias]})
+    assert opt.param_groups[-1]["param_names"] == ["param_groups[3][0]", "param_groups[3][1]"]
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    opt = TrasMuon([extra.weight], lr=0.01)
+    opt.add_param_group({"params": [("fc1.weight", model.fc1.weight)]})
+    assert [g["param_names"] for g in opt.param_groups] == [["param_groups[0][0]"], ["fc1.weight"]]
 
 
 # ------------------------------------------------------------------------------------------

@@ -72,8 +72,9 @@ def test_hf_gpt2_conv1d_weights_get_the_in_out_orientation(transformers):
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(cfg)
     groups = split_params(model)
-    assert [g.get("orientation", "out_in") for g in groups] == ["in_out", "out_in"]
-    assert groups[1]["rule"] == "adamw"
+    assert [g.get("orientation", "out_in") for g in groups] == ["in_out", "out_in", "out_in"]
+    assert groups[1]["rule"] == groups[2]["rule"] == "adamw"
+    assert groups[2]["weight_decay"] == 0.0  # biases and norm gains
     names = [n for n, _ in groups[0]["params"]]
     assert len(names) == 8 and all(n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
                                    for n in names)
@@ -100,7 +101,7 @@ def test_nn_linear_models_keep_the_out_in_orientation(transformers):
                                    max_position_embeddings=16, bos_token_id=0, eos_token_id=0)
     model = transformers.LlamaForCausalLM(cfg)
     groups = split_params(model)
-    assert [g.get("orientation", "out_in") for g in groups] == ["out_in", "out_in"]
+    assert [g.get("orientation", "out_in") for g in groups] == ["out_in", "out_in", "out_in"]
     mlp = model.model.layers[0].mlp.down_proj.weight  # (out 32, in 64)
     assert any(p is mlp for _, p in groups[0]["params"])
     opt = TrasMuon(groups, lr=0.01, backend="eager")

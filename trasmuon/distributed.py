@@ -34,7 +34,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .layout import ExchangeEntry, ExchangePlan, MatrixLayout, matrix_layout, replicated_layout
+from .layout import (
+    ExchangeEntry,
+    ExchangePlan,
+    MatrixLayout,
+    StackLayout,
+    matrix_layout,
+    replicated_layout,
+    stack_layouts,
+)
 from .plan import Bucket, StepPlan, ceil_div, local, split_counts
 from .rules import REGISTRY, get_rule
 
@@ -242,10 +250,42 @@ def _cached_layout(shape: tuple, mesh_shape: tuple, placements: tuple, mesh_rank
     return matrix_layout(shape, mesh_shape, placements, mesh_ranks, group_ranks, orientation, flatten)
 
 
+def stack_layout(opt: MatrixOptimizer, p: DTensor, orientation: str) -> tuple[StackLayout, Any, int]:
+    """(layouts of every expert, exchange group, this rank's group rank) of a 3-D DTensor
+    expert stack: the same on every rank."""
+    group = exchange_group(opt, p)
+    mesh_shape, mesh_ranks = _mesh_facts(p.device_mesh)
+    layouts = _cached_stack_layouts(tuple(p.shape), mesh_shape, tuple(p.placements), mesh_ranks,
+                                    _group_ranks(group), orientation)
+    return layouts, group, _rank(group)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_stack_layouts(shape: tuple, mesh_shape: tuple, placements: tuple, mesh_ranks: tuple,
+                          group_ranks: tuple, orientation: str) -> StackLayout:
+    return stack_layouts(shape, mesh_shape, placements, mesh_ranks, group_ranks, orientation)
+
+
+def stack_sharded_inside(opt: MatrixOptimizer, p: Tensor, orientation: str) -> bool:
+    """Whether an expert stack is a DTensor sharded inside its experts' matrices (each
+    expert's Newton–Schulz then needs the exchange)."""
+    return isinstance(p, DTensor) and not stack_layout(opt, p, orientation)[0].whole_experts
+
+
 def describe_layout(opt: MatrixOptimizer, bucket: Bucket, p: Tensor) -> None:
     """Set the bucket's layout, exchange group and group rank: a DTensor's blocks, or the
     whole matrix on every rank of ``process_group`` (DDP work splitting); none otherwise."""
-    if isinstance(p, DTensor):
+    if isinstance(p, DTensor) and bucket.experts is not None:
+        # An expert stack: the exchange only when it is sharded inside its experts. Matrix
+        # e of the exchange is expert e; this rank's members are its experts, in order.
+        stack, group, rank = stack_layout(opt, p, bucket.orientation)
+        if stack.whole_experts:
+            return
+        first = stack.experts[rank][0]
+        bucket.layout = stack.matrices[min(first, len(stack.matrices) - 1)]
+        bucket.stack_layouts, bucket.first_matrix = stack.matrices, first
+        bucket.process_group, bucket.group_rank = group, rank
+    elif isinstance(p, DTensor):
         bucket.layout, bucket.process_group, bucket.group_rank = param_layout(
             opt, p, bucket.orientation, bucket.flatten)
     elif opt.process_group is not None and _world(opt.process_group) > 1:
@@ -260,12 +300,16 @@ def check_layout(opt: MatrixOptimizer, gi: int, pi: int, p: Tensor, rule: Any) -
     answer depends only on the global layout, so it is the same on every rank). AdamW takes
     any layout."""
     group = opt.param_groups[gi] if gi < len(opt.param_groups) else {}
-    if not isinstance(p, DTensor) or not rule.matrix or group.get("stacked"):
-        return  # (a stack's placements are the optimizer's _check_matrix's to judge)
+    if not isinstance(p, DTensor) or not rule.matrix:
+        return
     name = type(opt).__name__
     label = opt._label(gi, pi)
+    orientation = group.get("orientation", "out_in")
     try:
-        param_layout(opt, p, group.get("orientation", "out_in"), bool(group.get("flatten", False)))
+        if group.get("stacked") and p.ndim == 3:
+            stack_layout(opt, p, orientation)
+        else:
+            param_layout(opt, p, orientation, bool(group.get("flatten", False)))
     except NotImplementedError as exc:
         raise NotImplementedError(
             f"{name}: {label} is a DTensor with placements {tuple(p.placements)} on a "
@@ -528,12 +572,14 @@ class StepExchange:
         self.world, self.me = _world(group), _rank(group)
         entries, self.owned = [], []
         for b in buckets:
-            ranges = split_counts(b.count, self.world, loads, ns_flops(b.shape, b.group["ns_steps"]))
+            ranges = split_counts(b.exchange_count, self.world, loads,
+                                  ns_flops(b.shape, b.group["ns_steps"]))
             owners = tuple(r for r, (s0, s1) in enumerate(ranges) for _ in range(s0, s1))
             start, stop = ranges[self.me]
             self.owned.append((start, stop))
             entries.append(ExchangeEntry(b.layout, owners, b.program.exchange_dtype.itemsize,
-                                         b.program.row_sums_dtype.itemsize if b.rule.needs_row_sumsq else 0))
+                                         b.program.row_sums_dtype.itemsize if b.rule.needs_row_sumsq else 0,
+                                         b.stack_layouts))
             b.exchange = self
         self.plan = ExchangePlan(entries, self.world, rank=self.me)
         device = _comm_device(group, buckets[0].device)
@@ -559,9 +605,13 @@ class StepExchange:
         self.moves_inputs, self.moves_outputs = self.plan.moves_inputs, self.plan.moves_outputs
         self._work: Any = None
 
-    # The owner's matrix k of bucket e is the bucket's matrix start + k.
+    # The owner's matrix k of bucket e is the entry's matrix start + k; a rank's member m of
+    # a bucket is the entry's matrix first_matrix + m.
     def _owner_index(self, e: int, i: int) -> int:
         return i - self.owned[e][0]
+
+    def _member(self, e: int, i: int) -> int:
+        return i - self.buckets[e].first_matrix
 
     def _all_to_all(self, out: Tensor, inp: Tensor, out_sizes: list[int], in_sizes: list[int],
                     op: str, moves: bool) -> Any:
@@ -575,7 +625,7 @@ class StepExchange:
         send = self.buffers["send_x"]
         for piece, offset in self.send_x:
             b = self.buckets[piece.entry]
-            b.program.pack_input(piece.index, send[offset:offset + piece.nbytes])
+            b.program.pack_input(self._member(piece.entry, piece.index), send[offset:offset + piece.nbytes])
         self._work = self._all_to_all(self.buffers["recv_x"], send, self.recv_x_sizes,
                                       self.send_x_sizes, "all_to_all(X)", self.moves_inputs)
 
@@ -584,7 +634,7 @@ class StepExchange:
         blocks for their holders and post the all-to-all back."""
         for piece in self.local_x:  # blocks the owner holds itself
             data = self.scratch[:piece.nbytes]
-            self.buckets[piece.entry].program.pack_input(piece.index, data)
+            self.buckets[piece.entry].program.pack_input(self._member(piece.entry, piece.index), data)
             self.owners[piece.entry].unpack_input(self._owner_index(piece.entry, piece.index),
                                                   piece.block, data)
         if self._work is not None:
@@ -604,7 +654,7 @@ class StepExchange:
             data = self.scratch[:piece.nbytes]
             self.owners[piece.entry].pack_output(self._owner_index(piece.entry, piece.index),
                                                  piece.block, data)
-            self.buckets[piece.entry].program.unpack_output(piece.index, data)
+            self.buckets[piece.entry].program.unpack_output(self._member(piece.entry, piece.index), data)
         self._work = self._all_to_all(self.buffers["recv_o"], send, self.recv_o_sizes,
                                       self.send_o_sizes, "all_to_all(O)", self.moves_outputs)
 
@@ -615,7 +665,8 @@ class StepExchange:
         self._work = None
         recv = self.buffers["recv_o"]
         for piece, offset in self.recv_o:
-            self.buckets[piece.entry].program.unpack_output(piece.index, recv[offset:offset + piece.nbytes])
+            self.buckets[piece.entry].program.unpack_output(self._member(piece.entry, piece.index),
+                                                            recv[offset:offset + piece.nbytes])
         for b in self.buckets:
             b.program.outputs_received()
 

@@ -32,11 +32,13 @@ __all__ = [
     "ExchangePlan",
     "MatrixLayout",
     "Piece",
+    "StackLayout",
     "block_view",
     "dtensor_ranges",
     "matrix_layout",
     "replicated_layout",
     "row_sums_view",
+    "stack_layouts",
 ]
 
 Range = tuple[int, int]
@@ -209,6 +211,57 @@ def matrix_layout(param_shape: Sequence[int], mesh_shape: Sequence[int], placeme
     return MatrixLayout(shape, tuple(blocks), tuple(primary))
 
 
+@dataclass(frozen=True)
+class StackLayout:
+    """The layouts of the E matrices of an (E, out, in) expert stack over the exchange group:
+    ``experts[r]``, the range of experts group rank r holds; ``matrices[e]``, expert e's
+    layout (the blocks of its holders; an empty block on every other rank)."""
+
+    experts: tuple[Range, ...]
+    matrices: tuple[MatrixLayout, ...]
+
+    @property
+    def whole_experts(self) -> bool:
+        """Every rank holds each of its experts whole (sharded over experts only): no
+        exchange, each rank orthogonalizes its own."""
+        return all(b.numel in (0, layout.shape[0] * layout.shape[1])
+                   for layout in self.matrices for b in layout.blocks)
+
+
+def stack_layouts(param_shape: Sequence[int], mesh_shape: Sequence[int], placements: Sequence[object],
+                  mesh_ranks: Sequence[int], group_ranks: Sequence[int], orientation: str = "out_in"
+                  ) -> StackLayout:
+    """The layout of each expert of a 3-D DTensor stack of global ``param_shape`` (E, out, in)
+    (or (E, in, out) with ``orientation="in_out"``). Sharded on the expert dim only, each rank
+    holds whole experts; sharded inside the matrices too (torchtitan's EP with FSDP2 when
+    dp * ep exceeds E: ``(Shard(1), Shard(0))``), an expert's matrix spans the ranks of its
+    expert shard, in blocks that must tile it as a grid."""
+    if sorted(mesh_ranks) != sorted(group_ranks):
+        raise ValueError(f"the mesh's ranks {sorted(mesh_ranks)} are not the exchange group's "
+                         f"ranks {sorted(group_ranks)}")
+    shape = tuple(int(n) for n in param_shape)
+    by_global = dict(zip(mesh_ranks, dtensor_ranges(shape, mesh_shape, placements), strict=True))
+    per_rank = [by_global[g] for g in group_ranks]
+    d_out, d_in = (shape[2], shape[1]) if orientation == "in_out" else (shape[1], shape[2])
+    empty = Block((0, 0), (0, 0))
+    matrices = []
+    for e in range(shape[0]):
+        blocks = []
+        for experts, first, second in per_rank:
+            if not experts[0] <= e < experts[1]:
+                blocks.append(empty)
+            else:
+                blocks.append(Block(second, first) if orientation == "in_out" else Block(first, second))
+        _check_tiling((d_out, d_in), blocks, f"placements {tuple(placements)} (expert {e})")
+        seen: set[Block] = set()
+        primary = []
+        for b in blocks:
+            primary.append(b.numel > 0 and b not in seen)
+            seen.add(b)
+        matrices.append(MatrixLayout((d_out, d_in), tuple(blocks), tuple(primary)))
+    return StackLayout(tuple(experts for experts, _, _ in per_rank), tuple(matrices))
+
+
 def replicated_layout(shape: Sequence[int], world: int) -> MatrixLayout:
     """Every rank holds the whole (d_out, d_in) matrix (DDP)."""
     full = Block((0, int(shape[0])), (0, int(shape[1])))
@@ -246,6 +299,12 @@ class ExchangeEntry:
     owners: tuple[int, ...]
     itemsize: int
     row_sum_itemsize: int = 0
+    # An expert stack sharded inside its experts: each matrix's own layout (``layout`` is then
+    # unused); empty: every matrix has ``layout``.
+    per_matrix: tuple[MatrixLayout, ...] = ()
+
+    def layout_of(self, i: int) -> MatrixLayout:
+        return self.per_matrix[i] if self.per_matrix else self.layout
 
 
 class ExchangePlan:
@@ -259,17 +318,21 @@ class ExchangePlan:
         self.entries = list(entries)
         self.world = world
         inputs, outputs = [], []
+        distinct_of: dict[int, list[tuple[Block, list[int]]]] = {}  # id(layout) -> its blocks
         for e, entry in enumerate(self.entries):
-            layout = entry.layout
-            distinct = layout.distinct()
-            holders_of = dict(distinct)
-            mine = None if rank is None else layout.blocks[rank]
             for i, owner in enumerate(entry.owners):
+                layout = entry.layout_of(i)
+                distinct = distinct_of.get(id(layout))
+                if distinct is None:
+                    distinct = distinct_of[id(layout)] = layout.distinct()
+                mine = None if rank is None else layout.blocks[rank]
                 if rank is None or owner == rank:
                     for block, holders in distinct:
                         inputs.append(Piece(e, i, block, layout.source(block, holders, owner), owner))
-                elif mine.numel and layout.source(mine, holders_of[mine], owner) == rank:
-                    inputs.append(Piece(e, i, mine, rank, owner))
+                elif mine.numel:
+                    holders = next(h for block, h in distinct if block == mine)
+                    if layout.source(mine, holders, owner) == rank:
+                        inputs.append(Piece(e, i, mine, rank, owner))
                 targets = range(world) if rank is None or owner == rank else (rank,)
                 for r in targets:
                     block = layout.blocks[r]
@@ -282,12 +345,14 @@ class ExchangePlan:
         # hang them), so it is not read off a rank's own pieces.
         self.moves_inputs = self.moves_outputs = False
         for entry in self.entries:
-            full = Block((0, entry.layout.shape[0]), (0, entry.layout.shape[1]))
-            receivers = [r for r, b in enumerate(entry.layout.blocks)
-                         if b.numel or (entry.row_sum_itemsize and b.shape[0])]
-            for owner in set(entry.owners):
-                self.moves_inputs |= entry.layout.blocks[owner] != full
-                self.moves_outputs |= any(r != owner for r in receivers)
+            pairs = {(owner, id(entry.layout_of(i))): (owner, entry.layout_of(i))
+                     for i, owner in enumerate(entry.owners)}
+            for owner, layout in pairs.values():
+                full = Block((0, layout.shape[0]), (0, layout.shape[1]))
+                self.moves_inputs |= layout.blocks[owner] != full
+                self.moves_outputs |= any(
+                    r != owner for r, b in enumerate(layout.blocks)
+                    if b.numel or (entry.row_sum_itemsize and b.shape[0]))
         self.inputs = [self._sized(p, row_sums=False) for p in inputs]
         self.outputs = [self._sized(p, row_sums=True) for p in outputs]
 

@@ -46,6 +46,9 @@ __all__ = ["BACKENDS", "MATRIX_RULES", "ORIENTATIONS", "RULES", "AdamW", "Matrix
 _STRUCTURE_KEYS = frozenset({"params", "param_names", "rule"})
 _SCHEDULER_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "base_lr", "base_momentum",
                              "max_momentum", "swa_lr"})
+# torch.optim's implementation switches, which frameworks (torchtitan) put into every group:
+# accepted and kept without a warning; the backend option decides how a step runs here.
+_FRAMEWORK_KEYS = frozenset({"fused", "foreach"})
 _KNOWN_KEYS = frozenset().union(*(r.keys for r in REGISTRY.values()))
 
 # Options given to the constructor (attribute name -> default): load_state_dict, deepcopy
@@ -246,6 +249,7 @@ class MatrixOptimizer(Optimizer):
                             "of tensors; a set's order changes between runs")
         elif params is not None:
             group["params"] = list(params)
+        self._match_names(index, group)
         self._refuse_duplicates(index, group)
         group.setdefault("rule", None)
         for key in keys:
@@ -284,6 +288,21 @@ class MatrixOptimizer(Optimizer):
                 if not hp.check(group[hp.name]):
                     raise ValueError(f"{where}: {hp.name} must be {hp.expected}, got {group[hp.name]!r}")
 
+    def _match_names(self, index: int, group: dict[str, Any]) -> None:
+        """torch refuses a mix of groups with and without parameter names; a mix is accepted
+        here (e.g. unnamed params added after ``split_params``' named groups): the side
+        without names gets ``"param_groups[g][i]"``, the parameter's place."""
+        params = group.get("params") or []
+        named = any(isinstance(p, tuple) for p in params)
+        others = [g for g in self.param_groups if g.get("params")]
+        if not others:
+            return
+        if not named and all("param_names" in g for g in others):
+            group["params"] = [(f"param_groups[{index}][{pi}]", p) for pi, p in enumerate(params)]
+        elif named and not any("param_names" in g for g in others):
+            for gi, g in enumerate(self.param_groups):
+                g["param_names"] = [f"param_groups[{gi}][{pi}]" for pi in range(len(g["params"]))]
+
     def _refuse_duplicates(self, index: int, group: dict[str, Any]) -> None:
         """A parameter listed twice in one group would be updated twice per step (torch
         warns and plans to refuse it): refused, naming it, before the group is added."""
@@ -319,7 +338,8 @@ class MatrixOptimizer(Optimizer):
     def _warn_unused_keys(self, index: int, group: dict[str, Any], keys: Iterable[str]) -> None:
         """Warn once per (group, key) about keys that no rule of this group reads: they are
         kept and have no effect (a typo such as ``weight_deacy`` would change nothing)."""
-        known = set(self._group_keys(group.get("rule"))) | _STRUCTURE_KEYS | _SCHEDULER_KEYS
+        known = (set(self._group_keys(group.get("rule"))) | _STRUCTURE_KEYS | _SCHEDULER_KEYS
+                 | _FRAMEWORK_KEYS)
         if group.get("rule") is None:
             known |= adamw_rule.ADAMW.keys
         for key in sorted(set(keys) - known):
@@ -356,12 +376,7 @@ class MatrixOptimizer(Optimizer):
                 raise ValueError(
                     f"{name}: {label} has shape {tuple(p.shape)}; stacked=True takes (E, out, in) "
                     "(or (E, in, out) with orientation='in_out') expert stacks, without flatten=True")
-            if isinstance(p, DTensor) and any(getattr(pl, "dim", 0) != 0 for pl in p.placements):
-                raise NotImplementedError(
-                    f"{name}: {label} is a stacked DTensor with placements {tuple(p.placements)}; "
-                    "stacked=True takes stacks sharded on the expert dim only (FSDP2's Shard(0), "
-                    "expert parallelism), not inside an expert's matrix")
-            return
+            return  # (its placements are check_layout's to judge)
         if p.ndim < 2 or not group.get("flatten"):
             raise ValueError(
                 f"{name}: {label} has shape {tuple(p.shape)}, but rule {rule.name!r} needs a 2D "
@@ -623,8 +638,12 @@ class MatrixOptimizer(Optimizer):
                 shape = planning.matrix_shape(tuple(p.shape), orientation, flatten, stacked)
                 strides = (lp.stride(), lg.stride()) if backend == "triton" else None
                 placement = (p.device_mesh, tuple(p.placements)) if isinstance(p, DTensor) else None
+                # A stack sharded inside its experts is a bucket of its own: its members are
+                # matrices first_matrix.. of its exchange entry, and its sums over rows sit at
+                # those rows of a buffer laid out the same on every rank.
+                inside = stacked and dist_support.stack_sharded_inside(self, p, orientation)
                 bkey = (gi, rule_name, shape, p.dtype, grad.dtype, lp.device, backend, placement,
-                        strides, stacked)
+                        strides, stacked, id(p) if inside else None)
             else:
                 orientation, flatten, shape = "out_in", False, ()
                 bkey = (gi, rule_name, p.dtype, grad.dtype, lp.device, backend)
@@ -639,7 +658,7 @@ class MatrixOptimizer(Optimizer):
                     states=[], device=lp.device, param_dtype=p.dtype, grad_dtype=grad.dtype,
                     hyper=hyper, orientation=orientation, flatten=flatten, shape=shape,
                     experts=[] if stacked else None)
-                if rule.matrix and not stacked:  # (a stack is sharded over whole experts only)
+                if rule.matrix:
                     dist_support.describe_layout(self, bucket, p)
             if stacked:  # one member per expert this rank holds, all of a stack in a row
                 count, fresh = lp.shape[0], {}

@@ -187,6 +187,11 @@ class Bucket:
     layout: MatrixLayout | None = None
     process_group: Any = None
     group_rank: int = 0
+    # An expert stack sharded inside its experts: every expert's layout (matrix e of the
+    # exchange is expert e); member i is expert first_matrix + i. ``layout`` is then that of
+    # this rank's first expert (the block it holds of each of its experts).
+    stack_layouts: tuple[MatrixLayout, ...] = ()
+    first_matrix: int = 0
     reductions: dict[str, Tensor] = field(default_factory=dict)  # name -> (B, n)
     program: Program | None = None
     exchange: Any = None  # the step's exchange that orthogonalizes this bucket (None: local)
@@ -198,6 +203,12 @@ class Bucket:
     @property
     def count(self) -> int:
         return len(self.params)
+
+    @property
+    def exchange_count(self) -> int:
+        """How many matrices the bucket's exchange entry has: every expert of a stack sharded
+        inside its experts (on every rank), else the bucket's own."""
+        return len(self.stack_layouts) or self.count
 
     @property
     def state_dtype(self) -> torch.dtype:
@@ -303,20 +314,27 @@ def state_shapes(rule: Rule, group: Mapping[str, Any], param_shape: tuple[int, .
     return shapes
 
 
-def dim_placements(placements: tuple, dim: int) -> list:
-    """The placements of a vector along dim ``dim`` of a tensor with ``placements``: the
-    shards of that dim (as shards of the vector's dim 0), Replicate for every other."""
+def vector_placements(placements: tuple, dims: Mapping[int, int]) -> list:
+    """The placements of a tensor whose dim ``dims[d]`` follows dim d of a tensor with
+    ``placements``: the shards of those dims (as shards of the new dims), Replicate for every
+    other."""
     from torch.distributed.tensor import Replicate, Shard
 
     out = []
     for placement in placements:
-        if getattr(placement, "dim", None) == dim and type(placement).__name__ == "_StridedShard":
-            out.append(type(placement)(0, split_factor=placement.split_factor))
-        elif getattr(placement, "dim", None) == dim and isinstance(placement, Shard):
-            out.append(Shard(0))
+        dim = getattr(placement, "dim", None)
+        if dim in dims and type(placement).__name__ == "_StridedShard":
+            out.append(type(placement)(dims[dim], split_factor=placement.split_factor))
+        elif dim in dims and isinstance(placement, Shard):
+            out.append(Shard(dims[dim]))
         else:
             out.append(Replicate())
     return out
+
+
+def dim_placements(placements: tuple, dim: int) -> list:
+    """The placements of a vector along dim ``dim`` of a tensor with ``placements``."""
+    return vector_placements(placements, {dim: 0})
 
 
 def init_state(bucket: Bucket) -> None:
@@ -366,11 +384,17 @@ def _init_stacked(bucket: Bucket, p: Tensor, state: MutableMapping[str, Any],
             continue
         tail = _extent_shape(entry, bucket, p)
         if isinstance(p, DTensor):
-            rows = local(p).shape[0]
+            # Sharded over experts as the stack is, and per-row entries over rows as its rows
+            # are; whole (replicated) along everything else.
+            dims = {0: 0}
+            local_tail = tail
+            if entry.extent == "rows":
+                dims[2 if bucket.orientation == "in_out" else 1] = 1
+                local_tail = (bucket.local_rows,)
             state[entry.name] = DTensor.from_local(
-                torch.full((rows, *tail), entry.fill, dtype=sdt, device=bucket.device),
-                p.device_mesh, p.placements, run_check=False, shape=(experts, *tail),
-                stride=torch.empty(experts, *tail, device="meta").stride())
+                torch.full((local(p).shape[0], *local_tail), entry.fill, dtype=sdt, device=bucket.device),
+                p.device_mesh, vector_placements(p.placements, dims), run_check=False,
+                shape=(experts, *tail), stride=torch.empty(experts, *tail, device="meta").stride())
         else:
             state[entry.name] = torch.full((experts, *tail), entry.fill, dtype=sdt, device=bucket.device)
 
@@ -447,14 +471,15 @@ class StepPlan:
             for name, n in b.rule.reductions(b.group, b.shape).items():
                 key = (b.device, b.state_dtype, id(b.process_group)) if b.sharded else (b.device, b.state_dtype)
                 layout.append((b, name, n, key))
-                sizes[key] = sizes.get(key, 0) + b.count * n
+                sizes[key] = sizes.get(key, 0) + b.exchange_count * n
         buffers = {key: torch.zeros(size, dtype=key[1], device=key[0]) for key, size in sizes.items()}
         masks = {key: torch.zeros(size, dtype=torch.bool) for key, size in sizes.items() if len(key) == 3}
         offsets = dict.fromkeys(sizes, 0)
         for b, name, n, key in layout:
-            start = offsets[key]
+            # (a stack sharded inside its experts holds E rows, its own experts' at theirs)
+            offsets[key] += b.exchange_count * n
+            start = offsets[key] - (b.exchange_count - b.first_matrix) * n
             b.reductions[name] = buffers[key][start:start + b.count * n].view(b.count, n)
-            offsets[key] = start + b.count * n
             if key in masks and b.layout.primary[b.group_rank]:
                 mask = masks[key][start:start + b.count * n].view(b.count, n)
                 if n == b.shape[1]:  # per column: this rank's columns

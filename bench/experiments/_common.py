@@ -143,7 +143,9 @@ def make_optimizer(
     with the same betas.
     """
     adamw_options = dict(lr=lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=weight_decay)
-    groups = trasmuon.split_params(model, head=head, adamw_options=adamw_options)
+    # (1-D params too: the recorded runs decay every AdamW param alike)
+    groups = trasmuon.split_params(model, head=head, adamw_options=adamw_options,
+                                   no_decay_options={"weight_decay": weight_decay})
     kw = dict(lr=lr, weight_decay=weight_decay, diagnostics=diagnostics)
     if name == "adamw":
         return trasmuon.AdamW(groups, betas=ADAMW_BETAS, eps=ADAMW_EPS, **kw)
