@@ -39,16 +39,19 @@ def impls_for(device: torch.device) -> list[str]:
 
 def make_step(impl: str, matrices, others, *, tensor_lr: bool = False) -> tuple[Callable[[], None], list]:
     """A zero-argument function taking one optimizer step, and the optimizers it steps.
-    ``impl``: a key of ``OURS`` (eager backend), the same with ``-triton``, or a peer.
-    ``tensor_lr``: ours with lr as a device tensor (what a CUDA graph capture needs)."""
+    ``impl``: a key of ``OURS`` (eager backend), the same with ``-triton``, or with
+    ``-triton-cudagraph`` (``cuda_graph=True``: the optimizer captures its own step), or a
+    peer. ``tensor_lr``: ours with lr as a device tensor (what a hand-made capture needs)."""
     device = matrices[0].device
-    backend = "eager"
+    backend, cuda_graph = "eager", False
+    if impl.endswith("-triton-cudagraph"):
+        impl, backend, cuda_graph = impl.removesuffix("-triton-cudagraph"), "triton", True
     if impl.endswith("-triton"):
         impl, backend = impl.removesuffix("-triton"), "triton"
     if impl in OURS:
         groups = [{"params": matrices}, {"params": others, "rule": "adamw"}]
         lr = torch.tensor(1e-3, device=device) if tensor_lr else 1e-3
-        opts = [OURS[impl](groups, lr=lr, backend=backend)]
+        opts = [OURS[impl](groups, lr=lr, backend=backend, cuda_graph=cuda_graph)]
     elif impl == "torch-muon":
         opts = [torch.optim.Muon(matrices, lr=1e-3),
                 torch.optim.AdamW(others, lr=1e-3, fused=device.type == "cuda")]

@@ -248,7 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"env": timing.environment(device), "interpret_smoke": bool(args.interpret_smoke),
                     "torch": torch.__version__, "triton": triton.__version__,
                     "target_fraction_of_copy": TARGET_FRACTION}
+    out = args.out
+    if out is None and device.type == "cuda" and not args.parity_only:
+        slug = timing.device_name(device).replace(" ", "_").replace("/", "_")
+        out = ROOT / "bench" / "results" / f"gpu_memory_passes_{slug}.json"
     result["parity"] = [row for shape in shapes for row in parity(shape, device)]
+    _write(out, result)
     failed = [r for r in result["parity"] if not r["within_tolerance"]]
     # On the CPU the interpreter run must also be bit-identical where the tests say so.
     if device.type == "cpu":
@@ -260,7 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not args.parity_only:
         copy_gbs = timing.copy_bandwidth_gbs(device)
         result["copy_gbs"] = copy_gbs
-        result["passes"] = [row for shape in shapes for row in bandwidth(shape, device, timing)]
+        result["passes"] = []
+        for shape in shapes:  # written after every shape: a run that is cut off keeps the rest
+            result["passes"] += bandwidth(shape, device, timing)
+            _write(out, result)
         for row in result["passes"]:
             if "gbs" in row:
                 row["fraction_of_copy"] = row["gbs"] / copy_gbs
@@ -268,15 +276,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row['pass']:42s} {row['shape']} {row['median_ms']:.4f} ms "
                   + (f"{row['gbs']:.0f} GB/s ({row['fraction_of_copy']:.0%} of copy)" if "gbs" in row else ""))
         print(f"device-to-device copy: {copy_gbs:.0f} GB/s")
-    out = args.out
-    if out is None and device.type == "cuda" and not args.parity_only:
-        slug = timing.device_name(device).replace(" ", "_").replace("/", "_")
-        out = ROOT / "bench" / "results" / f"gpu_memory_passes_{slug}.json"
+    _write(out, result)
     if out is not None:
-        out.write_text(json.dumps(result, indent=1))
         print(f"wrote {out}")
     print(f"parity: {len(result['parity']) - len(failed)}/{len(result['parity'])} checks passed")
     return 1 if failed else 0
+
+
+def _write(out: Path | None, result: dict) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -276,9 +276,11 @@ def main(argv: list[str] | None = None) -> None:
     compiled_ref = None
     if device.type == "cuda" and not args.no_compiled_reference:
         compiled_ref = torch.compile(ref.newton_schulz, dynamic=False)
-    rows = []
-    for shape in shapes:
-        rows += bench_shape(shape, device, args, ref, rate, compiled_ref)
+    out = args.out
+    if out is None and not args.interpret_smoke:
+        slug = "".join(c if c.isalnum() else "_" for c in timing.device_name(device)).strip("_")
+        out = ROOT / "bench" / "results" / f"gpu_newton_schulz_{slug}.json"
+    rows: list = []
     result = {
         "env": timing.environment(device),
         "interpret_smoke": bool(args.interpret_smoke),
@@ -286,6 +288,9 @@ def main(argv: list[str] | None = None) -> None:
         "eps": EPS,
         "rows": rows,
     }
+    for shape in shapes:
+        rows += bench_shape(shape, device, args, ref, rate, compiled_ref)
+        _write(out, result)  # after every shape: a run that is cut off keeps what it measured
     if args.authors_venv is not None:
         authors = run_authors(args.authors_venv, shapes, device.type, quick)
         result["authors"] = authors
@@ -304,14 +309,8 @@ def main(argv: list[str] | None = None) -> None:
             )
         if "error" in authors:
             print("authors:", authors["error"])
-    out = args.out
-    if out is None and not args.interpret_smoke:
-        slug = "".join(c if c.isalnum() else "_" for c in timing.device_name(device)).strip("_")
-        out = ROOT / "bench" / "results" / f"gpu_newton_schulz_{slug}.json"
-    text = json.dumps(result, indent=1)
+    _write(out, result)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
         print(f"wrote {out}")
     bad = [
         r
@@ -321,6 +320,12 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         print(f"{len(bad)} rows failed or exceeded the 1.5 error ratio")
         sys.exit(1)
+
+
+def _write(out: Path | None, result: dict) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ compiles its kernels there; the time is recorded as ``first_step_s``), then the 
 ``triton.testing.do_bench`` (bench/timing.py). An implementation that fails, or runs past
 ``--budget-s`` for its model, is reported with its error and the others still run.
 
+``<rule>-triton-cudagraph``: ``cuda_graph=True``, the optimizer capturing its own step (a
+float lr, staged before every replay); timed as ``opt.step()`` after its warm-up and capture,
+host checks and replay included.
+
 ``<rule>-triton-graph``: the Triton step with a tensor lr, captured in a CUDA graph after two
 warm-up steps (docs/architecture.md, "Capturing the step"), timed as ``graph.replay()``. Before
 timing, one replay is checked against one eager step from the same weights, state and gradients
@@ -33,8 +37,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = ("gpt2-small", "qwen3-0.6b")
-DEFAULT_IMPLS = ("trasmuon-triton", "trasmuon-triton-graph", "trasmuon", "torch-muon",
-                 "normuon-triton", "muon-triton", "namo_d-triton")
+DEFAULT_IMPLS = ("trasmuon-triton", "trasmuon-triton-cudagraph", "trasmuon-triton-graph", "trasmuon",
+                 "torch-muon", "normuon-triton", "muon-triton", "namo_d-triton")
 
 
 def floor_ms(specs, matmul_tflops: float, copy_gbs: float) -> float:
@@ -104,19 +108,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--impls", default=",".join(DEFAULT_IMPLS))
     ap.add_argument("--budget-s", type=float, default=60.0,
                     help="skip the remaining implementations of a model after this many seconds")
+    ap.add_argument("--interpret-smoke", action="store_true",
+                    help="CPU + TRITON_INTERPRET=1, GPT-2's structure at 2 x 64: the same rows "
+                         "and JSON, to check the script without a GPU (its times mean nothing)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.interpret_smoke:
+        import os
+
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton or the kernels are imported
     sys.path.insert(0, str(ROOT))
     import torch
 
     from bench.common import make_params, make_step
-    from bench.shapes import MODELS, param_count
+    from bench.shapes import MODELS, MODELS_CI, param_count
     from bench.timing import environment, median_ms
 
-    if not torch.cuda.is_available():
-        ap.error("needs a GPU")
-    device = torch.device("cuda")
-    rates = measured_rates(device)
+    if args.interpret_smoke:
+        device = torch.device("cpu")
+        MODELS = {**MODELS, **MODELS_CI}
+        if args.models == ",".join(DEFAULT_MODELS):
+            args.models = "gpt2-tiny"
+        # (a hand-made capture needs CUDA; cuda_graph=True runs uncaptured, with its warning)
+        args.impls = ",".join(i for i in args.impls.split(",") if not i.endswith("-graph"))
+    elif not torch.cuda.is_available():
+        ap.error("needs a GPU (or --interpret-smoke)")
+    else:
+        device = torch.device("cuda")
+    rates = measured_rates(device) if device.type == "cuda" else {"matmul_tflops": 1.0, "copy_gbs": 10.0}
     result = {"env": environment(device), "rates": rates, "rows": []}
     for model in args.models.split(","):
         specs = MODELS[model]
@@ -133,30 +152,39 @@ def main(argv: list[str] | None = None) -> int:
                         step, row["graph_check"] = graph_step(impl.removesuffix("-graph"), matrices, others)
                     else:
                         step, _ = make_step(impl, matrices, others)
-                        step()
-                    torch.cuda.synchronize()
+                        for _ in range(4 if impl.endswith("-cudagraph") else 1):
+                            step()  # (cuda_graph=True: two warm-up steps, the capture, a replay)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
                     row["first_step_s"] = time.perf_counter() - t0
                     row["median_ms"] = median_ms(step, device, quick=True)
                     row["floor_ms"] = floor_ms(specs, **rates)
                 except Exception as exc:  # report and go on: one failure must not hide the rest
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
             result["rows"].append(row)
+            _write(args.out, result)  # as it goes: a slot that runs out keeps what was measured
             print(f"{model:12s} {impl:18s} "
                   + (f"{row['median_ms']:9.3f} ms" if "median_ms" in row else row.get("error", "")),
                   flush=True)
         del matrices, others
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     for row in result["rows"]:
         base = {r["impl"]: r.get("median_ms") for r in result["rows"] if r["model"] == row["model"]}
         if row.get("median_ms"):
             for peer in ("torch-muon", "trasmuon"):
                 if base.get(peer):
                     row[f"speedup_vs_{peer}"] = base[peer] / row["median_ms"]
+    _write(args.out, result)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.out}")
     return 1 if any("error" in r for r in result["rows"]) else 0
+
+
+def _write(path: Path | None, result: dict) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

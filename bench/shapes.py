@@ -42,6 +42,21 @@ def qwen3_0p6b() -> list[ParamSpec]:
     ]
 
 
+def llama3_2_1b() -> list[ParamSpec]:
+    """Llama-3.2-1B: 16 layers, hidden 2048, 32 query heads and 8 KV heads of 64, MLP 8192,
+    vocab 128256 with tied embeddings."""
+    layers, d, head_dim, mlp = 16, 2048, 64, 8192
+    return [
+        ((128256, d), 1, "embedding"),
+        ((32 * head_dim, d), layers, "matrix"),  # q_proj
+        ((8 * head_dim, d), 2 * layers, "matrix"),  # k_proj, v_proj
+        ((d, 32 * head_dim), layers, "matrix"),  # o_proj
+        ((mlp, d), 2 * layers, "matrix"),  # gate_proj, up_proj
+        ((d, mlp), layers, "matrix"),  # down_proj
+        ((d,), 2 * layers + 1, "vector"),
+    ]
+
+
 def vit_base(classes: int = 1000) -> list[ParamSpec]:
     """ViT-B/16: 12 layers of 768, MLP 3072, 16x16 patches, 197 tokens."""
     layers, d = 12, 768
@@ -63,6 +78,7 @@ MODELS: dict[str, list[ParamSpec]] = {
     "gpt2-small": gpt2(12, 768),
     "gpt2-medium": gpt2(24, 1024),
     "qwen3-0.6b": qwen3_0p6b(),
+    "llama3.2-1b": llama3_2_1b(),
     "vit-base": vit_base(),
 }
 

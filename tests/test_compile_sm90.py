@@ -8,9 +8,8 @@ kernels must be real ``JITFunction``s (this suite sets TRITON_INTERPRET=1), and 
 the test environment's Triton (3.9) and once with Triton 3.6, the GPU image's, from a small
 venv that shares this one's packages (``.ci/run`` builds it; see docs/benchmarks.md).
 
-The rules (``compile_report.check``): every matrix product uses wgmma, every 128x128 product
-fits two blocks per SM, memory passes use 16-byte global loads, nothing spills or uses local
-memory.
+The rules (``compile_report.check``): every matrix product uses wgmma, every kernel fits two
+blocks per SM, memory passes use 16-byte global loads, nothing spills or uses local memory.
 """
 
 from __future__ import annotations

@@ -53,6 +53,7 @@ class NAMO(MatrixOptimizer):
         diagnostics: bool = False,
         process_group: Any = None,
         check_consistency: bool = True,
+        cuda_graph: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, nesterov=nesterov,
@@ -60,7 +61,7 @@ class NAMO(MatrixOptimizer):
             weight_decay_mode=weight_decay_mode, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
         )
         super().__init__(params, defaults, **option_kwargs(
-            backend, check_finite, diagnostics, process_group, check_consistency))
+            backend, check_finite, diagnostics, process_group, check_consistency, cuda_graph))
 
     def fallback_adamw(self, group: dict[str, Any]) -> dict[str, Any]:
         return {"lr": group["lr"], "betas": group["adamw_betas"], "eps": group["adamw_eps"],
@@ -95,6 +96,7 @@ class NAMOD(NAMO):
         diagnostics: bool = False,
         process_group: Any = None,
         check_consistency: bool = True,
+        cuda_graph: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, nesterov=nesterov,
@@ -103,4 +105,4 @@ class NAMOD(NAMO):
             adamw_eps=adamw_eps,
         )
         MatrixOptimizer.__init__(self, params, defaults, **option_kwargs(
-            backend, check_finite, diagnostics, process_group, check_consistency))
+            backend, check_finite, diagnostics, process_group, check_consistency, cuda_graph))

@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 
 from . import plan as planning
 from . import reference as ref
+from .graph import StepCapture
 from .plan import BACKENDS, ORIENTATIONS, Bucket, StepPlan, fingerprint, init_state, oriented
 from .rules import MATRIX_RULES, REGISTRY, Hyperparameter, get_rule
 from .rules import adamw as adamw_rule
@@ -55,7 +56,7 @@ _KNOWN_KEYS = frozenset().union(*(r.keys for r in REGISTRY.values()))
 # and pickling keep them.
 _OPTION_DEFAULTS: dict[str, Any] = {
     "backend": "auto", "check_finite": False, "diagnostics_enabled": False,
-    "check_consistency": True,
+    "check_consistency": True, "cuda_graph": False,
 }
 
 
@@ -86,6 +87,15 @@ def _viewable(t: Tensor) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def _simulating() -> bool:
+    """Inside ``trasmuon_kernels._launch.simulate_device``: CPU tensors stand for a GPU's (a
+    host-time measurement with a stand-in Triton driver)."""
+    import sys
+
+    launch = sys.modules.get("trasmuon_kernels._launch")
+    return launch is not None and launch.simulated_props() is not None
 
 
 def _interpreting() -> bool:
@@ -128,6 +138,7 @@ class MatrixOptimizer(Optimizer):
         diagnostics: bool = False,
         process_group: Any = None,
         check_consistency: bool = True,
+        cuda_graph: bool = False,
     ) -> None:
         name = type(self).__name__
         if backend not in BACKENDS:
@@ -138,7 +149,7 @@ class MatrixOptimizer(Optimizer):
                 "(triton is not installed or cannot be imported); or use backend='eager'"
             )
         for option, value in (("check_finite", check_finite), ("diagnostics", diagnostics),
-                              ("check_consistency", check_consistency)):
+                              ("check_consistency", check_consistency), ("cuda_graph", cuda_graph)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name}: {option} must be a bool, got {value!r}")
         lr = defaults.get("lr")
@@ -148,6 +159,8 @@ class MatrixOptimizer(Optimizer):
         self.check_finite = check_finite
         self.diagnostics_enabled = diagnostics
         self.check_consistency = check_consistency
+        self.cuda_graph = cuda_graph
+        self._capture = StepCapture(name)
         from . import distributed as dist_support
 
         self.process_group = dist_support.resolve_process_group(
@@ -177,7 +190,7 @@ class MatrixOptimizer(Optimizer):
         # name and ranks and is looked up again when loaded.
         state.pop("process_group", None)
         state["_process_group_ref"] = dist_support.group_ref(self.process_group)
-        for transient in ("_plan", "comm_stats", "_bound_lrs", "_static_digest"):
+        for transient in ("_plan", "comm_stats", "_bound_lrs", "_static_digest", "_capture"):
             state.pop(transient, None)
         return state
 
@@ -199,6 +212,10 @@ class MatrixOptimizer(Optimizer):
             state["process_group"] = dist_support.resolve_group_ref(ref_, type(self).__name__)
         state.setdefault("_explicit", self.__dict__.get("_explicit", frozenset()))
         state["_plan"] = None
+        # A captured graph holds the addresses of the old plan's tensors: captured again.
+        old_capture = self.__dict__.get("_capture")
+        state["_capture"] = StepCapture(type(self).__name__,
+                                        old_capture.graph_factory if old_capture else None)
         state.setdefault("comm_stats", self.__dict__.get("comm_stats", dist_support.CommStats()))
         state.setdefault("_fallback_warned", self.__dict__.get("_fallback_warned", set()))
         state.setdefault("_key_warned", self.__dict__.get("_key_warned", set()))
@@ -608,7 +625,7 @@ class MatrixOptimizer(Optimizer):
             return "eager", None
         if not kernels_available():
             return "eager", "triton or trasmuon_kernels cannot be imported"
-        if not (lp.is_cuda or (lp.device.type == "cpu" and _interpreting())):
+        if not (lp.is_cuda or (lp.device.type == "cpu" and (_interpreting() or _simulating()))):
             return "eager", f"it is on {lp.device} (the kernels need CUDA, or TRITON_INTERPRET=1 on the CPU)"
         orientation, flatten = group.get("orientation", "out_in"), group.get("flatten", False)
         view = planning.matrix_view(lp, orientation, flatten) if rule.matrix else lp
@@ -758,14 +775,20 @@ class MatrixOptimizer(Optimizer):
                 self._check_finite_grads(work if work is not None else self._collect())
         if not current:
             plan = self._plan = self._build_plan(key, work)
-        self._run(plan)
+        if self.cuda_graph:
+            self._capture.step(self, plan)
+        else:
+            self._run(plan)
 
     def _run(self, plan: StepPlan) -> None:
+        plan.begin()
+        self._run_stages(plan)
+        plan.end()
+
+    def _run_stages(self, plan: StepPlan) -> None:
         from . import distributed as dist_support
 
-        plan.begin()
         dist_support.run_matrix_stages(self, plan)
-        plan.end()
 
     # ----------------------------------------------------------------------------------
     # Diagnostics
@@ -835,9 +858,10 @@ _ALL_STATE_KEYS = frozenset({"step"}).union(*(rule.state_names for rule in REGIS
 
 
 def option_kwargs(backend: str, check_finite: bool, diagnostics: bool, process_group: Any,
-                   check_consistency: bool) -> dict[str, Any]:
+                   check_consistency: bool, cuda_graph: bool = False) -> dict[str, Any]:
     return {"backend": backend, "check_finite": check_finite, "diagnostics": diagnostics,
-            "process_group": process_group, "check_consistency": check_consistency}
+            "process_group": process_group, "check_consistency": check_consistency,
+            "cuda_graph": cuda_graph}
 
 
 class TrasMuon(MatrixOptimizer):
@@ -884,6 +908,7 @@ class TrasMuon(MatrixOptimizer):
         diagnostics: bool = False,
         process_group: Any = None,
         check_consistency: bool = True,
+        cuda_graph: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, nesterov=nesterov,
@@ -895,7 +920,7 @@ class TrasMuon(MatrixOptimizer):
             schedule_free=schedule_free, sf_mix=sf_mix,
         )
         super().__init__(params, defaults, **option_kwargs(
-            backend, check_finite, diagnostics, process_group, check_consistency))
+            backend, check_finite, diagnostics, process_group, check_consistency, cuda_graph))
 
 
 class NorMuon(MatrixOptimizer):
@@ -923,13 +948,14 @@ class NorMuon(MatrixOptimizer):
         diagnostics: bool = False,
         process_group: Any = None,
         check_consistency: bool = True,
+        cuda_graph: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, nesterov=nesterov,
             ns_coefficients=ns_coefficients, ns_steps=ns_steps, ns_dtype=ns_dtype, scale=scale,
         )
         super().__init__(params, defaults, **option_kwargs(
-            backend, check_finite, diagnostics, process_group, check_consistency))
+            backend, check_finite, diagnostics, process_group, check_consistency, cuda_graph))
 
 
 _ADAMW_BETA2 = Hyperparameter("adamw_beta2", 0.95, in_range(0.0, 1.0, hi_open=True),
@@ -968,6 +994,7 @@ class Muon(MatrixOptimizer):
         diagnostics: bool = False,
         process_group: Any = None,
         check_consistency: bool = True,
+        cuda_graph: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
@@ -975,7 +1002,7 @@ class Muon(MatrixOptimizer):
             adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, adamw_beta2=adamw_beta2,
         )
         super().__init__(params, defaults, **option_kwargs(
-            backend, check_finite, diagnostics, process_group, check_consistency))
+            backend, check_finite, diagnostics, process_group, check_consistency, cuda_graph))
 
     def _upgrade_group(self, group: dict[str, Any]) -> None:
         # Muon groups once held betas = (momentum, adamw_beta2).
@@ -1008,8 +1035,9 @@ class AdamW(MatrixOptimizer):
         diagnostics: bool = False,
         process_group: Any = None,
         check_consistency: bool = True,
+        cuda_graph: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults, **option_kwargs(
-            backend, check_finite, diagnostics, process_group, check_consistency))
+            backend, check_finite, diagnostics, process_group, check_consistency, cuda_graph))
 

@@ -497,15 +497,17 @@ class StepPlan:
         groups = {id(b.process_group): b.process_group for b in self.matrices if b.sharded}
         return [(groups[key[2]], buf, self.reduce_masks[key]) for key, buf in self.reduce_buffers.items()]
 
-    def begin(self) -> None:
-        """Advance the step counters and publish this step's lr values and gradients."""
-        check_capture(self)
+    def begin(self, lrs_staged: bool = False) -> None:
+        """Advance the step counters and publish this step's lr values and gradients
+        (``lrs_staged``: the float lrs were already copied, by ``devices.stage_lrs()`` outside
+        the graph being captured)."""
+        check_capture(self, lrs_staged)
         for b in self.buckets:
             if b.backend == "eager":
                 # One counter per parameter: a stack's experts share theirs.
                 for s in {id(s): s for s in (getattr(s, "base", s) for s in b.states)}.values():
                     s["step"] += 1
-        self.devices.begin()
+        self.devices.begin(lrs_staged)
         for b in self.buckets:
             refresh = getattr(b.program, "begin", None)
             if refresh is not None:
@@ -576,44 +578,55 @@ class _DeviceScalars:
     def counter_view(self, device: torch.device, start: int, count: int) -> Tensor:
         return self.counters[device][start:start + count]
 
-    def begin(self) -> None:
+    def stage_lrs(self) -> None:
+        """Write the float lrs into each device's pinned staging buffer and copy it to the
+        device: every step's, and before each replay of a captured step (the copy stays
+        outside the graph)."""
+        for device in self._staging:
+            self._stage(device)
+
+    def _stage(self, device: torch.device) -> None:
+        event = self._events.get(device)
+        if event is not None and not event.query():
+            event.synchronize()  # the last copy has not read the staging buffer yet
+        values = self._staging[device].numpy()
+        for slot, group in enumerate(self._slots[device].values()):
+            if not isinstance(group["lr"], Tensor):
+                values[slot] = group["lr"]
+        for launch in self.launches[device]:
+            if launch.name == "copy(lr)":
+                launch()
+        if device.type == "cuda":
+            event = self._events.setdefault(device, torch.cuda.Event())
+            event.record()
+
+    def begin(self, lrs_staged: bool = False) -> None:
         for device, launches in self.launches.items():
-            # Under CUDA graph capture every lr is a tensor (check_capture): the staging copy
-            # and its event stay out of the graph.
-            staged = device in self._staging and not capturing(device)
-            tensor_lrs = []
-            if device in self._staging:
-                if staged:
-                    event = self._events.get(device)
-                    if event is not None and not event.query():
-                        event.synchronize()  # the last copy has not read the staging buffer yet
-                    values = self._staging[device].numpy()
-                for slot, group in enumerate(self._slots[device].values()):
-                    lr = group["lr"]
-                    if isinstance(lr, Tensor):
-                        tensor_lrs.append((slot, lr))
-                    elif staged:
-                        values[slot] = lr
+            # Under CUDA graph capture the staging copy and its event stay out of the graph:
+            # every lr is a tensor (check_capture), or the caller staged them (cuda_graph=True).
+            if device in self._staging and not lrs_staged and not capturing(device):
+                self._stage(device)
             for launch in launches:
-                if staged or launch.name != "copy(lr)":
+                if launch.name != "copy(lr)":
                     launch()
-            for slot, lr in tensor_lrs:  # copied on the device: never read on the host
-                dst = self.lr[device][slot:slot + 1]
-                TorchLaunch("copy(tensor lr)", lambda d=dst, v=lr: d.copy_(v.detach().reshape(1), non_blocking=True),
-                            (dst, lr))()
-            if staged and device.type == "cuda":
-                event = self._events.setdefault(device, torch.cuda.Event())
-                event.record()
+            for slot, group in enumerate(self._slots.get(device, {}).values()):
+                lr = group["lr"]
+                if isinstance(lr, Tensor):  # copied on the device: never read on the host
+                    dst = self.lr[device][slot:slot + 1]
+                    TorchLaunch("copy(tensor lr)",
+                                lambda d=dst, v=lr: d.copy_(v.detach().reshape(1), non_blocking=True),
+                                (dst, lr))()
 
 
 def capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def check_capture(plan: StepPlan) -> None:
+def check_capture(plan: StepPlan, lrs_staged: bool = False) -> None:
     """What a step captured in a CUDA graph must not do, refused while capturing: run an eager
     bucket (its host-side step counts and syncs), or read a float lr (it would be frozen at
-    its value when captured). See docs/architecture.md, "Capturing the step"."""
+    its value when captured) unless the caller copies the float lrs before every replay
+    (``lrs_staged``: cuda_graph=True). See docs/architecture.md, "Capturing the step"."""
     devices = {b.device for b in plan.buckets}
     if not any(capturing(d) for d in devices):
         return
@@ -623,7 +636,7 @@ def check_capture(plan: StepPlan) -> None:
             f"capturing opt.step() in a CUDA graph needs every parameter on the Triton backend; "
             f"{eager[0].labels[0]} runs eager (backend={eager[0].backend!r})")
     for b in plan.buckets:
-        if not isinstance(b.group["lr"], Tensor):
+        if not lrs_staged and not isinstance(b.group["lr"], Tensor):
             raise RuntimeError(
                 "capturing opt.step() in a CUDA graph needs tensor lrs on the device (a float lr "
                 f"would be frozen at its value when captured): param group {b.group_index} has "

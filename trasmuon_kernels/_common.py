@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import DeviceProps, device_props
+from ._launch import DeviceProps, device_props, simulated_props
 
 
 def interpreting() -> bool:
@@ -35,9 +35,11 @@ def interpreting() -> bool:
 def check_device(name: str, tensor: torch.Tensor, props: DeviceProps | None = None) -> None:
     """Kernels run on CUDA tensors, or on CPU tensors under the interpreter.
 
-    A launcher given the props of a GPU also accepts CPU tensors: the caller plans launches
-    for another device (the sm_90 compile report compiles them without running them)."""
-    planning = props is not None and props.is_cuda
+    A launcher given the props of a GPU also accepts CPU tensors, and so does every launcher
+    inside ``simulate_device``: the caller plans launches for another device (the sm_90
+    compile report compiles them without running them; the host-time bench dispatches them
+    to a launcher that does nothing)."""
+    planning = (props is not None and props.is_cuda) or simulated_props() is not None
     if tensor.is_cuda or (tensor.device.type == "cpu" and (interpreting() or planning)):
         return
     raise RuntimeError(

@@ -56,6 +56,7 @@ from .update import decay_factor
 
 # Smallest GPU block: 4 warps x 32 threads x one 16-byte vector of float32 each.
 _GPU_MIN_BLOCK = 512
+_GPU_MAXNREG = 128  # 8 warps x 32 threads x 128 registers: two blocks per SM on sm_90
 # GPU blocks drop from GPU_TILE to half of it when the launch would be under this many
 # programs per SM (more, smaller programs fill the GPU when there is little work).
 _GPU_PROGRAMS_PER_SM = 4
@@ -173,6 +174,9 @@ def _adamw_kernel(
 class AdamWConfig(NamedTuple):
     block: int  # elements per program (a power of two)
     num_warps: int
+    # Registers per thread, capped where uncapped compiles exceed what two blocks per SM
+    # allow (Triton 3.6 gave 146 at 8 warps with fp32 params: one block per SM); None: no cap.
+    maxnreg: int | None = None
 
 
 def _warps(block: int) -> int:
@@ -195,8 +199,9 @@ def adamw_config(numels: Sequence[int], props: DeviceProps) -> AdamWConfig:
         if programs < _GPU_PROGRAMS_PER_SM * props.sm_count:
             block = GPU_TILE // 2
         block = min(block, max(_GPU_MIN_BLOCK, cap))
-    else:
-        block = min(INTERPRETER_TILE, max(16, cap))
+        warps = _warps(block)
+        return AdamWConfig(block=block, num_warps=warps, maxnreg=_GPU_MAXNREG if warps == 8 else None)
+    block = min(INTERPRETER_TILE, max(16, cap))
     return AdamWConfig(block=block, num_warps=_warps(block))
 
 
@@ -424,6 +429,7 @@ def prepare_adamw(
         SMALL_W1=small_w1, STEPS_PTR=steps_t is not None, LR_PTR=lr_t is not None,
         ALIGNED=aligned, EMULATE_BF16_RNE=interpreting(), BLOCK=config.block,
         num_warps=config.num_warps, enable_fp_fusion=False,
+        **({"maxnreg": config.maxnreg} if config.maxnreg else {}),
     )
     keep = tuple(t for lst in (p_list, m_list, v_list) for t in lst)
     return [AdamWLaunch(_adamw_kernel, (total,), args, meta, name="adamw", keepalive=keep)]

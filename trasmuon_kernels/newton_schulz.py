@@ -45,6 +45,7 @@ mode the launcher runs the kernels directly (no dispatcher overhead).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import os
@@ -93,6 +94,11 @@ class NSConfig:
     gram: GramConfig
     poly: GramConfig
     apply: ApplyConfig
+    # The first step's Gram and update when they read a 4-byte input (the fp32 momentum),
+    # where they differ: half the BLOCK_K, so that a stage's fp32 tiles take the shared
+    # memory (and registers) of bf16 ones. None: the same as ``gram`` / ``apply``.
+    first_gram: GramConfig | None = None
+    first_apply: ApplyConfig | None = None
 
 
 @dataclass
@@ -134,15 +140,26 @@ def check_schedule(schedule: Sequence[Sequence[float]]) -> tuple[NSTriple, ...]:
     return tuple(triples)
 
 
-def default_config(batch: int, m: int, n: int, props: DeviceProps) -> NSConfig:
+def default_config(batch: int, m: int, n: int, props: DeviceProps, input_itemsize: int = 2) -> NSConfig:
     """The heuristic tile configs for a stack of ``batch`` (m, n) matrices on a device with
-    ``props`` (see the kernel modules' ``default_*_config``)."""
+    ``props`` (see the kernel modules' ``default_*_config``), whose input has elements of
+    ``input_itemsize`` bytes (the first step reads it; the later steps read bf16)."""
     d, k = min(m, n), max(m, n)
-    return NSConfig(
-        gram=default_gram_config(batch, d, k, props),
-        poly=default_gram_config(batch, d, d, props),
-        apply=default_apply_config(batch, m, n, d, props),
-    )
+    gram = default_gram_config(batch, d, k, props)
+    apply = default_apply_config(batch, m, n, d, props)
+    first_gram = first_apply = None
+    if props.is_cuda and input_itemsize >= 4:
+        # fp32 tiles at BLOCK_K 64 took 144 KiB of shared memory and spilled (one block
+        # per SM on sm_90); at 32 they take what bf16 tiles take at 64. The update also
+        # reads its fp32 addend in the epilogue: with a 128x128 tile that spilled even at
+        # BLOCK_K 32, so its tile is 128x64 there.
+        if gram.block_k > 32:
+            first_gram = dataclasses.replace(gram, block_k=32)
+        if apply.block_k > 32 or apply.block_n > 64:
+            first_apply = dataclasses.replace(apply, block_k=min(apply.block_k, 32),
+                                              block_n=min(apply.block_n, 64))
+    return NSConfig(gram=gram, poly=default_gram_config(batch, d, d, props), apply=apply,
+                    first_gram=first_gram, first_apply=first_apply)
 
 
 def newton_schulz_workspace(
@@ -411,7 +428,7 @@ def _prepare_checked(
     tall = m > n
     d = min(m, n)
     steps = len(schedule)
-    cfg = config or default_config(batch, m, n, props)
+    cfg = config or default_config(batch, m, n, props, x.element_size())
     launches: list = []
 
     if fro_sumsq is None:
@@ -454,8 +471,11 @@ def _prepare_checked(
         # Ping-pong so that the last step lands in ``out``.
         dst = out3 if (steps - 1 - t) % 2 == 0 else spare
         s = fro if first else None
+        gram_cfg, apply_cfg = cfg.gram, cfg.apply
+        if first and cur.element_size() >= 4:
+            gram_cfg, apply_cfg = cfg.first_gram or cfg.gram, cfg.first_apply or cfg.apply
         launches += prepare_sym_gram(
-            cur, gram, transposed=tall, fro_sumsq=s, eps=eps, config=cfg.gram, props=props
+            cur, gram, transposed=tall, fro_sumsq=s, eps=eps, config=gram_cfg, props=props
         )
         launches += prepare_sym_gram(
             gram, poly, alpha=c, bias=gram, beta=b, config=cfg.poly, props=props
@@ -465,7 +485,7 @@ def _prepare_checked(
             left, right, cur, dst, alpha=a, fro_sumsq=s, eps=eps,
             row_sumsq_out=rsq if last else None,
             row_partials=row_parts if last else None,
-            config=cfg.apply, props=props,
+            config=apply_cfg, props=props,
         )
         cur = dst
     return Prepared(launches, out)

@@ -283,7 +283,7 @@ def test_empty_inputs():
 
 def test_config():
     big = [50_000 * 1024, 1024, 3]
-    assert adamw_config(big, H200) == AdamWConfig(4096, 8)
+    assert adamw_config(big, H200) == AdamWConfig(4096, 8, maxnreg=128)  # two blocks per SM
     assert adamw_config([768] * 200, H200) == AdamWConfig(1024, 4)  # 200 programs < 4 per SM
     assert adamw_config([300_000], H200) == AdamWConfig(2048, 4)
     assert adamw_config([1, 2, 3], H200) == AdamWConfig(512, 4)

@@ -198,6 +198,35 @@ def test_fp32_input_is_rounded_on_load():
     assert torch.equal(run(x32, steps=2), run(x32.to(torch.bfloat16), steps=2))
 
 
+def test_fp32_input_takes_the_first_step_configs():
+    """From a 4-byte input, the first Gram and update run their own configs (H200: half the
+    BLOCK_K, a 128x64 update tile: no spills, two blocks per SM); the later steps and a bf16
+    input run the shared ones. Under the interpreter, with small explicit configs."""
+    import dataclasses
+
+    from trasmuon_kernels._launch import H200, INTERPRETER, record_launches
+
+    big = ns_mod.default_config(1, 4096, 4096, H200, input_itemsize=4)
+    assert big.first_gram.block_k == 32 and big.gram.block_k == 64
+    assert (big.first_apply.block_n, big.first_apply.block_k) == (64, 32) and big.apply.block_n == 128
+    plain = ns_mod.default_config(1, 4096, 4096, H200)
+    assert plain.first_gram is None and plain.first_apply is None
+    assert ns_mod.default_config(1, 40, 24, INTERPRETER, input_itemsize=4).first_gram is None
+
+    g = torch.Generator().manual_seed(17)
+    x32 = torch.randn(2, 24, 40, generator=g).to(DEVICE)
+    base = ns_mod.default_config(2, 24, 40, device_props(DEVICE))
+    cfg = dataclasses.replace(
+        base, first_gram=dataclasses.replace(base.gram, block_k=16),
+        first_apply=dataclasses.replace(base.apply, block_n=16, block_k=16))
+    with record_launches() as records:
+        out = run(x32, steps=2, config=cfg)
+    products = [dict(r.meta) for r in records if r.name in ("_sym_gram_kernel", "_ns_apply_kernel")]
+    assert products[0]["BLOCK_K"] == 16 and products[2]["BLOCK_N"] == 16  # step 1
+    assert products[3]["BLOCK_K"] == base.gram.block_k  # step 2
+    assert_parity(out, x32.to(torch.bfloat16), DEFAULT[:2])
+
+
 def test_fro_sumsq_argument():
     x = bf16_input(2, 11, 17, seed=15)
     base = run(x, steps=2)
