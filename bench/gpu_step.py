@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=60.0,
                     help="skip the remaining implementations of a model after this many seconds")
     ap.add_argument("--interpret-smoke", action="store_true",
-                    help="CPU + TRITON_INTERPRET=1, GPT-2's structure at 2 x 64: the same rows "
+                    help="CPU + TRITON_INTERPRET=1, GPT-2's structure at 1 x 32: the same rows "
                          "and JSON, to check the script without a GPU (its times mean nothing)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -121,14 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench.common import make_params, make_step
-    from bench.shapes import MODELS, MODELS_CI, param_count
+    from bench.shapes import MODELS, gpt2, param_count
     from bench.timing import environment, median_ms
 
     if args.interpret_smoke:
         device = torch.device("cpu")
-        MODELS = {**MODELS, **MODELS_CI}
+        MODELS = {**MODELS, "gpt2-micro": gpt2(1, 32, vocab=64, ctx=16)}
         if args.models == ",".join(DEFAULT_MODELS):
-            args.models = "gpt2-tiny"
+            args.models = "gpt2-micro"
         # (a hand-made capture needs CUDA; cuda_graph=True runs uncaptured, with its warning)
         args.impls = ",".join(i for i in args.impls.split(",") if not i.endswith("-graph"))
     elif not torch.cuda.is_available():
