@@ -174,8 +174,12 @@ def newton_schulz(
     x = matrix.mT if transpose else matrix
     x = rounded(x).reshape(-1, *x.shape[-2:]).to(acc)
     # Scale before squaring where ||X||_F overflows (``overflow_scale``): same O, no inf.
-    x = x * overflow_scale(x, torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True))
+    # On the CPU reading the norms back is free: the scaling (three passes over X) runs only
+    # where a norm did overflow; elsewhere it multiplies by 1 and the norm is the same.
     norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
+    if x.device.type != "cpu" or bool(torch.isinf(norm).any()):
+        x = x * overflow_scale(x, norm)
+        norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
     x = rounded(x / (norm + eps))
     for a, b, c in schedule:
         gram = rounded(torch.bmm(x, x.mT))
@@ -378,11 +382,23 @@ def gate_stage_(
 # --------------------------------------------------------------------------------------
 # The weight update (docs/rule.md steps 1 and 12)
 # --------------------------------------------------------------------------------------
+def widened(ortho: Tensor, dtype: torch.dtype, like: Tensor | None = None) -> Tensor:
+    """O in ``dtype`` (exact), laid out in memory like ``like`` when given (see
+    ``matrix_update``)."""
+    if like is not None and like.shape == ortho.shape:
+        return torch.empty_like(like, dtype=dtype).copy_(ortho)
+    return ortho.to(dtype)
+
+
 def matrix_update(
-    ortho: Tensor, row_factor: Tensor, col_gate: Tensor | None, acc_dtype: torch.dtype
+    ortho: Tensor, row_factor: Tensor, col_gate: Tensor | None, acc_dtype: torch.dtype,
+    like: Tensor | None = None,
 ) -> Tensor:
-    """U_ij = row_factor_i * c_j * O_ij, with row_factor = eta_hat * rowscale (or Muon's lr)."""
-    update = ortho.to(acc_dtype) * row_factor.unsqueeze(-1)
+    """U_ij = row_factor_i * c_j * O_ij, with row_factor = eta_hat * rowscale (or Muon's lr).
+    ``like``: the parameter, whose memory layout U takes (a tall matrix's O is the transpose
+    of a contiguous tensor; subtracting a U laid out otherwise from W was 4x slower on a CPU).
+    The same values either way: O is widened exactly."""
+    update = widened(ortho, acc_dtype, like) * row_factor.unsqueeze(-1)
     if col_gate is not None:
         update = update * col_gate.unsqueeze(-2)
     return update
@@ -524,7 +540,8 @@ def trasmuon_apply_stage_(
     ``cols`` that ``param`` and ``ortho`` hold, when not all). Returns the whole gate."""
     gate = None if energy is None else gate_stage_(state, energy, step, lr, **gate_kwargs)
     gate_cols = gate if gate is None or cols is None else gate[..., cols]
-    update = matrix_update(ortho, step_size.unsqueeze(-1) * rowscale, gate_cols, state["momentum"].dtype)
+    update = matrix_update(ortho, step_size.unsqueeze(-1) * rowscale, gate_cols, state["momentum"].dtype,
+                           like=param)
     apply_update_(param, update, weight_decay_factor(lr, weight_decay))
     return gate
 
@@ -543,7 +560,7 @@ def muon_update_stage_(
     acc = state_dtype(param.dtype)
     step_size = muon_lr(lr, adjust_lr_fn, d_out, d_in)
     row_factor = torch.as_tensor(step_size, dtype=acc, device=param.device).expand(ortho.shape[-2])
-    update = matrix_update(ortho, row_factor, None, acc)
+    update = matrix_update(ortho, row_factor, None, acc, like=param)
     apply_update_(param, update, weight_decay_factor(lr, weight_decay))
 
 
@@ -778,7 +795,7 @@ def namo_update_stage_(
     step_up, decay = out["step_up"], out["decay"]
     if cols is not None:  # NAMO-D's per-column factors, on a block of the columns
         step_up, decay = (f[..., cols] if isinstance(f, Tensor) and f.ndim else f for f in (step_up, decay))
-    apply_update_(param, ortho.to(v.dtype) * step_up, decay)
+    apply_update_(param, widened(ortho, v.dtype, like=param) * step_up, decay)
     return out
 
 
@@ -867,5 +884,5 @@ def weight_update_pass_(
         row_factor = eta_hat.unsqueeze(-1) * rowscale
     else:
         row_factor = torch.as_tensor(step_size, dtype=acc, device=param.device).expand(ortho.shape[-2])
-    update = matrix_update(ortho, row_factor, col_gate, acc)
+    update = matrix_update(ortho, row_factor, col_gate, acc, like=param)
     apply_update_(param, update, weight_decay_factor(lr, weight_decay))
