@@ -43,13 +43,8 @@ from .layout import (
     replicated_layout,
     stack_layouts,
 )
-from .plan import Bucket, StepPlan, ceil_div, local, split_counts
+from .plan import Bucket, DTensor, StepPlan, ceil_div, local, split_counts
 from .rules import REGISTRY, get_rule
-
-try:  # torch >= 2.5
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch 2.4
-    from torch.distributed._tensor import DTensor
 
 if TYPE_CHECKING:
     from .optimizer import MatrixOptimizer

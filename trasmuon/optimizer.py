@@ -28,15 +28,19 @@ from torch.optim import Optimizer
 from . import plan as planning
 from . import reference as ref
 from .graph import StepCapture
-from .plan import BACKENDS, ORIENTATIONS, Bucket, StepPlan, fingerprint, init_state, oriented
+from .plan import (
+    BACKENDS,
+    ORIENTATIONS,
+    Bucket,
+    DTensor,
+    StepPlan,
+    fingerprint,
+    init_state,
+    oriented,
+)
 from .rules import MATRIX_RULES, REGISTRY, Hyperparameter, get_rule
 from .rules import adamw as adamw_rule
 from .rules._checks import in_range, tensor_lr_problem
-
-try:  # torch >= 2.5
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch 2.4
-    from torch.distributed._tensor import DTensor
 
 RULES: tuple[str, ...] = tuple(REGISTRY)
 __all__ = ["BACKENDS", "MATRIX_RULES", "ORIENTATIONS", "RULES", "AdamW", "MatrixOptimizer",
@@ -61,7 +65,7 @@ _OPTION_DEFAULTS: dict[str, Any] = {
 
 
 def kernels_available() -> bool:
-    """Whether the Triton kernels can be imported (``pip install 'trasmuon[triton]'``)."""
+    """Whether the Triton kernels can be imported (``pip install '.[triton]'``)."""
     try:
         import trasmuon_kernels.newton_schulz
         import trasmuon_kernels.update  # noqa: F401
@@ -145,8 +149,9 @@ class MatrixOptimizer(Optimizer):
             raise ValueError(f"{name}: backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "triton" and not kernels_available():
             raise RuntimeError(
-                f"{name}: backend='triton' needs the Triton kernels: pip install 'trasmuon[triton]' "
-                "(triton is not installed or cannot be imported); or use backend='eager'"
+                f"{name}: backend='triton' needs the Triton kernels: pip install triton (or "
+                "pip install '.[triton]' in the repository; triton is not installed or cannot be "
+                "imported); or use backend='eager'"
             )
         for option, value in (("check_finite", check_finite), ("diagnostics", diagnostics),
                               ("check_consistency", check_consistency), ("cuda_graph", cuda_graph)):

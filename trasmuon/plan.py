@@ -34,6 +34,7 @@ from trasmuon_kernels._launch import TorchLaunch
 from . import reference as ref
 from .layout import Block, MatrixLayout
 from .rules import MatrixRule, Program, Rule, StateEntry
+from .rules._matrix import ORIENTATIONS
 
 try:  # torch >= 2.5
     from torch.distributed.tensor import DTensor
@@ -41,10 +42,6 @@ except ImportError:  # pragma: no cover - torch 2.4
     from torch.distributed._tensor import DTensor
 
 BACKENDS = ("eager", "triton", "auto")
-# How a 2D parameter stores its matrix: "out_in" is nn.Linear's (out_features, in_features),
-# "in_out" is transformers' Conv1D (in_features, out_features). The matrix rules always act
-# on the (out, in) matrix: rows are output features, columns input features.
-ORIENTATIONS = ("out_in", "in_out")
 # Group keys that are not hyperparameters a plan depends on.
 _NOT_PLANNED = frozenset({"params", "param_names", "lr", "initial_lr", "max_lr", "min_lr",
                           "base_lr", "base_momentum", "max_momentum", "swa_lr"})

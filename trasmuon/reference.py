@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 
 import torch
 from torch import Tensor
@@ -435,13 +435,6 @@ def muon_lr(lr: float | Tensor, adjust_lr_fn: str | None, d_out: int, d_in: int)
 # --------------------------------------------------------------------------------------
 # One eager step per rule
 # --------------------------------------------------------------------------------------
-RowReduce = Callable[[Tensor], Tensor]
-
-
-def _no_reduce(partial: Tensor) -> Tensor:
-    return partial
-
-
 def momentum_stage_(
     grad: Tensor, state: MutableMapping[str, Tensor], beta1: float, nesterov: bool
 ) -> tuple[Tensor, Tensor]:
@@ -470,22 +463,18 @@ def trasmuon_update_stage_(
     gate_kwargs: dict,
     energy_source: str,
     shape: tuple[int, int] | None = None,
-    row_reduce: RowReduce = _no_reduce,
 ) -> dict[str, Tensor | None]:
-    """Steps 1 and 4-12 of docs/rule.md for one TrasMuon (``gate_on``) or NorMuon matrix, given O.
-
-    ``param``, ``grad_wide``, ``ortho`` and the state may hold a block of whole rows of the
-    matrix (a row-sharded parameter): ``shape`` is then the full (d_out, d_in), and
-    ``row_reduce`` sums a partial over the row blocks (all-reduce). Everything per row
-    stays local; the column energies and ||O_base||_F^2 are the two sums over rows.
-    Returns the intermediate tensors the diagnostics read (no host syncs).
+    """Steps 1 and 4-12 of docs/rule.md for one whole TrasMuon (``gate_on``) or NorMuon
+    matrix, given O (the rule programs compose the same stages themselves, with the sums
+    over rows of a sharded matrix all-reduced in between). Returns the intermediate tensors
+    the diagnostics read (no host syncs).
     """
     d_out, d_in = shape if shape is not None else tuple(param.shape[-2:])
     rowscale, base_partial = trasmuon_row_stage_(ortho, state, d_in, beta2=betas[1], eps=eps)
-    step_size = eta_hat_from_sumsq(scale, lr, d_out, d_in, row_reduce(base_partial))
+    step_size = eta_hat_from_sumsq(scale, lr, d_out, d_in, base_partial)
     energy = None
     if gate_on:
-        energy = row_reduce(trasmuon_energy_partial(state, grad_wide, ortho, rowscale, energy_source))
+        energy = trasmuon_energy_partial(state, grad_wide, ortho, rowscale, energy_source)
     gate = trasmuon_apply_stage_(param, ortho, state, rowscale, step_size, energy, step, lr,
                                  weight_decay=weight_decay, gate_kwargs=gate_kwargs)
     return {"eta_hat": step_size, "energy": energy, "gate": gate}

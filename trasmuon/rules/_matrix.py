@@ -26,6 +26,9 @@ from ._checks import (
 if TYPE_CHECKING:
     from ..plan import Bucket
 
+# How a 2D parameter stores its matrix: "out_in" is nn.Linear's (out_features, in_features),
+# "in_out" is transformers' Conv1D (in_features, out_features). The matrix rules always act
+# on the (out, in) matrix: rows are output features, columns input features.
 ORIENTATIONS = ("out_in", "in_out")
 
 

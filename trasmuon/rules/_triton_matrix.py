@@ -23,17 +23,13 @@ from torch import Tensor
 
 from .. import reference as ref
 from ..layout import Block, block_view, row_sums_view
-from ..plan import ExpertState
+from ..plan import DTensor, ExpertState
 from . import Program
 from ._matrix import PointerTable
 
 if TYPE_CHECKING:
     from ..plan import Bucket, StepPlan
 
-try:  # torch >= 2.5
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch 2.4
-    from torch.distributed._tensor import DTensor
 
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 
