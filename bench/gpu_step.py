@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--impls", default=",".join(DEFAULT_IMPLS))
     ap.add_argument("--budget-s", type=float, default=60.0,
                     help="skip the remaining implementations of a model after this many seconds")
+    ap.add_argument("--compile-only", action="store_true",
+                    help="take each implementation's first step only (Triton compiles its kernels "
+                         "into its disk cache), no timing: run_gpu.sh runs it beside the parity parts")
     ap.add_argument("--interpret-smoke", action="store_true",
                     help="CPU + TRITON_INTERPRET=1, GPT-2's structure at 1 x 32: the same rows "
                          "and JSON, to check the script without a GPU (its times mean nothing)")
@@ -135,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("needs a GPU (or --interpret-smoke)")
     else:
         device = torch.device("cuda")
-    rates = measured_rates(device) if device.type == "cuda" else {"matmul_tflops": 1.0, "copy_gbs": 10.0}
+    if device.type == "cuda" and not args.compile_only:
+        rates = measured_rates(device)
+    else:  # (the CPU dry run's and the compile pass's floors are not reported)
+        rates = {"matmul_tflops": 1.0, "copy_gbs": 10.0}
     result = {"env": environment(device), "rates": rates, "rows": []}
     for model in args.models.split(","):
         specs = MODELS[model]
@@ -157,14 +163,16 @@ def main(argv: list[str] | None = None) -> int:
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     row["first_step_s"] = time.perf_counter() - t0
-                    row["median_ms"] = median_ms(step, device, quick=True)
-                    row["floor_ms"] = floor_ms(specs, **rates)
+                    if not args.compile_only:
+                        row["median_ms"] = median_ms(step, device, quick=True)
+                        row["floor_ms"] = floor_ms(specs, **rates)
                 except Exception as exc:  # report and go on: one failure must not hide the rest
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
             result["rows"].append(row)
             _write(args.out, result)  # as it goes: a slot that runs out keeps what was measured
             print(f"{model:12s} {impl:18s} "
-                  + (f"{row['median_ms']:9.3f} ms" if "median_ms" in row else row.get("error", "")),
+                  + (f"{row['median_ms']:9.3f} ms" if "median_ms" in row else
+                     row.get("error", f"first step {row.get('first_step_s', 0):.1f} s")),
                   flush=True)
         del matrices, others
         if device.type == "cuda":

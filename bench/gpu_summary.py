@@ -4,8 +4,8 @@
 
 Reads (each optional) ``status.tsv`` (part, exit status, seconds), ``newton_schulz.json``
 (bench/gpu_newton_schulz.py), ``memory_passes.json`` (bench/gpu_memory_passes.py) and
-``step.json`` (bench/gpu_step.py), prints one table per file, and writes the same text to
-``summary.txt``.
+``step.json`` (bench/gpu_step.py), ``profile_step.json`` (bench/gpu_profile_step.py),
+prints one table per file, and writes the same text to ``summary.txt``.
 """
 
 from __future__ import annotations
@@ -81,6 +81,15 @@ def summary(out: Path) -> str:
                             f"{(f'{vs_e:.2f}x' if vs_e else '-'):>8s} {row.get('floor_ms', 0):8.3f} "
                             f"{(f'{check:.1e}' if check is not None else '-'):>15s}"
                             if "median_ms" in row else f"{'-':>9s}  {row.get('error', '')[:60]}"))
+    prof = _load(out / "profile_step.json")
+    if prof:
+        env = env or prof.get("env")
+        lines += ["", f"One {prof.get('model')} {prof.get('impl')} step under torch.profiler: "
+                      f"{prof.get('device_us_per_step', 0):.0f} us of device time",
+                  f"{'kernel':48s} {'calls':>6s} {'us':>9s} {'share':>6s}"]
+        for row in prof.get("kernels", [])[:12]:
+            lines.append(f"{row['kernel'][:48]:48s} {row['calls_per_step']:6.1f} {row['us_per_step']:9.1f} "
+                         f"{row['share']:6.1%}")
     if env:
         lines.insert(0, f"{env.get('device')}: torch {env.get('torch')}, triton {env.get('triton')}, "
                         f"CUDA {env.get('cuda')}, driver {env.get('driver')}")
