@@ -517,6 +517,13 @@ class StepPlan:
                 done()
 
 
+_SLOT_ALIGN = 4  # float32 scalars: 16 bytes
+
+
+def _aligned_slot(index: int) -> int:
+    return -(-index // _SLOT_ALIGN) * _SLOT_ALIGN
+
+
 class _DeviceScalars:
     """Device-resident scalars of the Triton programs: per device one float32 tensor of lr
     slots (one per param group) and one of step counters (one per parameter).
@@ -531,7 +538,7 @@ class _DeviceScalars:
         self.lr: dict[torch.device, Tensor] = {}
         self._staging: dict[torch.device, Tensor] = {}
         self._events: dict[torch.device, Any] = {}
-        self._counter_users: dict[torch.device, list[list[dict[str, Any]]]] = {}
+        self._counter_users: dict[torch.device, list[tuple[int, list[dict[str, Any]]]]] = {}
         self.counters: dict[torch.device, Tensor] = {}
         self.launches: dict[torch.device, list[Any]] = {}
 
@@ -542,35 +549,41 @@ class _DeviceScalars:
         return list(slots).index(group_index)
 
     def reserve_counters(self, device: torch.device, states: list[dict[str, Any]]) -> int:
-        """Reserve consecutive step counters for ``states``; returns the first index."""
+        """Reserve consecutive step counters for ``states``; returns the first index (a
+        multiple of ``_SLOT_ALIGN``: every bucket's view starts 16-byte aligned)."""
         users = self._counter_users.setdefault(device, [])
-        start = sum(len(u) for u in users)
-        users.append(states)
+        start = _aligned_slot(users[-1][0] + len(users[-1][1])) if users else 0
+        users.append((start, states))
         return start
 
     def allocate(self) -> None:
         """Allocate the device tensors once every program has reserved its slots, and move
         each parameter's ``step`` into its counter (the state entry becomes a 0-d view)."""
         for device, slots in self._slots.items():
-            lr = self.lr[device] = torch.zeros(len(slots), dtype=torch.float32, device=device)
+            # One lr per _SLOT_ALIGN floats: every slot's address is 16-byte aligned, as the
+            # kernels' pointer arguments are everywhere else (one specialization per kernel).
+            lr = self.lr[device] = torch.zeros(len(slots) * _SLOT_ALIGN, dtype=torch.float32, device=device)
             staging = self._staging[device] = torch.zeros(
                 len(slots), dtype=torch.float32, pin_memory=device.type == "cuda")
+            lr_slots = lr.view(len(slots), _SLOT_ALIGN)[:, 0]
             self.launches.setdefault(device, []).append(TorchLaunch(
-                "copy(lr)", lambda lr=lr, staging=staging: lr.copy_(staging, non_blocking=True),
+                "copy(lr)", lambda d=lr_slots, staging=staging: d.copy_(staging, non_blocking=True),
                 (lr, staging)))
         for device, users in self._counter_users.items():
-            values = [float(s["step"]) if "step" in s else 0.0 for states in users for s in states]
+            start, states = users[-1]
+            values = [0.0] * (start + len(states))
+            for start, states in users:
+                for i, s in enumerate(states):
+                    values[start + i] = float(s["step"]) if "step" in s else 0.0
             counters = self.counters[device] = torch.tensor(values, dtype=torch.float32).to(device)
-            i = 0
-            for states in users:
-                for s in states:
-                    s["step"] = counters[i]
-                    i += 1
+            for start, states in users:
+                for i, s in enumerate(states):
+                    s["step"] = counters[start + i]
             self.launches.setdefault(device, []).append(TorchLaunch(
                 "add(step)", lambda c=counters: c.add_(1.0), (counters,)))
 
     def lr_tensor(self, device: torch.device, slot: int) -> Tensor:
-        return self.lr[device][slot]
+        return self.lr[device][slot * _SLOT_ALIGN]
 
     def counter_view(self, device: torch.device, start: int, count: int) -> Tensor:
         return self.counters[device][start:start + count]
@@ -609,7 +622,7 @@ class _DeviceScalars:
             for slot, group in enumerate(self._slots.get(device, {}).values()):
                 lr = group["lr"]
                 if isinstance(lr, Tensor):  # copied on the device: never read on the host
-                    dst = self.lr[device][slot:slot + 1]
+                    dst = self.lr[device][slot * _SLOT_ALIGN:slot * _SLOT_ALIGN + 1]
                     TorchLaunch("copy(tensor lr)",
                                 lambda d=dst, v=lr: d.copy_(v.detach().reshape(1), non_blocking=True),
                                 (dst, lr))()
