@@ -1,0 +1,92 @@
+"""Bytes of optimizer state per parameter, per class, for a model's parameter structure.
+
+    python bench/state_bytes.py --json bench/results/state_bytes.json
+
+The state is what ``optimizer.state`` holds (``state_dict``'s tensors), from each rule's own
+table of state entries (``trasmuon.plan.state_shapes``) for the matrices (the class's matrix
+rule) and the other params (AdamW), params bf16, state float32 (``reference.state_dtype``).
+The step counter is left out (one scalar per tensor). The first model is also built and
+stepped once on the CPU, and the bytes actually allocated (``bench/common.py``'s
+``state_bytes``) must equal the table's: a check that the table is what the optimizer keeps.
+Buffers a Triton plan keeps beside the state (Newton-Schulz inputs and outputs, sums over
+rows) are not state and are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import OURS, make_params, make_step, state_bytes  # noqa: E402
+from bench.shapes import MODELS  # noqa: E402
+from trasmuon import reference as ref  # noqa: E402
+from trasmuon.plan import state_shapes  # noqa: E402
+from trasmuon.rules import get_rule  # noqa: E402
+
+STATE_DTYPE_BYTES = torch.finfo(ref.state_dtype(torch.bfloat16)).bits // 8
+
+
+def table_bytes(cls: type, specs, matrices_only: bool = False) -> tuple[int, int]:
+    """(state bytes, params) of ``cls`` for ``specs`` (or for its matrices only) from the
+    rules' state tables."""
+    matrix_rule = get_rule(cls.matrix_rule)
+    adamw = get_rule("adamw")
+    total = params = 0
+    for shape, count, kind in specs:
+        if matrices_only and kind != "matrix":
+            continue
+        rule = matrix_rule if kind == "matrix" else adamw
+        group = dict(rule.defaults)
+        shapes = state_shapes(rule, group, tuple(shape))
+        per = sum(math.prod(s) for name, s in shapes.items() if name != "step")
+        total += count * per * STATE_DTYPE_BYTES
+        params += count * math.prod(shape)
+    return total, params
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="gpt2-small,llama3.2-1b")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    models = args.models.split(",")
+    result: dict = {"param_dtype": "bfloat16", "state_dtype": "float32", "torch": torch.__version__,
+                    "date": time.strftime("%Y-%m-%d"), "bytes_per_param": {},
+                    "bytes_per_matrix_param": {}}
+    for model in models:
+        for key, only in (("bytes_per_param", False), ("bytes_per_matrix_param", True)):
+            row = {}
+            for name, cls in OURS.items():
+                nbytes, params = table_bytes(cls, MODELS[model], only)
+                row[name] = nbytes / params
+            result[key][model] = row
+            print(model, key, {k: round(v, 3) for k, v in row.items()})
+    # The check: what a built and stepped optimizer allocates (the first model, eager backend).
+    checked = {}
+    for name in OURS:
+        matrices, others = make_params(MODELS[models[0]], "cpu", torch.bfloat16)
+        step, opts = make_step(name, matrices, others)
+        step()
+        counters = sum(1 for opt in opts for s in opt.state.values() if "step" in s)
+        allocated = state_bytes(opts) - counters * 4  # (each step counter: one float32)
+        checked[name] = allocated == table_bytes(OURS[name], MODELS[models[0]])[0]
+        del matrices, others, opts, step
+    result["allocated_equals_table"] = checked
+    print("allocated == table:", checked)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
