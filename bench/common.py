@@ -8,7 +8,12 @@ import torch
 
 import trasmuon
 
-from .shapes import ParamSpec
+from .shapes import ParamSpec, gpt2
+
+# The GPU scripts' CPU dry run (run_gpu.sh SMOKE=1): GPT-2's structure at 1 x 32, which
+# Triton's interpreter steps in about a second.
+SMOKE_MODEL = "gpt2-micro"
+SMOKE_SPECS = gpt2(1, 32, vocab=64, ctx=16)
 
 # name -> (matrix rule of ours, or None for a torch.optim baseline)
 OURS = {"trasmuon": trasmuon.TrasMuon, "normuon": trasmuon.NorMuon,

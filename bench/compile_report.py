@@ -79,9 +79,8 @@ RULES = tuple(RULE_OF)
 
 
 def install_compile_only_driver(arch: int = 90) -> None:
-    """The stand-in driver (``bench/standin_driver.py``): compiles for sm_90, runs nothing."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise SystemExit("compile_report: unset TRITON_INTERPRET (interpreted kernels do not compile)")
+    """The stand-in driver (``bench/standin_driver.py``, which refuses TRITON_INTERPRET):
+    compiles for sm_90, runs nothing."""
     sys.path.insert(0, str(ROOT))
     from bench.standin_driver import install
 

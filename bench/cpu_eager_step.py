@@ -11,7 +11,6 @@ slow phases hit all of them alike); the figure is the median over all timed step
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -25,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import make_params, make_step  # noqa: E402
 from bench.shapes import gpt2  # noqa: E402
+from bench.timing import write_json  # noqa: E402
 
 IMPLS = ("muon", "torch-muon", "normuon", "trasmuon", "namo_d")
 
@@ -57,9 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
               "median_ms": {impl: statistics.median(s) for impl, s in samples.items()}}
     for impl, ms in result["median_ms"].items():
         print(f"{impl:12s} {ms:8.1f} ms per step")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {args.json}")
+    write_json(args.json, result)
     return result
 
 

@@ -23,7 +23,6 @@ are timed too. Results go to JSON with the GPU name and the torch and triton ver
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -253,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         slug = timing.device_name(device).replace(" ", "_").replace("/", "_")
         out = ROOT / "bench" / "results" / f"gpu_memory_passes_{slug}.json"
     result["parity"] = [row for shape in shapes for row in parity(shape, device)]
-    _write(out, result)
+    timing.write_json(out, result)
     failed = [r for r in result["parity"] if not r["within_tolerance"]]
     # On the CPU the interpreter run must also be bit-identical where the tests say so.
     if device.type == "cpu":
@@ -268,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         result["passes"] = []
         for shape in shapes:  # written after every shape: a run that is cut off keeps the rest
             result["passes"] += bandwidth(shape, device, timing)
-            _write(out, result)
+            timing.write_json(out, result)
         for row in result["passes"]:
             if "gbs" in row:
                 row["fraction_of_copy"] = row["gbs"] / copy_gbs
@@ -276,17 +275,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row['pass']:42s} {row['shape']} {row['median_ms']:.4f} ms "
                   + (f"{row['gbs']:.0f} GB/s ({row['fraction_of_copy']:.0%} of copy)" if "gbs" in row else ""))
         print(f"device-to-device copy: {copy_gbs:.0f} GB/s")
-    _write(out, result)
+    timing.write_json(out, result)
     if out is not None:
         print(f"wrote {out}")
     print(f"parity: {len(result['parity']) - len(failed)}/{len(result['parity'])} checks passed")
     return 1 if failed else 0
 
-
-def _write(out: Path | None, result: dict) -> None:
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     for shape in shapes:
         rows += bench_shape(shape, device, args, ref, rate, compiled_ref)
-        _write(out, result)  # after every shape: a run that is cut off keeps what it measured
+        timing.write_json(out, result)  # after every shape: a run that is cut off keeps what it measured
     if args.authors_venv is not None:
         authors = run_authors(args.authors_venv, shapes, device.type, quick)
         result["authors"] = authors
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         if "error" in authors:
             print("authors:", authors["error"])
-    _write(out, result)
+    timing.write_json(out, result)
     if out is not None:
         print(f"wrote {out}")
     bad = [
@@ -321,11 +321,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{len(bad)} rows failed or exceeded the 1.5 error ratio")
         sys.exit(1)
 
-
-def _write(out: Path | None, result: dict) -> None:
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ interpreter) the times are host times and mean nothing; the run only checks the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -36,13 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from bench.common import make_params, make_step
-    from bench.shapes import MODELS, gpt2
-    from bench.timing import environment
+    from bench.common import SMOKE_MODEL, SMOKE_SPECS, make_params, make_step
+    from bench.shapes import MODELS
+    from bench.timing import environment, write_json
 
-    models = dict(MODELS, **{"gpt2-micro": gpt2(1, 32, vocab=64, ctx=16)})
+    models = dict(MODELS, **{SMOKE_MODEL: SMOKE_SPECS})
     if args.interpret_smoke:
-        device, model = torch.device("cpu"), "gpt2-micro"
+        device, model = torch.device("cpu"), SMOKE_MODEL
     elif not torch.cuda.is_available():
         ap.error("needs a GPU (or --interpret-smoke)")
     else:
@@ -75,9 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         r["share"] = r["us_per_step"] / total
     result = {"env": environment(device), "model": model, "impl": args.impl,
               "interpret_smoke": bool(args.interpret_smoke), "device_us_per_step": total, "kernels": rows}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result)
     print(f"{model} {args.impl}: {total:.0f} us of {'device' if device.type == 'cuda' else 'host'} time per step")
     for r in rows[:25]:
         print(f"  {r['kernel'][:60]:60s} {r['calls_per_step']:6.1f} x {r['us_per_step']:10.1f} us {r['share']:6.1%}")

@@ -30,7 +30,6 @@ element: G 2, M 8, X 2, O 2 and 2, W 4; per AdamW element 22) at the measured co
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -123,15 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from bench.common import make_params, make_step
-    from bench.shapes import MODELS, gpt2, param_count
-    from bench.timing import environment, median_ms
+    from bench.common import SMOKE_MODEL, SMOKE_SPECS, make_params, make_step
+    from bench.shapes import MODELS, param_count
+    from bench.timing import environment, median_ms, write_json
 
     if args.interpret_smoke:
         device = torch.device("cpu")
-        MODELS = {**MODELS, "gpt2-micro": gpt2(1, 32, vocab=64, ctx=16)}
+        MODELS = {**MODELS, SMOKE_MODEL: SMOKE_SPECS}
         if args.models == ",".join(DEFAULT_MODELS):
-            args.models = "gpt2-micro"
+            args.models = SMOKE_MODEL
         # (a hand-made capture needs CUDA; cuda_graph=True runs uncaptured, with its warning)
         args.impls = ",".join(i for i in args.impls.split(",") if not i.endswith("-graph"))
     elif not torch.cuda.is_available():
@@ -169,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as exc:  # report and go on: one failure must not hide the rest
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
             result["rows"].append(row)
-            _write(args.out, result)  # as it goes: a slot that runs out keeps what was measured
+            write_json(args.out, result)  # as it goes: a slot that runs out keeps what was measured
             print(f"{model:12s} {impl:18s} "
                   + (f"{row['median_ms']:9.3f} ms" if "median_ms" in row else
                      row.get("error", f"first step {row.get('first_step_s', 0):.1f} s")),
@@ -183,16 +182,11 @@ def main(argv: list[str] | None = None) -> int:
             for peer in ("torch-muon", "trasmuon"):
                 if base.get(peer):
                     row[f"speedup_vs_{peer}"] = base[peer] / row["median_ms"]
-    _write(args.out, result)
+    write_json(args.out, result)
     if args.out:
         print(f"wrote {args.out}")
     return 1 if any("error" in r for r in result["rows"]) else 0
 
-
-def _write(path: Path | None, result: dict) -> None:
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

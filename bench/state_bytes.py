@@ -15,7 +15,6 @@ rows) are not state and are not counted.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -28,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import OURS, make_params, make_step, state_bytes  # noqa: E402
 from bench.shapes import MODELS  # noqa: E402
+from bench.timing import write_json  # noqa: E402
 from trasmuon import reference as ref  # noqa: E402
 from trasmuon.plan import state_shapes  # noqa: E402
 from trasmuon.rules import get_rule  # noqa: E402
@@ -82,9 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         del matrices, others, opts, step
     result["allocated_equals_table"] = checked
     print("allocated == table:", checked)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {args.json}")
+    write_json(args.json, result)
     return result
 
 

@@ -30,8 +30,8 @@ its dimensions divided by ``--shrink`` so that the interpreter can run it; param
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
-import json
 import os
 import statistics
 import sys
@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import OURS, make_params  # noqa: E402
 from bench.shapes import MODELS, MODELS_CI  # noqa: E402
+from bench.timing import write_json  # noqa: E402
 
 MODELS = {**MODELS, **MODELS_CI}
 
@@ -143,9 +144,9 @@ def dispatch_step(opt, rule: str, host_steps: int) -> dict[str, Any]:
     with record_launches() as records:
         opt.step()
     calls = {}
-    for name, slow in (("bound", False), ("triton", True)):
+    for name, dispatch in (("bound", contextlib.nullcontext), ("triton", triton_dispatch)):
         LAUNCHER.recording = []
-        with triton_dispatch() if slow else _nothing():
+        with dispatch():
             opt.step()
         calls[name], LAUNCHER.recording = LAUNCHER.recording, None
     same = len(calls["bound"]) == len(calls["triton"]) and all(
@@ -175,15 +176,15 @@ def dispatch_step(opt, rule: str, host_steps: int) -> dict[str, Any]:
            "launcher_calls_with_the_hook_under_a_launch_hook": hooked_calls}
     # The torch launches (a zeroing, a sum over partials, a copy) are skipped while timing:
     # on the CPU they would compute what a GPU queues (about 5 us of host time each there).
-    for name, slow in (("bound", False), ("triton", True)):
+    for key, dispatch in (("host_ms_per_step_bound_launchers", contextlib.nullcontext),
+                          ("host_ms_per_step_triton_dispatch", triton_dispatch)):
         samples = []
-        with triton_dispatch() if slow else _nothing(), stub_torch_launches():
+        with dispatch(), stub_torch_launches():
             for _ in range(host_steps):
                 t0 = time.perf_counter()
                 opt.step()
                 samples.append((time.perf_counter() - t0) * 1e3)
-        out[f"host_ms_per_step_{name}_launchers" if name == "bound" else "host_ms_per_step_triton_dispatch"] = \
-            statistics.median(samples)
+        out[key] = statistics.median(samples)
     print(f"{rule:>9}: {out['triton_launches']} Triton launches + {out['torch_launches']} torch (skipped); "
           f"host {out['host_ms_per_step_bound_launchers']:.3f} ms per step with bound launchers, "
           f"{out['host_ms_per_step_triton_dispatch']:.3f} ms through Triton's dispatch; "
@@ -202,14 +203,6 @@ def same_call(bound: tuple, triton_call: tuple) -> bool:
         return False
     return all(x is y or (not isinstance(x, torch.Tensor) and type(x) is type(y) and x == y)
                for i, (x, y) in enumerate(zip(bound, triton_call, strict=True)) if not 6 <= i <= 8)
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -253,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result["rules"][rule] = dispatch_step(opt, rule, args.host_steps)
             del opt
             gc.collect()  # (a 1B model's params, gradients and state before the next rule's)
-        _write(args.json, result)
+        write_json(args.json, result)
         return result
     for rule in args.rules:
         opt, _ = build(args.model, rule, args.shrink, torch.bfloat16)
@@ -276,15 +269,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"AdamW {counts['adamw_triton_launches']}); ")
         print(f"{rule:>9}: {launches}host {counts['host_ms_per_step_stubbed']:.3f} ms per step "
               "with launches stubbed")
-    _write(args.json, result)
+    write_json(args.json, result)
     return result
 
-
-def _write(path: Path | None, result: dict[str, Any]) -> None:
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -3,11 +3,22 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
+
+
+def write_json(path: Path | None, result: Any) -> None:
+    """Write a result file (nothing when ``path`` is None): scripts call it as they go, so
+    that a run cut off keeps what it measured."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
 
 
 def median_ms(fn: Callable[[], object], device: torch.device | str, *, quick: bool = False) -> float:

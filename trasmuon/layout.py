@@ -202,7 +202,13 @@ def matrix_layout(param_shape: Sequence[int], mesh_shape: Sequence[int], placeme
         first, second = by_global[g]
         blocks.append(Block(second, first) if orientation == "in_out" else Block(first, second))
     shape = (shape[1], shape[0]) if orientation == "in_out" else (shape[0], shape[1])
-    _check_tiling(shape, blocks, f"placements {tuple(placements)}")
+    return _grid_layout(shape, blocks, f"placements {tuple(placements)}")
+
+
+def _grid_layout(shape: tuple[int, int], blocks: Sequence[Block], what: str) -> MatrixLayout:
+    """The layout of ``blocks`` (per group rank), checked to tile the matrix as a grid; the
+    first holder of each block is its primary."""
+    _check_tiling(shape, blocks, what)
     seen: set[Block] = set()
     primary = []
     for b in blocks:
@@ -252,13 +258,7 @@ def stack_layouts(param_shape: Sequence[int], mesh_shape: Sequence[int], placeme
                 blocks.append(empty)
             else:
                 blocks.append(Block(second, first) if orientation == "in_out" else Block(first, second))
-        _check_tiling((d_out, d_in), blocks, f"placements {tuple(placements)} (expert {e})")
-        seen: set[Block] = set()
-        primary = []
-        for b in blocks:
-            primary.append(b.numel > 0 and b not in seen)
-            seen.add(b)
-        matrices.append(MatrixLayout((d_out, d_in), tuple(blocks), tuple(primary)))
+        matrices.append(_grid_layout((d_out, d_in), blocks, f"placements {tuple(placements)} (expert {e})"))
     return StackLayout(tuple(experts for experts, _, _ in per_rank), tuple(matrices))
 
 
