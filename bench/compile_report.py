@@ -11,13 +11,18 @@ launch options (warps, stages) of the launch itself, so what is compiled is exac
 launch on an H200 would compile. Nothing is executed; the tensors are CPU tensors that are
 never touched (``torch.empty``: address space, not memory).
 
-Which launches: ``launches_for`` builds, with the ``prepare_*`` functions and ``H200`` props,
-the launches one Triton step issues for a bucket of same-shape matrices (mirroring the matrix
-rules' Triton programs, ``trasmuon/rules/_triton_matrix.py``), for every rule (TrasMuon with momentum and O_base energies, NorMuon,
-Muon) and for bf16 and fp32 params; plus the kernels the step does not launch but the
-package offers (``fro_sumsq``, ``row_sumsq``, ``kth_smallest``). Buckets: the "matrix"
-params of the models in ``bench/shapes.py`` grouped by shape as the optimizer groups them,
-and 4096x4096, 4096x11008 and a 12x768x3072 stack.
+Which launches: those of one real step (``step_launches``). For every model of
+``bench/shapes.py`` (GPT-2 small and medium, Qwen3-0.6B, Llama-3.2-1B, ViT-B) and every
+standalone shape that bench/gpu_newton_schulz.py times (1024^2 to 8192^2, 4096x11008, a
+12x768x3072 bucket), for every rule (``RULES``: the registry's matrix rules, and TrasMuon
+with update energies, with Gram Newton–Schulz and with bf16 momentum, ``OPTION_VARIANTS``) and for bf16 and fp32 params, an optimizer is built over the model's
+params (matrices under the rule, the rest under AdamW) as if they lived on an H200
+(``simulate_device``) and steps once inside ``capture_launches``: the rules' own Triton
+programs prepare every launch, and none runs. Plus the kernels the step does not launch but
+the package offers (``newton_schulz`` from a bf16 or fp32 input, ``fro_sumsq``, ``row_sumsq``,
+``kth_smallest``) per matrix shape. The params and gradients are never-touched
+``torch.empty`` CPU tensors; the optimizer's state is allocated (a 1B model's takes a few GB
+for a moment: one model, rule and dtype at a time).
 
 Per compiled variant (launches deduplicated by the compiled kernel's hash, i.e. by Triton's
 specialization) the report has the kernel, where it is launched, its config, registers,
@@ -33,6 +38,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -43,6 +49,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,11 +79,29 @@ STANDALONE_BUCKETS: dict[str, tuple[int, int, int]] = {
     "4096x11008": (1, 4096, 11008),
     "stack-12x768x3072": (12, 768, 3072),
 }
-# The report's rules, and the registered rule each one runs (the update-energy variant is
-# TrasMuon with energy_source="update").
-RULE_OF = {"trasmuon": "trasmuon", "trasmuon-update-energy": "trasmuon", "normuon": "normuon",
-           "muon": "muon", "namo": "namo", "namo_d": "namo_d"}
-RULES = tuple(RULE_OF)
+# The report's rules: every matrix rule of the registry at its defaults, and the options that
+# launch other kernels or configs, as (registered rule, group keys over its defaults).
+OPTION_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "trasmuon-update-energy": ("trasmuon", {"energy_source": "update"}),
+    "trasmuon-gram": ("trasmuon", {"ns_method": "gram"}),
+    # bf16 momentum with stochastic rounding: the momentum pass's SR variants
+    "trasmuon-bf16-state": ("trasmuon", {"state_dtype": torch.bfloat16, "seed": 0}),
+    "muon-bf16-state": ("muon", {"state_dtype": torch.bfloat16, "seed": 0}),
+    "namo_d-bf16-state": ("namo_d", {"state_dtype": torch.bfloat16, "seed": 0}),
+}
+
+
+def _rule_variants() -> dict[str, tuple[str, dict[str, Any]]]:
+    sys.path.insert(0, str(ROOT))
+    from trasmuon.rules import MATRIX_RULES
+
+    return {**{name: (name, {}) for name in MATRIX_RULES}, **OPTION_VARIANTS}
+
+
+RULE_VARIANTS = _rule_variants()
+RULE_OF = {name: rule for name, (rule, _) in RULE_VARIANTS.items()}
+RULES = tuple(RULE_VARIANTS)
+DEFAULT_DTYPES = "bf16,fp32"
 
 
 def install_compile_only_driver(arch: int = 90) -> None:
@@ -90,174 +116,73 @@ def install_compile_only_driver(arch: int = 90) -> None:
 # --------------------------------------------------------------------------------------
 # The launches of one step
 # --------------------------------------------------------------------------------------
-def model_buckets() -> dict[str, list[tuple[int, int, int]]]:
-    """Per model of bench/shapes.py, its matrix params as buckets: one (count, d_out, d_in)
-    per shape, counts summed (the optimizer buckets same-shape matrices of a group)."""
-    sys.path.insert(0, str(ROOT))
-    from bench.shapes import MODELS
-
-    out = {}
-    for model, specs in MODELS.items():
-        counts: dict[tuple[int, int], int] = {}
-        for shape, count, kind in specs:
-            if kind == "matrix":
-                counts[shape] = counts.get(shape, 0) + count
-        out[model] = [(c, *shape) for shape, c in counts.items()]
-    return out
-
-
 def default_group(rule: str) -> dict[str, Any]:
-    """The hyperparameters of ``rule`` (a key of ``RULES``) at their defaults: the registered
-    rule's (``trasmuon.rules.get_rule(RULE_OF[rule]).defaults``; docs/rule.md, "Defaults"),
-    with energy_source="update" for the update-energy variant. Only their kinds matter to
-    what compiles (flags, None or not)."""
+    """The hyperparameters of ``rule`` (a key of ``RULES``): the registered rule's defaults
+    (``trasmuon.rules.get_rule(RULE_OF[rule]).defaults``; docs/rule.md, "Defaults") with the
+    variant's keys over them (``OPTION_VARIANTS``)."""
     import trasmuon
 
-    if rule not in RULE_OF:
+    if rule not in RULE_VARIANTS:
         raise ValueError(f"unknown rule {rule!r}; expected one of {RULES}")
-    group = dict(trasmuon.rules.get_rule(RULE_OF[rule]).defaults)
-    if rule == "trasmuon-update-energy":
-        group["energy_source"] = "update"
-    return group
+    registered, keys = RULE_VARIANTS[rule]
+    return {**trasmuon.rules.get_rule(registered).defaults, **keys}
 
 
-def launches_for(bucket: tuple[int, int, int], param_dtype, rule: str = "trasmuon", props=None) -> list:
-    """The launches one Triton optimizer step issues for a bucket of ``count`` (d_out, d_in)
-    matrices of ``param_dtype`` under ``rule`` (a key of ``RULES``) on a device with
-    ``props`` (default ``H200``), in order. This mirrors what the matrix rules' Triton
-    programs prepare (``trasmuon/rules/_triton_matrix.py``): pointer tables of params,
-    momenta and grads, the plan's device scalars (lr, per-matrix step counters), the bucket's
-    X and O stacks, eta_hat formed in the update pass from ||O_base||_F^2. CPU tensors stand
-    in for the device's (never touched)."""
-    import torch
-
-    from trasmuon import reference as ref
-    from trasmuon_kernels._common import TensorBucket
-    from trasmuon_kernels._launch import H200
-    from trasmuon_kernels.gate import prepare_gate_stage
-    from trasmuon_kernels.momentum_energy import prepare_column_energy, prepare_momentum_energy_pass
-    from trasmuon_kernels.newton_schulz import prepare_newton_schulz
-    from trasmuon_kernels.update import prepare_row_stats, prepare_update_pass
-
-    props = props or H200
-    count, d_out, d_in = bucket
-    group = default_group(rule)
-    muon = rule == "muon"
-    beta1 = group["momentum"] if muon else group["betas"][0]
-    lr = torch.tensor(group["lr"])  # the plan's lr: a device scalar
-    steps = torch.ones(count)  # the plan's per-matrix step counters (float32)
-    params = TensorBucket.of(list(torch.empty(count, d_out, d_in, dtype=param_dtype).unbind(0)), props=props)
-    momenta = TensorBucket.of(list(torch.empty(count, d_out, d_in).unbind(0)), props=props)
-    grads = TensorBucket.of(list(torch.empty(count, d_out, d_in, dtype=param_dtype).unbind(0)), props=props)
-    x = torch.empty(count, d_out, d_in, dtype=torch.bfloat16)
-    o = torch.empty_like(x)
-    x_sqnorm = torch.empty(count)
-    gate_on = not muon and group.get("clip", False) and d_in >= group["clip_min_cols"]
-    source = group["energy_source"] if gate_on and group["energy_source"] != "update" else None
-    energy = torch.empty(count, d_in) if gate_on else None
-    launches: list = []
-    if rule in ("namo", "namo_d"):  # the momentum pass, NS and the rest: see _namo_launches
-        return _namo_launches(launches, group, rule == "namo_d", params, grads, momenta, x, o,
-                              x_sqnorm, lr, steps, props)
-    launches += prepare_momentum_energy_pass(
-        grads, momenta, beta1, nesterov=group["nesterov"], energy_source=source, x_out=x,
-        energy_out=energy if source is not None else None, sqnorm_out=x_sqnorm, props=props)
-    schedule = ref.ns_schedule(group["ns_coefficients"], group["ns_steps"])
-    row_sumsq = None if muon else torch.empty(count, d_out)
-    launches += prepare_newton_schulz(x, schedule, group["eps"], fro_sumsq=x_sqnorm, out=o,
-                                      row_sumsq_out=row_sumsq, props=props,
-                                      overwrite_input=len(schedule) % 2 == 1)
-    if muon:
-        factor = ref.muon_lr(1.0, group["adjust_lr_fn"], d_out, d_in)
-        launches += prepare_update_pass(params, o, lr=lr, weight_decay=group["weight_decay"],
-                                        step_size=lr, step_scale=factor, props=props)
-        return launches
-    rowscale = torch.empty(count, d_out)
-    base_sumsq = torch.empty(count, 1)[:, 0]
-    launches += prepare_row_stats(torch.empty(count, d_out), row_sumsq, d_in=d_in, beta2=group["betas"][1],
-                                  eps=group["eps"], scale=group["scale"], lr=lr, eta_eps=ref.ETA_HAT_EPS,
-                                  rowscale_out=rowscale, sumsq_out=base_sumsq, props=props)
-    gate = None
-    if gate_on:
-        if group["energy_source"] == "update":
-            launches += prepare_column_energy(o, row_scale=rowscale, out=energy, props=props)
-        state: dict = {}
-        ref.init_gate_state(state, (count,), d_in, group["schedule_free"], torch.device("cpu"))
-        state["energy_ref"] = torch.zeros(count)
-        gate = torch.empty(count, d_in)
-        launches += prepare_gate_stage(
-            state, energy, steps, lr, k=ref.quantile_rank(d_in, group["energy_quantile"]),
-            warmup_steps=group["warmup_steps"], clip_period=group["clip_period"],
-            clip_alpha=group["clip_alpha"], clip_min=group["clip_min"],
-            clip_trigger=group["clip_trigger"], clip_beta=group["clip_beta"],
-            energy_beta=group["energy_beta"], energy_eps=group["energy_eps"],
-            schedule_free=group["schedule_free"], sf_mix=group["sf_mix"], sf_eps=ref.SCHEDULE_FREE_EPS,
-            first=torch.zeros(count, dtype=torch.uint8), out=gate, props=props)
-    launches += prepare_update_pass(
-        params, o, lr=lr, weight_decay=group["weight_decay"], rowscale=rowscale,
-        o_base_sumsq=base_sumsq, eta_scale=ref.eta_hat_scale(group["scale"], d_out, d_in),
-        eta_eps=ref.ETA_HAT_EPS, col_gate=gate, props=props)
-    return launches
-
-
-def _namo_launches(launches, group, columns, params, grads, momenta, x, o, x_sqnorm, lr, steps,
-                   props) -> list:
-    """NAMO's (``columns=False``) and NAMO-D's launches after the tables and stacks, as
-    ``trasmuon/rules/_triton_namo.py`` prepares them."""
-    import torch
-
-    from trasmuon import reference as ref
-    from trasmuon_kernels.momentum_energy import prepare_momentum_energy_pass
-    from trasmuon_kernels.namo import prepare_namo_factors
-    from trasmuon_kernels.newton_schulz import prepare_newton_schulz
-    from trasmuon_kernels.update import prepare_update_pass
-
-    count, d_out, d_in = x.shape
-    grad_sums, n_sums = torch.empty(count, d_in), torch.empty(count, d_in)
-    launches += prepare_momentum_energy_pass(
-        grads, momenta, group["betas"][0], nesterov=group["nesterov"], energy_source="grad",
-        x_out=x, energy_out=grad_sums, sqnorm_out=x_sqnorm, input_energy_out=n_sums, props=props)
-    schedule = ref.ns_schedule(group["ns_coefficients"], group["ns_steps"])
-    launches += prepare_newton_schulz(x, schedule, ref.NAMO_NS_EPS, fro_sumsq=x_sqnorm, out=o,
-                                      props=props, overwrite_input=len(schedule) % 2 == 1)
-    v = torch.zeros(count, d_in) if columns else torch.zeros(count)
-    factors = prepare_namo_factors(
-        v, grad_sums, n_sums, steps, lr, betas=group["betas"], eps=group["eps"],
-        weight_decay=group["weight_decay"], scale_shape=ref.namo_shape_factor(group["scale"], d_out, d_in),
-        weight_decay_mode=group["weight_decay_mode"], clamp=group["clamp"] if columns else None,
-        bias_eps=ref.NAMO_BIAS_EPS, props=props)
-    decay, step_up = factors.result
-    launches += factors
-    if columns:
-        launches += prepare_update_pass(params, o, lr=lr, step_size=1.0, col_gate=step_up,
-                                        decay=decay, props=props)
-    else:
-        launches += prepare_update_pass(params, o, lr=lr, step_size=step_up, decay=decay, props=props)
-    return launches
-
-
-def adamw_launches(shapes: list[tuple[int, ...]], param_dtype, props=None) -> list:
-    """The one AdamW launch of a step for the non-matrix params of these shapes (as
-    ``trasmuon/rules/adamw.py`` prepares it: float32 moments, device lr and steps)."""
-    import torch
-
-    from trasmuon_kernels._launch import H200
-    from trasmuon_kernels.adamw import prepare_adamw
-
-    params = [torch.empty(s, dtype=param_dtype) for s in shapes]
-    return prepare_adamw(params, [torch.empty_like(p) for p in params],
-                         [torch.empty(s) for s in shapes], [torch.empty(s) for s in shapes],
-                         steps=torch.ones(len(shapes)), lr=torch.tensor(1e-3), betas=(0.9, 0.95),
-                         eps=1e-8, weight_decay=0.1, props=props or H200)
-
-
-def model_others() -> dict[str, list[tuple[int, ...]]]:
-    """Per model of bench/shapes.py, the shapes of its non-matrix params (AdamW)."""
+def report_models() -> dict[str, list]:
+    """The parameter sets the report steps: the models of bench/shapes.py, and one bucket per
+    standalone shape (``STANDALONE_BUCKETS``: that many matrices of that shape)."""
     sys.path.insert(0, str(ROOT))
     from bench.shapes import MODELS
 
-    return {model: [shape for shape, count, kind in specs if kind != "matrix" for _ in range(count)]
-            for model, specs in MODELS.items()}
+    models = dict(MODELS)
+    for name, (count, d_out, d_in) in STANDALONE_BUCKETS.items():
+        models[name] = [((d_out, d_in), count, "matrix")]
+    return models
+
+
+def step_launches(specs: list, param_dtype, rule: str, props=None) -> list[tuple[str, list]]:
+    """The launches of one Triton optimizer step, from the rules' own programs: an optimizer
+    over ``specs`` (bench/shapes.py's (shape, count, kind); matrices under ``rule``, a key of
+    ``RULES``, at its defaults; every other param under AdamW) with ``param_dtype`` params,
+    planned for a device with ``props`` (default ``H200``, ``simulate_device``), steps once
+    while ``capture_launches`` collects every launch without running it. Returns, per bucket
+    of the plan in launch order, its label ("count x d_out x d_in", "adamw N params", or
+    "plan" for launches of no bucket) and its launches.
+
+    The tensors are CPU tensors: params and gradients ``torch.empty`` (address space, never
+    touched: nothing runs), the state whatever the plan allocates."""
+    import torch
+
+    import trasmuon
+    from trasmuon_kernels._launch import H200, capture_launches, simulate_device
+
+    matrices, others = [], []
+    for shape, count, kind in specs:
+        for _ in range(count):
+            p = torch.nn.Parameter(torch.empty(shape, dtype=param_dtype))
+            p.grad = torch.empty_like(p)
+            (matrices if kind == "matrix" else others).append(p)
+    groups = [{"params": matrices, "rule": RULE_OF[rule], **default_group(rule)}]
+    if others:
+        groups.append({"params": others, "rule": "adamw"})
+    with simulate_device(props or H200):
+        opt = trasmuon.TrasMuon(groups, backend="triton")
+        with capture_launches() as launches:
+            opt.step()
+    owner: dict[int, str] = {}
+    for b in opt._plan.buckets:
+        label = (f"adamw {len(b.params)} params" if b.rule.name == "adamw"
+                 else "x".join(map(str, (len(b.params), *b.shape))))
+        for value in vars(b.program).values():  # the program's launch lists
+            if isinstance(value, list):
+                owner.update((id(item), label) for item in value)
+    out: list[tuple[str, list]] = []
+    for launch in launches:
+        label = owner.get(id(launch), "plan")
+        if not out or out[-1][0] != label:
+            out.append((label, []))
+        out[-1][1].append(launch)
+    return out
 
 
 def standalone_launches(bucket: tuple[int, int, int], param_dtype, props=None) -> list:
@@ -289,39 +214,47 @@ def standalone_launches(bucket: tuple[int, int, int], param_dtype, props=None) -
 
 @dataclass(frozen=True)
 class Site:
-    """Where a launch comes from: model (or standalone shape), bucket, param dtype, rule."""
+    """Where a launch comes from: model (or standalone shape), bucket ("count x d_out x d_in",
+    "adamw N params"), param dtype, rule, and whether an optimizer step issues it."""
 
     model: str
-    bucket: tuple[int, int, int]
+    bucket: str
     dtype: str
     rule: str
     in_step: bool
 
     @property
     def key(self) -> str:
-        c, m, n = self.bucket
         where = "step" if self.in_step else "standalone"
-        return f"{self.model} {c}x{m}x{n} {self.dtype} {self.rule} ({where})"
+        return f"{self.model} {self.bucket} {self.dtype} {self.rule} ({where})"
 
 
-def all_sites(dtypes: Iterable[str] = ("bf16", "fp32")) -> Iterator[tuple[Site, list]]:
-    """(site, its launches) for every model bucket, standalone bucket, dtype and rule."""
+def all_sites(dtypes: Iterable[str] = ("bf16", "fp32"), models: Iterable[str] | None = None,
+              rules: Iterable[str] = RULES) -> Iterator[tuple[Site, list]]:
+    """(site, its launches) for every model of ``report_models`` (or ``models``), dtype and
+    rule: the launches of one real step (``step_launches``), one model, dtype and rule at a
+    time (a 1B model's state is allocated, then freed); and per matrix shape, the package's
+    launches that a step does not issue (``standalone_launches``)."""
+    import gc
+
     import torch
 
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}
-    buckets = dict(model_buckets())
-    buckets.update({name: [b] for name, b in STANDALONE_BUCKETS.items()})
-    for model, model_bks in buckets.items():
-        for bucket in model_bks:
-            for dtype in dtypes:
-                for rule in RULES:
-                    site = Site(model, bucket, dtype, rule, True)
-                    yield site, launches_for(bucket, torch_dtype[dtype], rule)
-                yield Site(model, bucket, dtype, "-", False), standalone_launches(bucket, torch_dtype[dtype])
-    for model, shapes in model_others().items():
+    all_models = report_models()
+    for model in (list(all_models) if models is None else list(models)):
+        specs = all_models[model]
         for dtype in dtypes:
-            yield Site(model, (len(shapes), 0, 0), dtype, "adamw", True), adamw_launches(
-                shapes, torch_dtype[dtype])
+            for rule in rules:
+                for label, launches in step_launches(specs, torch_dtype[dtype], rule):
+                    yield Site(model, label, dtype, "adamw" if label.startswith("adamw") else rule, True), launches
+                gc.collect()  # the step's state, before the next rule's
+            counts: dict[tuple[int, ...], int] = {}
+            for shape, count, kind in specs:
+                if kind == "matrix":
+                    counts[shape] = counts.get(shape, 0) + count
+            for (d_out, d_in), count in counts.items():
+                yield (Site(model, f"{count}x{d_out}x{d_in}", dtype, "-", False),
+                       standalone_launches((count, d_out, d_in), torch_dtype[dtype]))
 
 
 # --------------------------------------------------------------------------------------
@@ -508,8 +441,10 @@ def _worker_init(root: str) -> None:
 
 
 # What a report's compiled facts depend on besides the installed Triton: the kernels and
-# their launchers and configs, the models' shapes, and this script's mirror of the programs.
-REPORT_SOURCES = ("trasmuon_kernels/*.py", "bench/shapes.py", "bench/compile_report.py")
+# their launchers and configs, the code that prepares a step's launches (the plan's device
+# scalars, the rules and their Triton programs), the models' shapes, and this script.
+REPORT_SOURCES = ("trasmuon_kernels/*.py", "trasmuon/plan.py", "trasmuon/rules/*.py",
+                  "bench/shapes.py", "bench/compile_report.py")
 
 
 def report_sources() -> dict[str, str]:
@@ -521,18 +456,27 @@ def report_sources() -> dict[str, str]:
     return {f.relative_to(ROOT).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
-def build_report(*, dtypes: Iterable[str] = ("bf16", "fp32"), workers: int | None = None,
-                 variants: bool = False, uncapped: bool = False, log=print) -> dict[str, Any]:
-    """Compile every distinct specialization among the launches of ``all_sites`` (in
-    ``workers`` processes, default one per CPU) and return the report. ``variants``: compile
-    one launch per kernel/constexpr variant only (``CompileJob.variant_key``; what CI runs).
-    ``uncapped``: compile without the configs' ``maxnreg`` caps (to see what they prevent)."""
-    import multiprocessing
+@dataclass
+class JobList:
+    """The distinct compilations of a report and where each is launched: what a report is
+    made from. It does not depend on the installed Triton (the launch configs are functions
+    of shapes and device properties), so one list serves every Triton version
+    (``--save-jobs`` / ``--jobs``: CI collects it once for 3.9 and 3.6)."""
 
-    import torch
-    import triton
+    jobs: dict[tuple, CompileJob]
+    sites: dict[tuple, list[str]]
+    launches: int
+    mode: str
+    seconds: float
 
-    from trasmuon_kernels._launch import H200, Launch
+
+def collect_jobs(*, dtypes: Iterable[str] = ("bf16", "fp32"), variants: bool = False,
+                 uncapped: bool = False) -> JobList:
+    """The compile jobs of every launch of ``all_sites``, deduplicated by Triton's
+    specialization (``CompileJob.key``) or, with ``variants``, by kernel/constexpr variant
+    only (``CompileJob.variant_key``; what CI runs). ``uncapped``: without the configs'
+    ``maxnreg`` caps (to see what they prevent)."""
+    from trasmuon_kernels._launch import Launch
 
     install_compile_only_driver()
     start = time.perf_counter()
@@ -550,6 +494,24 @@ def build_report(*, dtypes: Iterable[str] = ("bf16", "fp32"), workers: int | Non
             where = sites.setdefault(key, [])
             if site.key not in where:
                 where.append(site.key)
+    mode = ("one launch per kernel/constexpr variant" if variants else "every specialization") + (
+        ", maxnreg caps removed" if uncapped else "")
+    return JobList(jobs, sites, n_launches, mode, round(time.perf_counter() - start, 1))
+
+
+def build_report(job_list: JobList, *, workers: int | None = None, log=print) -> dict[str, Any]:
+    """Compile every job of ``job_list`` (in ``workers`` processes, default one per CPU) with
+    the installed Triton and return the report."""
+    import multiprocessing
+
+    import torch
+    import triton
+
+    from trasmuon_kernels._launch import H200
+
+    install_compile_only_driver()
+    start = time.perf_counter()
+    jobs, sites = job_list.jobs, job_list.sites
     keys = list(jobs)
     workers = max(1, min(workers or os.cpu_count() or 1, len(keys)))
     if workers == 1:
@@ -572,10 +534,10 @@ def build_report(*, dtypes: Iterable[str] = ("bf16", "fp32"), workers: int | Non
         "ptxas": _ptxas_version(),
         "torch": torch.__version__,
         "python": sys.version.split()[0],
-        "mode": ("one launch per kernel/constexpr variant" if variants else "every specialization")
-        + (", maxnreg caps removed" if uncapped else ""),
-        "launches": n_launches,
-        "seconds": round(time.perf_counter() - start, 1),
+        "mode": job_list.mode,
+        "launches": job_list.launches,
+        "steps_seconds": job_list.seconds,  # building the plans and collecting their launches
+        "seconds": round(time.perf_counter() - start, 1),  # compiling
         "sources": report_sources(),
         "variants": sorted(rows.values(), key=lambda r: (r["kernel"], str(r["config"]), r["hash"])),
     }
@@ -637,8 +599,9 @@ def _row_line(row: dict[str, Any]) -> str:
 def summary(report: dict[str, Any]) -> str:
     """A short table: per kernel, the variants' register range and worst blocks per SM."""
     lines = [f"Triton {report['triton']} (ptxas {report.get('ptxas', '?')}), {report['target']}: "
-             f"{len(report['variants'])} compiled variants from {report['launches']} launches in "
-             f"{report['seconds']} s ({report.get('mode', '')})",
+             f"{len(report['variants'])} compiled variants from {report['launches']} launches "
+             f"(steps {report.get('steps_seconds', '?')} s, compiles {report['seconds']} s; "
+             f"{report.get('mode', '')})",
              f"{'kernel':24s} {'variants':>8s} {'regs':>9s} {'spills':>6s} {'min blocks/SM':>13s} "
              f"{'wgmma':>5s} {'tma':>3s} {'16B loads':>9s}"]
     kernels = sorted({r["kernel"] for r in report["variants"]})
@@ -672,12 +635,24 @@ def main(argv: list[str] | None = None) -> int:
                     help="one launch per kernel/constexpr variant (about half the compiles; CI)")
     ap.add_argument("--uncapped", action="store_true",
                     help="compile without the configs' maxnreg caps (not what a launch compiles)")
-    ap.add_argument("--dtypes", default="bf16,fp32")
+    ap.add_argument("--dtypes", default=DEFAULT_DTYPES)
+    ap.add_argument("--save-jobs", type=Path, default=None,
+                    help="also write the compile jobs here (pickle), for --jobs")
+    ap.add_argument("--jobs", type=Path, default=None,
+                    help="compile the jobs of a --save-jobs file instead of stepping the models "
+                         "again (the list does not depend on the Triton version)")
     ap.add_argument("--quiet", action="store_true", help="no line per compiled variant")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    report = build_report(dtypes=args.dtypes.split(","), workers=args.workers, variants=args.variants,
-                          uncapped=args.uncapped, log=(lambda _: None) if args.quiet else print)
+    if args.jobs:
+        if args.variants or args.uncapped or args.dtypes != DEFAULT_DTYPES:
+            ap.error("--jobs replaces --variants, --uncapped and --dtypes (the list was made with them)")
+        job_list = pickle.loads(args.jobs.read_bytes())
+    else:
+        job_list = collect_jobs(dtypes=args.dtypes.split(","), variants=args.variants, uncapped=args.uncapped)
+    if args.save_jobs:
+        args.save_jobs.write_bytes(pickle.dumps(job_list))
+    report = build_report(job_list, workers=args.workers, log=(lambda _: None) if args.quiet else print)
     report["problems"] = check(report)
     print(summary(report))
     for p in report["problems"]:

@@ -1,11 +1,14 @@
-"""The eager step on the CPU beside torch.optim.Muon (+ AdamW for the other params): GPT-2
-small's parameter structure with 2 layers, fp32 params, one thread.
+"""The eager step on the CPU beside torch.optim.Muon (+ AdamW for the other params) and the
+other packages' Muons: GPT-2 small's parameter structure with 2 layers, fp32 params, one thread.
 
     python bench/cpu_eager_step.py --json bench/results/cpu_eager_step.json
 
 Each implementation takes two untimed steps, then ``--rounds`` rounds in which every
 implementation takes ``--steps`` timed steps in turn (interleaved, so that a shared machine's
-slow phases hit all of them alike); the figure is the median over all timed steps.
+slow phases hit all of them alike); the figure is the median over all timed steps. The
+peers of other packages (bench/common.py's ``PEERS``: pytorch_optimizer's Muon and NorMuon,
+heavyball's Muon, each with its defaults, heavyball's torch.compile included) step the
+matrices, torch.optim.AdamW the rest; one not installed is listed under ``errors``.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import make_params, make_step  # noqa: E402
+from bench.common import PeerNotInstalled, make_params, make_step  # noqa: E402
 from bench.shapes import gpt2  # noqa: E402
 from bench.timing import write_json  # noqa: E402
 
-IMPLS = ("muon", "torch-muon", "normuon", "trasmuon", "namo_d")
+IMPLS = ("muon", "torch-muon", "normuon", "trasmuon", "namo_d", "pto-muon", "pto-normuon",
+         "heavyball-muon")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,11 +42,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     specs = gpt2(2, 768)
-    steps = {}
+    steps, errors = {}, {}
     for impl in args.impls.split(","):
         matrices, others = make_params(specs, "cpu", torch.float32)
-        step, _ = make_step(impl, matrices, others)
-        step()
+        try:
+            step, _ = make_step(impl, matrices, others)
+        except PeerNotInstalled as exc:
+            errors[impl] = str(exc)
+            print(f"{impl:14s} {exc}")
+            continue
+        step()  # (heavyball compiles here)
         step()
         steps[impl] = step
     samples: dict[str, list[float]] = {impl: [] for impl in steps}
@@ -55,8 +64,10 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"structure": "gpt2 2 x 768, fp32", "threads": 1, "torch": torch.__version__,
               "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
               "median_ms": {impl: statistics.median(s) for impl, s in samples.items()}}
+    if errors:
+        result["errors"] = errors
     for impl, ms in result["median_ms"].items():
-        print(f"{impl:12s} {ms:8.1f} ms per step")
+        print(f"{impl:14s} {ms:8.1f} ms per step")
     write_json(args.json, result)
     return result
 

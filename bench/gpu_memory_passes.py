@@ -17,7 +17,11 @@ For each bucket shape (4096x4096, the stack 12x768x3072 and its transpose) it re
   and the fraction of it (the issue's target: >= 0.7 for the memory passes).
 
 The kernels run with their default (heuristic) launch configs; pointer-table (list) buckets
-are timed too. Results go to JSON with the GPU name and the torch and triton versions.
+are timed too. Results go to JSON with the GPU name and the torch and triton versions, written
+after every row. ``--budget-s``: before every shape (parity) and every pass (timing) the
+seconds since the script started are checked; once they pass the budget, what is left gets
+rows with ``"error": "skipped: ..."`` (exit status 1), so that a run under a time limit ends
+with its JSON complete instead of being cut off.
 """
 
 from __future__ import annotations
@@ -25,12 +29,23 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
+_STARTED = time.perf_counter()  # --budget-s counts from here (imports included)
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES: list[tuple[int, int, int]] = [(1, 4096, 4096), (12, 768, 3072), (12, 3072, 768)]
 SMOKE_SHAPES: list[tuple[int, int, int]] = [(1, 9, 17), (3, 17, 9), (2, 33, 1), (2, 1, 40)]
 TARGET_FRACTION = 0.7  # of the copy bandwidth, for the memory passes
+# Bytes a kernel must read + write per matrix element, bf16 G, O and W, fp32 M
+# (docs/kernels-memory.md): the floors of the passes here and of bench/gpu_profile_step.py's
+# kernel rows. Per-row and per-column vectors (under 1% at these shapes) are left out.
+KERNEL_BYTES = {
+    "_momentum_energy_kernel": 2 + 4 + 4 + 2,  # G read, M read + written, X written
+    "_column_energy_kernel": 2,  # O read
+    "_row_sumsq_kernel": 2,  # O read
+    "_update_kernel": 2 + 2 + 2,  # O read, W read + written (fp32 W: 2 + 4 + 4)
+}
 BETA1, BETA2, EPS, SCALE, WD = 0.95, 0.95, 1e-8, 0.2, 0.1
 GATE_KWARGS = dict(
     warmup_steps=0, clip_period=1, clip_alpha=1.0, clip_min=0.7, clip_trigger=3.0,
@@ -87,7 +102,7 @@ def parity(shape: tuple[int, int, int], device) -> list[dict]:
     from trasmuon import reference as ref
     from trasmuon_kernels.gate import gate_stage_, kth_smallest
     from trasmuon_kernels.momentum_energy import column_energy, momentum_energy_pass_
-    from trasmuon_kernels.update import row_stats_, row_sumsq, update_pass_
+    from trasmuon_kernels.update import EtaRows, row_stats_, row_sumsq, update_pass_
 
     count, d_out, d_in = shape
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -140,13 +155,13 @@ def parity(shape: tuple[int, int, int], device) -> list[dict]:
     for dtype in (torch.bfloat16, torch.float32):
         w = randn(count, d_out, d_in, dtype=dtype)
         w_twin, w64 = w.clone(), w.double()
-        update_pass_(w, ortho, lr=lr, weight_decay=WD, eta_hat=eta, rowscale=rowscale, col_gate=gate)
+        update_pass_(w, ortho, lr=lr, weight_decay=WD, row=EtaRows(eta, rowscale), col_gate=gate)
         ref.weight_update_pass_(w_twin, ortho, lr, WD, eta_hat=eta, rowscale=rowscale, col_gate=gate)
         ref.weight_update_pass_(w64, ortho.double(), lr, WD, eta_hat=eta.double(),
                                 rowscale=rowscale.double(), col_gate=gate.double())
         rows.append(_check(f"update_{str(dtype).replace('torch.', '')}", w, w64, twin=w_twin, exact_expected=True))
         lst = [p.clone() for p in w_twin]
-        update_pass_(lst, ortho, lr=lr, weight_decay=WD, eta_hat=eta, rowscale=rowscale, col_gate=gate)
+        update_pass_(lst, ortho, lr=lr, weight_decay=WD, row=EtaRows(eta, rowscale), col_gate=gate)
         ref.weight_update_pass_(w_twin, ortho, lr, WD, eta_hat=eta, rowscale=rowscale, col_gate=gate)
         rows.append({"check": f"update_{str(dtype).replace('torch.', '')}_pointer_table",
                      "bit_equal_to_twin": bool(torch.equal(torch.stack(lst), w_twin)),
@@ -157,16 +172,23 @@ def parity(shape: tuple[int, int, int], device) -> list[dict]:
     return rows
 
 
-def bandwidth(shape: tuple[int, int, int], device, timing) -> list[dict]:
-    """Median time and achieved GB/s of every pass (in-place passes run repeatedly: values
-    drift, bytes do not)."""
+def _budget_spent(budget_s: float | None) -> str | None:
+    """The skip message once the script has run past ``budget_s`` seconds, else None."""
+    if budget_s is not None and time.perf_counter() - _STARTED > budget_s:
+        return f"skipped: the {budget_s:.0f} s budget is spent"
+    return None
+
+
+def bandwidth(shape: tuple[int, int, int], device, timing, emit, budget_s: float | None = None) -> None:
+    """Median time and achieved GB/s of every pass, each row handed to ``emit`` as soon as it
+    is measured (in-place passes run repeatedly: values drift, bytes do not)."""
     import torch
 
     from trasmuon import reference as ref
     from trasmuon_kernels._common import TensorBucket
     from trasmuon_kernels.gate import gate_stage_
     from trasmuon_kernels.momentum_energy import column_energy, momentum_energy_pass_
-    from trasmuon_kernels.update import row_stats_, row_sumsq, update_pass_
+    from trasmuon_kernels.update import EtaRows, row_stats_, row_sumsq, update_pass_
 
     count, d_out, d_in = shape
     n = count * d_out * d_in
@@ -194,31 +216,39 @@ def bandwidth(shape: tuple[int, int, int], device, timing) -> list[dict]:
     cases = [
         # (name, fn, bytes read + written per element, or None for the tiny kernels)
         ("momentum_energy_bf16_grad", lambda: momentum_energy_pass_(
-            grad, momentum, BETA1, x_out=x, energy_out=energy, sqnorm_out=sq), 2 + 4 + 4 + 2),
+            grad, momentum, BETA1, x_out=x, energy_out=energy, sqnorm_out=sq),
+         KERNEL_BYTES["_momentum_energy_kernel"]),
         ("momentum_energy_bf16_grad_pointer_tables", lambda: momentum_energy_pass_(
-            grads, moms, BETA1, x_out=x, energy_out=energy, sqnorm_out=sq), 2 + 4 + 4 + 2),
-        ("column_energy_update_source", lambda: column_energy(ortho, row_scale=rowscale, out=energy), 2),
-        ("row_sumsq", lambda: row_sumsq(ortho, out=rss), 2),
+            grads, moms, BETA1, x_out=x, energy_out=energy, sqnorm_out=sq),
+         KERNEL_BYTES["_momentum_energy_kernel"]),
+        ("column_energy_update_source", lambda: column_energy(ortho, row_scale=rowscale, out=energy),
+         KERNEL_BYTES["_column_energy_kernel"]),
+        ("row_sumsq", lambda: row_sumsq(ortho, out=rss), KERNEL_BYTES["_row_sumsq_kernel"]),
         ("update_bf16_param", lambda: update_pass_(
-            w16, ortho, lr=lr_t, weight_decay=WD, eta_hat=eta, rowscale=rowscale, col_gate=gate), 2 + 2 + 2),
+            w16, ortho, lr=lr_t, weight_decay=WD, row=EtaRows(eta, rowscale), col_gate=gate),
+         KERNEL_BYTES["_update_kernel"]),
         ("update_bf16_param_pointer_table", lambda: update_pass_(
-            w16_list, ortho, lr=lr_t, weight_decay=WD, eta_hat=eta, rowscale=rowscale, col_gate=gate), 2 + 2 + 2),
+            w16_list, ortho, lr=lr_t, weight_decay=WD, row=EtaRows(eta, rowscale), col_gate=gate),
+         KERNEL_BYTES["_update_kernel"]),
         ("update_fp32_param", lambda: update_pass_(
-            w32, ortho, lr=lr_t, weight_decay=WD, eta_hat=eta, rowscale=rowscale, col_gate=gate), 4 + 4 + 2),
+            w32, ortho, lr=lr_t, weight_decay=WD, row=EtaRows(eta, rowscale), col_gate=gate), 4 + 4 + 2),
         ("row_stats", lambda: row_stats_(v, rss, d_in=d_in, beta2=BETA2, eps=EPS, scale=SCALE, lr=lr_t,
                                          eta_eps=ref.ETA_HAT_EPS), None),
         ("gate", lambda: gate_stage_(state, energy.abs(), step_t, lr_t, **_kernel_gate_kwargs(d_in),
                                      first=False), None),
     ]
-    rows = []
     for name, fn, bytes_per_elem in cases:
-        ms = timing.median_ms(fn, device)
-        row = {"pass": name, "shape": list(shape), "median_ms": ms}
-        if bytes_per_elem is not None:
-            row["bytes"] = n * bytes_per_elem
-            row["gbs"] = n * bytes_per_elem / (ms * 1e-3) / 1e9
-        rows.append(row)
-    return rows
+        row = {"pass": name, "shape": list(shape)}
+        skipped = _budget_spent(budget_s)
+        if skipped:
+            row["error"] = skipped
+        else:
+            ms = timing.median_ms(fn, device)
+            row["median_ms"] = ms
+            if bytes_per_elem is not None:
+                row["bytes"] = n * bytes_per_elem
+                row["gbs"] = n * bytes_per_elem / (ms * 1e-3) / 1e9
+        emit(row)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="CPU + TRITON_INTERPRET=1: the parity part on tiny shapes, no timing")
     ap.add_argument("--parity-only", action="store_true", help="the parity checks, no timings")
     ap.add_argument("--shapes", default=None, help="e.g. '1x4096x4096,12x768x3072'")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="skip the shapes and passes left once the script has run this many seconds")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -251,36 +283,48 @@ def main(argv: list[str] | None = None) -> int:
     if out is None and device.type == "cuda" and not args.parity_only:
         slug = timing.device_name(device).replace(" ", "_").replace("/", "_")
         out = ROOT / "bench" / "results" / f"gpu_memory_passes_{slug}.json"
-    result["parity"] = [row for shape in shapes for row in parity(shape, device)]
-    timing.write_json(out, result)
-    failed = [r for r in result["parity"] if not r["within_tolerance"]]
+    result["parity"] = []
+    for shape in shapes:  # (a skipped shape: one row with its error, no within_tolerance)
+        skipped = _budget_spent(args.budget_s)
+        result["parity"] += ([{"check": "all", "shape": list(shape), "error": skipped}] if skipped
+                             else parity(shape, device))
+        timing.write_json(out, result)  # as it goes: a run cut off keeps what it checked
+    checked = [r for r in result["parity"] if "error" not in r]
+    failed = [r for r in checked if not r["within_tolerance"]]
     # On the CPU the interpreter run must also be bit-identical where the tests say so.
     if device.type == "cpu":
-        failed += [r for r in result["parity"] if r.get("bit_equality_expected_on_cpu") and not r["bit_equal_to_twin"]]
+        failed += [r for r in checked if r.get("bit_equality_expected_on_cpu") and not r["bit_equal_to_twin"]]
     for r in result["parity"]:
-        flag = "ok " if r not in failed else "BAD"
-        print(f"{flag} {r['check']:34s} {r['shape']} bit_equal={r.get('bit_equal_to_twin')} "
-              f"rel_fro={r.get('rel_fro_err', 0.0):.2e}")
+        flag = "-- " if "error" in r else "ok " if r not in failed else "BAD"
+        print(f"{flag} {r['check']:34s} {r['shape']} "
+              + (r["error"] if "error" in r else f"bit_equal={r.get('bit_equal_to_twin')} "
+                 f"rel_fro={r.get('rel_fro_err', 0.0):.2e}"))
     if device.type == "cuda" and not args.parity_only:
         copy_gbs = timing.copy_bandwidth_gbs(device)
         result["copy_gbs"] = copy_gbs
         result["passes"] = []
-        for shape in shapes:  # written after every shape: a run that is cut off keeps the rest
-            result["passes"] += bandwidth(shape, device, timing)
-            timing.write_json(out, result)
-        for row in result["passes"]:
+
+        def emit(row: dict) -> None:
             if "gbs" in row:
                 row["fraction_of_copy"] = row["gbs"] / copy_gbs
                 row["meets_target"] = row["fraction_of_copy"] >= TARGET_FRACTION
-            print(f"{row['pass']:42s} {row['shape']} {row['median_ms']:.4f} ms "
-                  + (f"{row['gbs']:.0f} GB/s ({row['fraction_of_copy']:.0%} of copy)" if "gbs" in row else ""))
+            result["passes"].append(row)
+            timing.write_json(out, result)  # after every row: a run cut off keeps the rest
+            print(f"{row['pass']:42s} {row['shape']} "
+                  + (row["error"] if "error" in row else f"{row['median_ms']:.4f} ms ")
+                  + (f"{row['gbs']:.0f} GB/s ({row['fraction_of_copy']:.0%} of copy)" if "gbs" in row else ""),
+                  flush=True)
+
+        for shape in shapes:
+            bandwidth(shape, device, timing, emit, args.budget_s)
         print(f"device-to-device copy: {copy_gbs:.0f} GB/s")
     timing.write_json(out, result)
     if out is not None:
         print(f"wrote {out}")
-    print(f"parity: {len(result['parity']) - len(failed)}/{len(result['parity'])} checks passed")
-    return 1 if failed else 0
-
+    skipped_rows = [r for r in result["parity"] + result.get("passes", []) if "error" in r]
+    print(f"parity: {len(checked) - len(failed)}/{len(checked)} checks passed"
+          + (f"; {len(skipped_rows)} rows skipped (budget)" if skipped_rows else ""))
+    return 1 if failed or skipped_rows else 0
 
 
 if __name__ == "__main__":

@@ -15,6 +15,14 @@ compiles its kernels there; the time is recorded as ``first_step_s``), then the 
 float lr, staged before every replay); timed as ``opt.step()`` after its warm-up and capture,
 host checks and replay included.
 
+Peers from other packages (bench/common.py's ``PEERS``, optional): ``pto-muon`` and
+``pto-normuon`` (pytorch_optimizer's Muon and NorMuon) and ``heavyball-muon`` (heavyball's
+Muon, which torch.compiles its fused functions: its first step includes the compile), each
+on the matrices with its defaults at lr 1e-3 (heavyball's with ``consume_grad=False``: it
+would free the gradients the next steps need), the other params on fused torch.optim.AdamW. A
+peer whose package is missing gets a row with ``"error": "not installed: ..."``, which does
+not fail the run (bench/fetch_peers.sh brings them to a machine without network).
+
 ``<rule>-triton-graph``: the Triton step with a tensor lr, captured in a CUDA graph after two
 warm-up steps (docs/architecture.md, "Capturing the step"), timed as ``graph.replay()``. Before
 timing, one replay is checked against one eager step from the same weights, state and gradients
@@ -37,7 +45,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = ("gpt2-small", "qwen3-0.6b")
 DEFAULT_IMPLS = ("trasmuon-triton", "trasmuon-triton-cudagraph", "trasmuon-triton-graph", "trasmuon",
-                 "torch-muon", "normuon-triton", "muon-triton", "namo_d-triton")
+                 "torch-muon", "normuon-triton", "muon-triton", "namo_d-triton",
+                 "pto-muon", "pto-normuon", "heavyball-muon")
 
 
 def floor_ms(specs, matmul_tflops: float, copy_gbs: float) -> float:
@@ -122,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from bench.common import SMOKE_MODEL, SMOKE_SPECS, make_params, make_step
+    from bench.common import SMOKE_MODEL, SMOKE_SPECS, PeerNotInstalled, make_params, make_step
     from bench.shapes import MODELS, param_count
     from bench.timing import environment, median_ms, write_json
 
@@ -156,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
                     if impl.endswith("-graph"):
                         step, row["graph_check"] = graph_step(impl.removesuffix("-graph"), matrices, others)
                     else:
-                        step, _ = make_step(impl, matrices, others)
+                        # (the dry run's heavyball without torch.compile: a minute of CPU compile
+                        # for times that mean nothing)
+                        step, _ = make_step(impl, matrices, others,
+                                            compile_peers=not args.interpret_smoke)
                         for _ in range(4 if impl.endswith("-cudagraph") else 1):
                             step()  # (cuda_graph=True: two warm-up steps, the capture, a replay)
                     if device.type == "cuda":
@@ -165,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                     if not args.compile_only:
                         row["median_ms"] = median_ms(step, device, quick=True)
                         row["floor_ms"] = floor_ms(specs, **rates)
+                except PeerNotInstalled as exc:
+                    row["error"] = str(exc)[:500]
                 except Exception as exc:  # report and go on: one failure must not hide the rest
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
             result["rows"].append(row)
@@ -185,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out, result)
     if args.out:
         print(f"wrote {args.out}")
-    return 1 if any("error" in r for r in result["rows"]) else 0
-
+    # (a peer that is not installed is a fact about the machine, not a failure of the run)
+    return 1 if any("error" in r and not r["error"].startswith("not installed")
+                    for r in result["rows"]) else 0
 
 
 if __name__ == "__main__":

@@ -50,22 +50,28 @@ def summary(out: Path) -> str:
             speed = (torch_muon.get("median_ms") / ours["median_ms"]
                      if ours.get("median_ms") and torch_muon.get("median_ms") else None)
             frac = ours.get("fraction_of_floor")
+            skipped = "  skipped (budget)" if any(
+                r.get("error", "").startswith("skipped") for r in impls.values()) else ""
             lines.append(f"{shape:>14s} {_ms(ours.get('median_ms')):>9s} {_ms(ours.get('floor_ms_symmetric')):>9s} "
                          f"{(f'{frac:.0%}' if frac else '-'):>8s} {_ms(torch_muon.get('median_ms')):>13s} "
-                         f"{(f'{speed:.2f}x' if speed else '-'):>7s}")
+                         f"{(f'{speed:.2f}x' if speed else '-'):>7s}{skipped}")
     mem = _load(out / "memory_passes.json")
     if mem:
         env = env or mem.get("env")
-        failed = [r for r in mem.get("parity", []) if not r.get("within_tolerance")]
+        checked = [r for r in mem.get("parity", []) if "error" not in r]
+        failed = [r for r in checked if not r.get("within_tolerance")]
+        skipped = len(mem.get("parity", [])) - len(checked)
         lines += ["", f"Memory passes (copy {mem.get('copy_gbs', 0):.0f} GB/s; parity "
-                      f"{len(mem.get('parity', [])) - len(failed)}/{len(mem.get('parity', []))} within tolerance)",
+                      f"{len(checked) - len(failed)}/{len(checked)} within tolerance"
+                      + (f", {skipped} shapes skipped" if skipped else "") + ")",
                   f"{'pass':42s} {'shape':>12s} {'ms':>8s} {'GB/s':>7s} {'of copy':>7s}"]
         for row in mem.get("passes", []):
             frac = row.get("fraction_of_copy")
             gbs = f"{row['gbs']:.0f}" if "gbs" in row else "-"
             shape = "x".join(map(str, row["shape"]))
             lines.append(f"{row['pass']:42s} {shape:>12s} {_ms(row.get('median_ms')):>8s} "
-                         f"{gbs:>7s} {(f'{frac:.0%}' if frac else '-'):>7s}")
+                         f"{gbs:>7s} {(f'{frac:.0%}' if frac else '-'):>7s}"
+                         + (f"  {row['error'][:60]}" if "error" in row else ""))
     step = _load(out / "step.json")
     if step:
         env = env or step.get("env")
@@ -84,12 +90,17 @@ def summary(out: Path) -> str:
     prof = _load(out / "profile_step.json")
     if prof:
         env = env or prof.get("env")
+        rates = prof.get("rates", {})
         lines += ["", f"One {prof.get('model')} {prof.get('impl')} step under torch.profiler: "
-                      f"{prof.get('device_us_per_step', 0):.0f} us of device time",
-                  f"{'kernel':48s} {'calls':>6s} {'us':>9s} {'share':>6s}"]
+                      f"{prof.get('device_us_per_step', 0):.0f} us of device time; floor: bytes at "
+                      f"{rates.get('copy_gbs', 0):.0f} GB/s, NS FLOPs at {rates.get('matmul_tflops', 0):.0f} "
+                      f"TFLOP/s ({rates.get('source', 'no')} rates)",
+                  f"{'kernel':48s} {'calls':>6s} {'us':>9s} {'share':>6s} {'floor us':>9s} {'of floor':>8s}"]
         for row in prof.get("kernels", [])[:12]:
+            frac, floor = row.get("fraction_of_floor"), row.get("floor_us")
             lines.append(f"{row['kernel'][:48]:48s} {row['calls_per_step']:6.1f} {row['us_per_step']:9.1f} "
-                         f"{row['share']:6.1%}")
+                         f"{row['share']:6.1%} {(f'{floor:.1f}' if floor is not None else '-'):>9s} "
+                         f"{(f'{frac:.0%}' if frac is not None else '-'):>8s}")
     if env:
         lines.insert(0, f"{env.get('device')}: torch {env.get('torch')}, triton {env.get('triton')}, "
                         f"CUDA {env.get('cuda')}, driver {env.get('driver')}")

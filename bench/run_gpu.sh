@@ -13,15 +13,19 @@
 #   3. the memory passes against a measured device-to-device copy (bench/gpu_memory_passes.py);
 #   4. the whole optimizer step of GPT-2 small and Qwen3-0.6B: ours on the Triton backend,
 #      captured by itself (cuda_graph=True) and by hand, against torch.optim.Muon + fused
-#      AdamW and against our eager backend (bench/gpu_step.py);
-#   5. one GPT-2-small TrasMuon step under torch.profiler: device time per kernel
-#      (bench/gpu_profile_step.py);
+#      AdamW, pytorch_optimizer's Muon and NorMuon, heavyball's Muon (those two packages from
+#      .peers/site, made by bench/fetch_peers.sh where there is network; rows that say "not
+#      installed" without it) and against our eager backend (bench/gpu_step.py);
+#   5. one GPT-2-small TrasMuon step under torch.profiler: device time per kernel beside its
+#      floor (bench/gpu_profile_step.py);
 #   6. a short table (bench/gpu_summary.py), printed last.
 # Every part runs under its own time limit (120 s for the parity phase, then 120 + 60 + 150 +
 # 45 s at most: 495 s in all); a failing or timed-out part is reported in the table and the
 # next one runs, except that failed parity stops the run. Every timing script writes its JSON
-# as it goes, so a part cut off keeps what it measured. Raw results, with the GPU name and
-# the torch/triton/CUDA versions, go to $OUT (default bench/results/gpu).
+# as it goes, so a part cut off keeps what it measured, and the timing parts get a budget a
+# little under their limit (--budget-s), past which they record what is left as skipped and
+# end by themselves. Raw results, with the GPU name and the torch/triton/CUDA versions, go to
+# $OUT (default bench/results/gpu).
 #
 # Usage, from the repository root on the GPU machine:  OUT=/some/dir bash bench/run_gpu.sh
 # SMOKE=1: the same parts on the CPU under Triton's interpreter with tiny shapes (the parity
@@ -32,6 +36,10 @@ OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
 : > "$OUT/status.tsv"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The peers' packages where the machine has no network: unpacked wheels (bench/fetch_peers.sh).
+for dir in "$PWD"/.peers/*/; do
+  [ -d "$dir" ] && [ "$(basename "$dir")" != wheels ] && PYTHONPATH="$PYTHONPATH:${dir%/}"
+done
 unset TRITON_INTERPRET
 PY=${PYTHON:-python}
 SMOKE=${SMOKE:-0}
@@ -52,9 +60,14 @@ part() {
 timed_out() { [ "$1" -eq 124 ] || [ "$1" -eq 137 ]; }
 
 "$PY" - > "$OUT/env.json" <<'EOF' || true
-import json, subprocess, sys, torch, triton
+import importlib.metadata as md, json, subprocess, sys, torch, triton
 env = {"python": sys.version.split()[0], "torch": torch.__version__, "triton": triton.__version__,
        "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+for name in ("numpy", "pytorch-optimizer", "heavyball"):  # the peers' and what they import
+    try:
+        env[name] = md.version(name)
+    except md.PackageNotFoundError:
+        env[name] = None
 try:
     env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                    capture_output=True, text=True, check=True).stdout.strip()
@@ -96,10 +109,11 @@ fi
 ns_shapes=(--quick --no-compiled-reference --shapes 1024x1024,2048x2048,4096x4096,8192x8192,4096x11008,12x768x3072)
 [ "$SMOKE" = 1 ] && ns_shapes=()
 part newton_schulz 120 "$PY" bench/gpu_newton_schulz.py ${smoke[@]+"${smoke[@]}"} ${ns_shapes[@]+"${ns_shapes[@]}"} \
-  --out "$OUT/newton_schulz.json"
-part memory_passes 60 "$PY" bench/gpu_memory_passes.py ${smoke[@]+"${smoke[@]}"} --out "$OUT/memory_passes.json"
+  --budget-s 100 --out "$OUT/newton_schulz.json"
+part memory_passes 60 "$PY" bench/gpu_memory_passes.py ${smoke[@]+"${smoke[@]}"} --budget-s 45 \
+  --out "$OUT/memory_passes.json"
 step_impls=()
-[ "$SMOKE" = 1 ] && step_impls=(--impls trasmuon-triton-cudagraph,torch-muon)
+[ "$SMOKE" = 1 ] && step_impls=(--impls trasmuon-triton-cudagraph,torch-muon,pto-muon,pto-normuon,heavyball-muon)
 part step 150 "$PY" bench/gpu_step.py ${smoke[@]+"${smoke[@]}"} ${step_impls[@]+"${step_impls[@]}"} --budget-s 65 --out "$OUT/step.json"
 part profile_step 45 "$PY" bench/gpu_profile_step.py ${smoke[@]+"${smoke[@]}"} --out "$OUT/profile_step.json"
 

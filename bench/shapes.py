@@ -57,6 +57,23 @@ def llama3_2_1b() -> list[ParamSpec]:
     ]
 
 
+def llama3_8b() -> list[ParamSpec]:
+    """Llama-3-8B: 32 layers, hidden 4096, 32 query heads and 8 KV heads of 128, MLP 14336,
+    vocab 128256, untied head. (Not in ``MODELS``: the step benchmarks would allocate 8B
+    parameters; bench/ns_flops.py uses it for arithmetic only.)"""
+    layers, d, head_dim, mlp = 32, 4096, 128, 14336
+    return [
+        ((128256, d), 1, "embedding"),
+        ((32 * head_dim, d), layers, "matrix"),  # q_proj
+        ((8 * head_dim, d), 2 * layers, "matrix"),  # k_proj, v_proj
+        ((d, 32 * head_dim), layers, "matrix"),  # o_proj
+        ((mlp, d), 2 * layers, "matrix"),  # gate_proj, up_proj
+        ((d, mlp), layers, "matrix"),  # down_proj
+        ((128256, d), 1, "head"),
+        ((d,), 2 * layers + 1, "vector"),
+    ]
+
+
 def vit_base(classes: int = 1000) -> list[ParamSpec]:
     """ViT-B/16: 12 layers of 768, MLP 3072, 16x16 patches, 197 tokens."""
     layers, d = 12, 768

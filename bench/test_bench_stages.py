@@ -56,7 +56,7 @@ def _stage(stage, impl, batch, d_out, d_in, device):
         return fn, batch * d_in * 4 * 7, 0.0
     w, o = rnd(batch, d_out, d_in).to(bf16), rnd(batch, d_out, d_in).to(bf16)
     eta, rs, c = rnd(batch).abs(), rnd(batch, d_out).abs(), rnd(batch, d_in).abs().clamp(0.7, 1)
-    fn = (lambda: update.update_pass_(w, o, lr=1e-3, weight_decay=0.1, eta_hat=eta, rowscale=rs,
+    fn = (lambda: update.update_pass_(w, o, lr=1e-3, weight_decay=0.1, row=update.EtaRows(eta, rs),
                                       col_gate=c)) if impl == "triton" else (
         lambda: ref.weight_update_pass_(w, o, 1e-3, 0.1, eta_hat=eta, rowscale=rs, col_gate=c))
     return fn, n * (2 + 2 + 2), 0.0

@@ -2,11 +2,13 @@
 
 ``bench/compile_report.py --variants`` compiles one launch of every kernel/constexpr variant
 that a Triton optimizer step (and the package's other launchers) issue with the configs an
-H200 gets, for the models of bench/shapes.py, with the installed Triton's own argument
-specialization (a compile-only driver; nothing runs). It runs in a subprocess because the
-kernels must be real ``JITFunction``s (this suite sets TRITON_INTERPRET=1), and once with
+H200 gets, for the models of bench/shapes.py: it steps each model once with the rules' own
+programs, every launch captured instead of run, and compiles with the installed Triton's own
+argument specialization (a compile-only driver; nothing runs). It runs in a subprocess because
+the kernels must be real ``JITFunction``s (this suite sets TRITON_INTERPRET=1), and once with
 the test environment's Triton (3.9) and once with Triton 3.6, the GPU image's, from a small
-venv that shares this one's packages (``.ci/run`` builds it; see docs/benchmarks.md).
+venv that shares this one's packages (``.ci/run`` builds it; see docs/benchmarks.md); the
+second run compiles the first run's job list (``--jobs``).
 
 The rules (``compile_report.check``): every matrix product uses wgmma, every kernel fits two
 blocks per SM, memory passes use 16-byte global loads, nothing spills or uses local memory.
@@ -35,12 +37,12 @@ DEFAULT_TRITON36_PYTHON = ROOT / ".venv" / "triton-3.6" / "bin" / "python"
 BUILD_HINT = "build it with `.ci/run triton-venv 3.6.0` (next to the main .venv)"
 
 
-def _compile_report(python: str, tmp_path: Path) -> dict:
+def _compile_report(python: str, tmp_path: Path, jobs: list[str]) -> dict:
     out = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.run(
-        [python, str(ROOT / "bench" / "compile_report.py"), "--variants", "--quiet", "--json", str(out)],
+        [python, str(ROOT / "bench" / "compile_report.py"), *jobs, "--quiet", "--json", str(out)],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200, check=False,
     )
     # Exit status 1 means rule violations: reported by the tests below, with details.
@@ -49,18 +51,27 @@ def _compile_report(python: str, tmp_path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def report_installed(tmp_path_factory) -> dict:
-    return _compile_report(sys.executable, tmp_path_factory.mktemp("sm90-installed"))
+def job_list(tmp_path_factory) -> Path:
+    """Where the installed Triton's run saves its compile jobs, which the 3.6 run compiles
+    again (the list does not depend on the Triton version; stepping the models is most of a
+    run's time)."""
+    return tmp_path_factory.mktemp("sm90-jobs") / "jobs.pickle"
 
 
 @pytest.fixture(scope="module")
-def report_triton36(tmp_path_factory) -> dict:
+def report_installed(tmp_path_factory, job_list) -> dict:
+    return _compile_report(sys.executable, tmp_path_factory.mktemp("sm90-installed"),
+                           ["--variants", "--save-jobs", str(job_list)])
+
+
+@pytest.fixture(scope="module")
+def report_triton36(tmp_path_factory, report_installed, job_list) -> dict:
     python = Path(os.environ.get(TRITON36_PYTHON_ENV, DEFAULT_TRITON36_PYTHON))
     if not python.exists():
         if os.environ.get(REQUIRE_TRITON36_ENV):
             pytest.fail(f"{REQUIRE_TRITON36_ENV} is set but there is no Triton 3.6 Python at {python}; {BUILD_HINT}")
         pytest.skip(f"no Triton 3.6 Python at {python} (not required outside CI); {BUILD_HINT}")
-    return _compile_report(str(python), tmp_path_factory.mktemp("sm90-triton36"))
+    return _compile_report(str(python), tmp_path_factory.mktemp("sm90-triton36"), ["--jobs", str(job_list)])
 
 
 @pytest.fixture(params=["installed", "triton-3.6"])

@@ -36,14 +36,11 @@ from trasmuon import Muon, NorMuon, TrasMuon, reference
 from trasmuon.distributed import (
     AGREEMENT_HEADER_BYTES,
     CommStats,
-    DistributedMuon,
-    DistributedNorMuon,
-    DistributedTrasMuon,
-    distributed,
     ns_flops,
     shard_rows,
     split_counts,
 )
+from trasmuon.splitting import DistributedMuon, DistributedNorMuon, DistributedTrasMuon, distributed
 
 TIMEOUT = 150.0  # seconds per multi-process test (the machine may be shared and slow)
 STEPS, CHECKPOINT_AT = 8, 5

@@ -26,7 +26,7 @@ WORLD = 4
 STEPS = 4
 EAGER_RTOL = 1e-5  # float64 Newton-Schulz: only the order of the sums over rows differs
 SHAPES = {"a": (7, 10), "b": (12, 5), "c": (6, 9), "d": (9, 6), "e": (5, 11), "f": (10, 7),
-          "g": (3, 12), "i": (9, 5)}
+          "g": (3, 12), "i": (9, 5), "j": (11, 6)}
 # stacked=True (5 experts, (E, out, in) and (E, in, out)) on every layout: sharded over
 # experts only, each rank orthogonalizes its own; sharded inside them, they go through the
 # exchange. flatten=True (a conv weight) on the layouts that shard dim 0 only.
@@ -67,6 +67,7 @@ def _groups(params: dict[str, torch.Tensor], ns_dtype: torch.dtype) -> list[dict
         {"params": [p["d"]], "rule": "muon", "ns_dtype": ns_dtype, "nesterov": True},
         {"params": [p["e"]], "rule": "namo", "ns_dtype": ns_dtype},
         {"params": [p["f"]], "rule": "namo_d", "ns_dtype": ns_dtype, "clamp": 0.5},
+        {"params": [p["j"]], "rule": "muon_rows", "ns_dtype": ns_dtype},  # the example rule
     ]
 
 

@@ -320,7 +320,8 @@ BAD_HYPERPARAMETERS = [
     ("energy_beta", 1.0), ("energy_quantile", 0.0), ("energy_quantile", 1.5),
     ("energy_eps", 0.0), ("energy_source", "weights"), ("warmup_steps", -1),
     ("warmup_steps", True), ("schedule_free", 1), ("sf_mix", 1.5), ("nesterov", "yes"),
-    ("clip", None),
+    ("clip", None), ("ns_method", "fast"), ("ns_method", None), ("ns_restarts", (0,)),
+    ("ns_restarts", (2, 2)), ("ns_restarts", 2), ("ns_restarts", (1.5,)),
 ]
 
 
@@ -446,7 +447,7 @@ def test_cuda_step_does_not_sync_the_host():
 
 
 def test_exports():
-    assert set(trasmuon.RULES) == {"trasmuon", "normuon", "muon", "namo", "namo_d", "adamw"}
+    assert set(trasmuon.RULES) == {"trasmuon", "normuon", "muon", "muon_rows", "namo", "namo_d", "adamw"}
     assert trasmuon.TrasMuon.matrix_rule == "trasmuon"
 
 

@@ -115,7 +115,7 @@ def _sharded_worker(rank: int, world: int, tmp: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from trasmuon.distributed import DistributedNorMuon
+    from trasmuon import DistributedNorMuon
 
     mesh = init_device_mesh("cpu", (world,))
     w0 = torch.randn(7, 10, generator=torch.Generator().manual_seed(0))

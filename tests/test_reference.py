@@ -63,6 +63,19 @@ def test_newton_schulz_batch_equals_one_matrix_at_a_time():
     torch.testing.assert_close(batched.float(), single.float(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(13, 29), (29, 13), (2, 9, 9)])
+def test_newton_schulz_leaves_its_input_alone(dtype, shape):
+    # X is normalized in place where it is a copy; where the input already has Newton-Schulz's
+    # dtype it is not, and the input (a momentum buffer) must not change.
+    matrix = torch.randn(shape, dtype=dtype)
+    before = matrix.clone()
+    schedule = ref.ns_schedule(ref.MUON_NS_COEFFICIENTS, 3)
+    out = ref.newton_schulz(matrix, schedule, 1e-7, dtype)
+    assert torch.equal(matrix, before)
+    assert out.shape == matrix.shape and out.untyped_storage().data_ptr() != matrix.untyped_storage().data_ptr()
+
+
 def test_newton_schulz_of_zero_is_zero_not_nan():
     o = ref.newton_schulz(torch.zeros(5, 7), ref.ns_schedule(ref.MUON_NS_COEFFICIENTS, 5), 1e-7)
     assert torch.equal(o.float(), torch.zeros(5, 7))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from trasmuon import Muon, NorMuon, TrasMuon
+from trasmuon import NAMO, NAMOD, Muon, NorMuon, TrasMuon
 from trasmuon import reference as ref
 
 from .spec_oracle import SpecTrasMuon
@@ -90,6 +90,7 @@ def test_spec_defaults():
         clip_min_cols=8, energy_beta=0.99, energy_quantile=0.5, energy_eps=1e-12,
         clip_beta=0.9, warmup_steps=0, schedule_free=True, sf_mix=0.3,
         energy_source="momentum", nesterov=False, ns_dtype=torch.bfloat16,
+        ns_method="standard", ns_restarts=(2,), ns_blocks=(1, 1),
     )
     for key, value in expected.items():
         assert g[key] == value, key
@@ -285,3 +286,50 @@ def test_nesterov_feeds_the_blend_to_newton_schulz_but_energy_uses_momentum():
     _, _, a = run(TrasMuon, w0, grads, lr=0.01, nesterov=True, ns_dtype=torch.float64)
     _, _, b = run(TrasMuon, w0, grads, lr=0.01, nesterov=False, ns_dtype=torch.float64)
     assert not torch.equal(a[-1], b[-1])
+
+
+@pytest.mark.parametrize("cls", [TrasMuon, NorMuon, Muon, NAMO, NAMOD])
+def test_gram_newton_schulz_option_follows_the_same_trajectory_in_float64(cls):
+    """ns_method="gram-always" (and "gram" on a wide matrix) is the same polynomial: in
+    float64 every step agrees with the standard iteration to rounding; in bf16 it is another
+    rounding, so the weights differ (the option is taken)."""
+    shapes = [(5, 23), (23, 5), (9, 9)]
+    grads = [[torch.randn(s, dtype=torch.float64, generator=torch.Generator().manual_seed(t))
+              for s in shapes] for t in range(4)]
+
+    def run(dtype, **kw):
+        ps = [torch.nn.Parameter(torch.ones(s, dtype=dtype)) for s in shapes]
+        opt = cls(ps, lr=0.02, ns_dtype=dtype if dtype == torch.float64 else torch.bfloat16, **kw)
+        for gs in grads:
+            for p, g in zip(ps, gs, strict=True):
+                p.grad = g.to(dtype)
+            opt.step()
+        return [p.detach() for p in ps], opt
+
+    std, _ = run(torch.float64)
+    for method in ("gram", "gram-always"):
+        for restarts in ((), (2,), (1, 3)):
+            got, opt = run(torch.float64, ns_method=method, ns_restarts=restarts)
+            for a, b in zip(got, std, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+            assert opt.state_dict()["param_groups"][0]["ns_restarts"] == restarts
+    low_std, _ = run(torch.float32)
+    low_gram, _ = run(torch.float32, ns_method="gram")
+    assert not torch.equal(low_gram[0], low_std[0])  # 5 x 23: the Gram form pays
+    assert torch.equal(low_gram[2], low_std[2])  # square: "gram" keeps the standard form
+
+
+def test_checkpoints_without_the_ns_method_keys_load_with_the_defaults():
+    p = torch.nn.Parameter(torch.randn(4, 12))
+    opt = TrasMuon([p], ns_method="gram", ns_restarts=(1,))
+    p.grad = torch.randn(4, 12)
+    opt.step()
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["ns_method"] == "gram"
+    for key in ("ns_method", "ns_restarts"):
+        del sd["param_groups"][0][key]
+    opt2 = TrasMuon([p], ns_method="gram")
+    opt2.load_state_dict(sd)
+    # A group is restored as saved, missing keys taking the loading optimizer's defaults.
+    assert opt2.param_groups[0]["ns_method"] == "gram"
+    assert opt2.param_groups[0]["ns_restarts"] == (2,)

@@ -2,7 +2,10 @@
 
 from . import bursts, reference, rules
 from .bursts import BurstEvent, ColumnBurst
-from .distributed import (
+from .classes import NAMO, NAMOD, AdamW, Muon, NorMuon, TrasMuon
+from .optimizer import BACKENDS, MATRIX_RULES, ORIENTATIONS, RULES, MatrixOptimizer
+from .param_groups import split_params
+from .splitting import (
     DistributedAdamW,
     DistributedMuon,
     DistributedNAMO,
@@ -10,19 +13,6 @@ from .distributed import (
     DistributedNorMuon,
     DistributedTrasMuon,
 )
-from .namo import NAMO, NAMOD
-from .optimizer import (
-    BACKENDS,
-    MATRIX_RULES,
-    ORIENTATIONS,
-    RULES,
-    AdamW,
-    MatrixOptimizer,
-    Muon,
-    NorMuon,
-    TrasMuon,
-)
-from .param_groups import split_params
 
 __all__ = [
     "BACKENDS",

@@ -17,8 +17,9 @@ on each rank's block of every matrix. Per step and process group:
   ||O_base||_F^2, and whatever else a rule declares in ``MatrixRule.reductions``).
 
 The plain classes are all there is: ``TrasMuon(model.parameters())`` after ``fully_shard``
-works as ``torch.optim.AdamW`` does on DTensor params. ``DistributedTrasMuon`` & co. are the
-same classes with ``process_group`` defaulting to the world (DDP work splitting on).
+works as ``torch.optim.AdamW`` does on DTensor params. ``DistributedTrasMuon`` & co.
+(trasmuon/splitting.py) are the same classes with ``process_group`` defaulting to the world
+(DDP work splitting on).
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ from .layout import (
     stack_layouts,
 )
 from .plan import Bucket, DTensor, StepPlan, ceil_div, local, split_counts
+from .reference import newton_schulz_flops, ns_block_shape
 from .rules import REGISTRY, get_rule
+from .rules._matrix import gram_restarts, ns_blocks
 
 if TYPE_CHECKING:
     from .optimizer import MatrixOptimizer
@@ -52,13 +55,6 @@ if TYPE_CHECKING:
 __all__ = [
     "AGREEMENT_HEADER_BYTES",
     "CommStats",
-    "DistributedAdamW",
-    "DistributedMuon",
-    "DistributedNAMO",
-    "DistributedNAMOD",
-    "DistributedNorMuon",
-    "DistributedTrasMuon",
-    "distributed",
     "ns_flops",
     "shard_rows",
     "split_counts",
@@ -78,12 +74,26 @@ _NOT_COMPARED = frozenset({"params", "param_names", "initial_lr", "max_lr", "min
 # --------------------------------------------------------------------------------------
 # Planning helpers (identical on every rank, no communication)
 # --------------------------------------------------------------------------------------
-def ns_flops(shape: Sequence[int], steps: int) -> int:
+def ns_flops(shape: Sequence[int], steps: int, *, restarts: Sequence[int] | None = None) -> int:
     """Floating point operations of ``steps`` Newton-Schulz iterations on a (d_out, d_in)
     matrix: with s = min(d_out, d_in), l = max(d_out, d_in), one iteration is A = X X^T
-    (2 s^2 l), A A (2 s^3) and B X (2 s^2 l), so ``steps * (4 s^2 l + 2 s^3)``."""
+    (2 s^2 l), A A (2 s^3) and B X (2 s^2 l), so ``steps * (4 s^2 l + 2 s^3)``. With
+    ``restarts`` (not None): the Gram form's (``reference.newton_schulz_flops``, full
+    products), as the owners compute it for a group with ``ns_method`` "gram"."""
     small, large = sorted(int(d) for d in shape)
+    if restarts is not None:
+        return newton_schulz_flops(small, large, steps, gram=True, restarts=restarts, symmetric=False)
     return steps * (4 * small * small * large + 2 * small**3)
+
+
+def matrix_ns_flops(bucket: Bucket) -> int:
+    """``ns_flops`` of one matrix of ``bucket`` as its owner computes it: with the group's
+    ``ns_blocks``, rb * cb blocks of (d_out / rb, d_in / cb), each in the form ``ns_method``
+    picks for the block's shape."""
+    rb, cb = ns_blocks(bucket.group)
+    shape = ns_block_shape(bucket.shape, (rb, cb))
+    return rb * cb * ns_flops(shape, bucket.group["ns_steps"],
+                              restarts=gram_restarts(bucket.group, shape))
 
 
 def shard_rows(d_out: int, world_size: int) -> list[tuple[int, int]]:
@@ -567,8 +577,7 @@ class StepExchange:
         self.world, self.me = _world(group), _rank(group)
         entries, self.owned = [], []
         for b in buckets:
-            ranges = split_counts(b.exchange_count, self.world, loads,
-                                  ns_flops(b.shape, b.group["ns_steps"]))
+            ranges = split_counts(b.exchange_count, self.world, loads, matrix_ns_flops(b))
             owners = tuple(r for r, (s0, s1) in enumerate(ranges) for _ in range(s0, s1))
             start, stop = ranges[self.me]
             self.owned.append((start, stop))
@@ -724,40 +733,3 @@ def reduce_rows(opt: MatrixOptimizer, plan: StepPlan) -> None:
         dist.all_reduce(buf, group=group)
         nbytes = buf.numel() * buf.element_size()
         opt.comm_stats.add("all_reduce(rows)", nbytes, nbytes)
-
-
-# --------------------------------------------------------------------------------------
-# Classes with work splitting on by default
-# --------------------------------------------------------------------------------------
-_CLASSES: dict[type, type] = {}
-
-
-def distributed(cls: type) -> type:
-    """``cls`` with ``process_group`` defaulting to the world (DDP work splitting):
-    ``distributed(TrasMuon)(params, lr=..., process_group=None, check_consistency=True)``.
-    The same class object is returned for the same ``cls``."""
-    from .optimizer import MatrixOptimizer
-
-    if not (isinstance(cls, type) and issubclass(cls, MatrixOptimizer)):
-        raise TypeError(f"distributed() needs a MatrixOptimizer subclass, got {cls!r}")
-    if cls.split_by_default:
-        return cls
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(
-            f"Distributed{cls.__name__}", (cls,),
-            {"__module__": __name__, "split_by_default": True,
-             "__doc__": f"{cls.__name__} with ``process_group`` defaulting to the world: each "
-                        "rank orthogonalizes a share of the replicated matrices (DDP)."},
-        )
-    return _CLASSES[cls]
-
-
-def _classes() -> tuple[type, ...]:
-    from .namo import NAMO, NAMOD
-    from .optimizer import AdamW, Muon, NorMuon, TrasMuon
-
-    return tuple(distributed(c) for c in (TrasMuon, NorMuon, Muon, NAMO, NAMOD, AdamW))
-
-
-(DistributedTrasMuon, DistributedNorMuon, DistributedMuon, DistributedNAMO, DistributedNAMOD,
- DistributedAdamW) = _classes()

@@ -72,6 +72,95 @@ def stores_in_out(module: nn.Module) -> bool:
     return conv1d is not None and isinstance(module, conv1d)
 
 
+# Per-head Newton–Schulz (``split_params(ns_blocks="heads")``; docs/rule.md, "Per-head
+# orthogonalization"): attention projections whose rows (q, k, v) or columns (the output
+# projection) are heads (``head_blocks``).
+NS_BLOCK_MODES = ("heads",)
+
+
+def _int_attr(obj: Any, *names: str) -> int | None:
+    for name in names:
+        value = getattr(obj, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _oriented_shape(module: nn.Module) -> tuple[int, int]:
+    """The (out, in) shape of a projection's weight (a Conv1D stores (in, out))."""
+    rows, cols = module.weight.shape
+    return (cols, rows) if stores_in_out(module) else (rows, cols)
+
+
+def head_blocks(model: nn.Module) -> dict[int, tuple[str, tuple[int, int]]]:
+    """The ``ns_blocks`` of every attention projection of ``model`` that is recognised, as
+    ``id(weight) -> (qualified name, (row_blocks, col_blocks))``, in (out, in) terms:
+
+    * Hugging Face attention with ``q_proj``/``k_proj``/``v_proj`` (or a fused ``qkv_proj``)
+      and ``o_proj`` (Llama, Mistral, Qwen, ...): the head counts from the attention module's
+      ``config`` (or the model's): ``num_attention_heads`` and ``num_key_value_heads``; q
+      takes (n_heads, 1), k and v (n_kv_heads, 1), a fused qkv (n_heads + 2 n_kv_heads, 1),
+      o (1, n_heads);
+    * GPT-2's attention (``transformers`` Conv1D, stored (in, out)): ``c_attn`` takes
+      (d_out / head_dim, 1), i.e. (3 n_head, 1) for self-attention, ``q_attn`` (n_head, 1),
+      and the attention's ``c_proj`` (1, n_head) (the MLP's ``c_proj`` is left whole);
+    * torchtitan's attention (a module with ``n_heads``, ``n_kv_heads`` and ``wq``, ``wk``,
+      ``wv`` or a fused ``wqkv``, and ``wo``, directly or in a child such as ``qkv_linear``).
+
+    A count that does not divide its side of the weight raises a ValueError naming it."""
+    found: dict[int, tuple[str, tuple[int, int]]] = {}
+    model_config = getattr(model, "config", None)
+
+    def add(name: str, module: nn.Module, blocks: tuple[int, int]) -> None:
+        shape = _oriented_shape(module)
+        if shape[0] % blocks[0] or shape[1] % blocks[1]:
+            raise ValueError(
+                f"split_params(ns_blocks='heads'): {name} has the (out, in) shape {shape}, which "
+                f"the head counts do not divide into ns_blocks={blocks}")
+        found[id(module.weight)] = (name, blocks)
+
+    for mname, module in model.named_modules():
+        children = dict(module.named_children())
+        prefix = f"{mname}." if mname else ""
+        weighted = {k: c for k, c in children.items()
+                    if isinstance(getattr(c, "weight", None), nn.Parameter) and c.weight.ndim == 2}
+        if "o_proj" in weighted and any(k in weighted for k in ("q_proj", "qkv_proj")):
+            config = getattr(module, "config", None) or model_config
+            n_heads = _int_attr(config, "num_attention_heads", "n_head")
+            if n_heads is None:
+                continue
+            n_kv = _int_attr(config, "num_key_value_heads") or n_heads
+            counts = {"q_proj": n_heads, "k_proj": n_kv, "v_proj": n_kv, "qkv_proj": n_heads + 2 * n_kv}
+            for key, count in counts.items():
+                if key in weighted:
+                    add(f"{prefix}{key}.weight", weighted[key], (count, 1))
+            add(f"{prefix}o_proj.weight", weighted["o_proj"], (1, n_heads))
+        elif "c_attn" in weighted and stores_in_out(weighted["c_attn"]):
+            n_heads = _int_attr(module, "num_heads") or _int_attr(model_config, "n_head")
+            embed = _int_attr(module, "embed_dim") or _int_attr(model_config, "n_embd")
+            head_dim = _int_attr(module, "head_dim") or (embed // n_heads if embed and n_heads else None)
+            if n_heads is None or not head_dim:
+                continue
+            for key in ("c_attn", "q_attn"):  # (cross-attention's c_attn is k and v: 2 n_head)
+                if key in weighted:
+                    d_out = _oriented_shape(weighted[key])[0]
+                    add(f"{prefix}{key}.weight", weighted[key], (max(d_out // head_dim, 1), 1))
+            if "c_proj" in weighted:
+                add(f"{prefix}c_proj.weight", weighted["c_proj"], (1, n_heads))
+        elif _int_attr(module, "n_heads") is not None:
+            n_heads = _int_attr(module, "n_heads")
+            n_kv = _int_attr(module, "n_kv_heads") or n_heads
+            counts = {"wq": (n_heads, 1), "wk": (n_kv, 1), "wv": (n_kv, 1),
+                      "wqkv": (n_heads + 2 * n_kv, 1), "wo": (1, n_heads)}
+            for sub, child in module.named_modules():  # directly, or in e.g. qkv_linear
+                last = sub.rsplit(".", 1)[-1]
+                weight = getattr(child, "weight", None)
+                if (last in counts and sub.count(".") <= 1 and isinstance(weight, nn.Parameter)
+                        and weight.ndim == 2):
+                    add(f"{prefix}{sub}.weight", child, counts[last])
+    return found
+
+
 def split_params(
     model: nn.Module,
     *,
@@ -82,6 +171,7 @@ def split_params(
     no_decay_options: dict[str, Any] | None = None,
     decay_embeddings: bool = True,
     head_lr: float | Callable[[int], float] | None = None,
+    ns_blocks: str | None = None,
 ) -> list[dict[str, Any]]:
     """Param groups for a Muon-family optimizer: hidden matrices, and the rest on AdamW.
 
@@ -102,6 +192,12 @@ def split_params(
             or a function of the head's input dim (Dion's ``lambda d_in: lr / d_in ** 0.5``).
             A head tied to an embedding stays with the embeddings. None: heads share the
             AdamW group.
+        ns_blocks: ``"heads"`` orthogonalizes each attention head of the recognised
+            attention projections on its own (the group key ``ns_blocks``, docs/rule.md,
+            "Per-head orthogonalization"; which models and projections: ``head_blocks``): those
+            matrices go in groups of their own, one per distinct ``ns_blocks``, after their
+            orientation's matrix group. A ValueError if nothing is recognised. None (default):
+            every matrix is orthogonalized whole.
 
     Returns a list of param groups whose params are ``(name, parameter)`` pairs, so the
     optimizer's errors and diagnostics name them, in this order (empty groups are left out):
@@ -164,13 +260,33 @@ def split_params(
         else:
             decayed.append((name, p))
 
+    blocked: dict[int, tuple[str, tuple[int, int]]] = {}
+    if ns_blocks is not None:
+        if ns_blocks not in NS_BLOCK_MODES:
+            raise ValueError(f"ns_blocks must be None or one of {NS_BLOCK_MODES}, got {ns_blocks!r}")
+        blocked = head_blocks(model)
+        if not any(id(p) in blocked for _, p in matrix + matrix_in_out):
+            raise ValueError(
+                f"split_params(ns_blocks='heads'): no attention projection of {type(model).__name__} "
+                "was recognised (Hugging Face q_proj/k_proj/v_proj/o_proj with a config's "
+                "num_attention_heads, GPT-2's c_attn/c_proj, torchtitan's wq/wk/wv/wqkv/wo); set "
+                "ns_blocks in your own param groups instead")
+
+    def by_blocks(params: list) -> list[tuple[tuple[int, int] | None, list]]:
+        """``params`` split into the whole matrices (None) and one list per ns_blocks."""
+        out: dict[tuple[int, int] | None, list] = {None: []}
+        for name, p in params:
+            out.setdefault(blocked[id(p)][1] if id(p) in blocked else None, []).append((name, p))
+        return [(k, v) for k, v in out.items() if v]
+
     matrix_keys = {"rule": matrix_rule, **(matrix_options or {})}
     adamw_keys = {"rule": "adamw", **(adamw_options or {})}
     groups = []
-    if matrix:
-        groups.append({"params": matrix, **matrix_keys})
-    if matrix_in_out:
-        groups.append({"params": matrix_in_out, **matrix_keys, "orientation": "in_out"})
+    for blocks, params in by_blocks(matrix):
+        groups.append({"params": params, **matrix_keys, **({"ns_blocks": blocks} if blocks else {})})
+    for blocks, params in by_blocks(matrix_in_out):
+        groups.append({"params": params, **matrix_keys, "orientation": "in_out",
+                       **({"ns_blocks": blocks} if blocks else {})})
     if matrix_flat:
         groups.append({"params": matrix_flat, **matrix_keys, "flatten": True})
     for orientation, stack in stacks.items():

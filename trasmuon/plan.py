@@ -196,6 +196,11 @@ class Bucket:
     ns_input: Any = None
     ortho: Any = None
     ortho_row_sumsq: Any = None  # O's row sums of squares, when an exchange brought them
+    momentum_wide: Any = None  # eager: the updated momenta in the compute dtype
+    # With a bf16 momentum (the group's ``state_dtype``): each member's stochastic-rounding
+    # key (``reference.sr_matrix_key`` of the group's seed, the parameter's index in the
+    # optimizer and the expert), the same on every rank.
+    sr_keys: list[int] = field(default_factory=list)
 
     @property
     def count(self) -> int:
@@ -210,6 +215,12 @@ class Bucket:
     @property
     def state_dtype(self) -> torch.dtype:
         return ref.state_dtype(self.param_dtype)
+
+    @property
+    def momentum_dtype(self) -> torch.dtype:
+        """What the rule's ``compact`` entries (the momentum) are stored in: the group's
+        ``state_dtype``, else ``state_dtype``."""
+        return entry_dtype(StateEntry("momentum", "param", compact=True), self.group, self.param_dtype)
 
     @property
     def block(self) -> Block:
@@ -334,11 +345,32 @@ def dim_placements(placements: tuple, dim: int) -> list:
     return vector_placements(placements, {dim: 0})
 
 
+def entry_dtype(entry: StateEntry, group: Mapping[str, Any], param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a state entry is kept in: the group's ``state_dtype`` for a ``compact``
+    entry (a matrix rule's momentum) when the group sets one, else ``reference.state_dtype``."""
+    if entry.compact:
+        return ref.momentum_dtype(group.get("state_dtype"), param_dtype)
+    return ref.state_dtype(param_dtype)
+
+
+def convert_compact_state(state: MutableMapping[str, Any], entries: tuple[StateEntry, ...],
+                          group: Mapping[str, Any], param_dtype: torch.dtype) -> None:
+    """Existing ``compact`` entries of another dtype than the group's (the group's
+    ``state_dtype`` changed) converted by ``reference.convert_state``: never reset."""
+    for entry in entries:
+        value = state.get(entry.name) if entry.compact else None
+        if isinstance(value, Tensor):
+            dtype = entry_dtype(entry, group, param_dtype)
+            if value.dtype != dtype:
+                state[entry.name] = ref.convert_state(value, dtype)
+
+
 def init_state(bucket: Bucket) -> None:
     """Create the missing (non-lazy) state of every parameter of ``bucket``: float32 (float64
-    for float64 params); per-row state of a DTensor matrix as a DTensor sharded as the rows
-    are; per-column and per-matrix state replicated and whole (every rank updates all of it
-    from the all-reduced sums over rows)."""
+    for float64 params; a matrix rule's momentum in the group's ``state_dtype`` when it sets
+    one, an existing momentum of another dtype converted to it); per-row state of a DTensor
+    matrix as a DTensor sharded as the rows are; per-column and per-matrix state replicated
+    and whole (every rank updates all of it from the all-reduced sums over rows)."""
     sdt = bucket.state_dtype
     entries = bucket.rule.state_entries(bucket.group, bucket.shape)
     for p, state in zip(bucket.params, bucket.states, strict=True):
@@ -346,13 +378,16 @@ def init_state(bucket: Bucket) -> None:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
         if isinstance(state, ExpertState):
             if state.expert == 0:  # the first expert's member creates the whole stack's
+                convert_compact_state(state.base, entries, bucket.group, bucket.param_dtype)
                 _init_stacked(bucket, p, state.base, entries, sdt)
             continue
+        convert_compact_state(state, entries, bucket.group, bucket.param_dtype)
         for entry in entries:
             if entry.lazy or entry.name in state:
                 continue
             if entry.extent == "param":
-                value = torch.full_like(p, entry.fill, dtype=sdt, memory_format=torch.preserve_format)
+                value = torch.full_like(p, entry.fill, dtype=entry_dtype(entry, bucket.group, p.dtype),
+                                        memory_format=torch.preserve_format)
             elif entry.extent == "rows" and isinstance(p, DTensor):
                 # Sharded as the matrix's rows are (the parameter's placements on its row dim).
                 row_dim = 1 if bucket.orientation == "in_out" else 0
@@ -376,7 +411,8 @@ def _init_stacked(bucket: Bucket, p: Tensor, state: MutableMapping[str, Any],
         if entry.lazy or entry.name in state:
             continue
         if entry.extent == "param":
-            state[entry.name] = torch.full_like(p, entry.fill, dtype=sdt,
+            state[entry.name] = torch.full_like(p, entry.fill,
+                                                dtype=entry_dtype(entry, bucket.group, p.dtype),
                                                 memory_format=torch.preserve_format)
             continue
         tail = _extent_shape(entry, bucket, p)
@@ -682,7 +718,9 @@ __all__ = [
     "RuleState",
     "StepPlan",
     "ceil_div",
+    "convert_compact_state",
     "dim_placements",
+    "entry_dtype",
     "fingerprint",
     "init_state",
     "local",

@@ -7,16 +7,19 @@ function accepts leading batch dimensions (a stack of same-shape matrices) so th
 bucketed kernel can be compared with one call.
 
 Conventions: ``d_out`` is ``size(-2)``, ``d_in`` is ``size(-1)``. Optimizer state is held
-in ``state_dtype(param.dtype)`` (float32, or float64 for float64 params). Functions whose
+in ``state_dtype(param.dtype)`` (float32, or float64 for float64 params), except a matrix
+rule's momentum when its group sets ``state_dtype=torch.bfloat16`` (stored in bf16 with
+stochastic rounding, ``stochastic_round_bf16``; computed in float32). Functions whose
 name ends in ``_`` update their first arguments in place.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import numbers
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 
 import torch
 from torch import Tensor
@@ -133,29 +136,10 @@ def default_cpu_products(dtype: torch.dtype) -> str:
     return "emulated"
 
 
-def newton_schulz(
-    matrix: Tensor,
-    schedule: Sequence[NSTriple],
-    eps: float,
-    dtype: torch.dtype = torch.bfloat16,
-    *,
-    cpu_products: str | None = None,
-) -> Tensor:
-    """Approximate the orthogonal polar factor of ``matrix`` (shape ``(..., d_out, d_in)``).
-
-    X = dtype(M), transposed when d_out > d_in so the Gram matrix is the small side;
-    X <- X / (||X||_F + eps) (norm accumulated in float32, or float64 for float64; where
-    that overflows, X is first scaled by a power of two, ``overflow_scale``: same O);
-    then per (a, b, c): A = X X^T, B = b A + c A A, X = a X + B X. Each product
-    accumulates in float32 and rounds once to ``dtype`` (``baddbmm`` fuses the b A and
-    a X terms, as the kernels do). Returns a tensor of ``dtype`` shaped like ``matrix``.
-
-    On the CPU a bf16/fp16 product is computed either by PyTorch's native low-precision
-    matmul (``cpu_products="native"``) or in float32 on the (exactly representable)
-    low-precision operands, rounded to ``dtype`` after each product (``"emulated"``): the
-    same arithmetic up to accumulation order. None picks by the CPU's capability
-    (``default_cpu_products``).
-    """
+def _ns_start(matrix: Tensor, eps: float, dtype: torch.dtype, cpu_products: str | None):
+    """What both Newton-Schulz forms start with: ``(x, rounded, transpose)``, x the
+    normalized, rounded (B, s, l) iterate (s the short side; transposed when d_out > d_in),
+    ``rounded`` the one rounding to ``dtype`` every product takes (see ``newton_schulz``)."""
     if matrix.ndim < 2:
         raise ValueError(f"newton_schulz needs a matrix, got shape {tuple(matrix.shape)}")
     if cpu_products is not None and cpu_products not in CPU_PRODUCTS:
@@ -180,7 +164,36 @@ def newton_schulz(
     if x.device.type != "cpu" or bool(torch.isinf(norm).any()):
         x = x * overflow_scale(x, norm)
         norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
-    x = rounded(x / (norm + eps))
+    # In place where X is already a copy of the input (it is unless dtype is the input's).
+    copied = x.untyped_storage().data_ptr() != matrix.untyped_storage().data_ptr()
+    x = rounded(x.div_(norm + eps) if copied else x / (norm + eps))
+    return x, rounded, transpose
+
+
+def newton_schulz(
+    matrix: Tensor,
+    schedule: Sequence[NSTriple],
+    eps: float,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    cpu_products: str | None = None,
+) -> Tensor:
+    """Approximate the orthogonal polar factor of ``matrix`` (shape ``(..., d_out, d_in)``).
+
+    X = dtype(M), transposed when d_out > d_in so the Gram matrix is the small side;
+    X <- X / (||X||_F + eps) (norm accumulated in float32, or float64 for float64; where
+    that overflows, X is first scaled by a power of two, ``overflow_scale``: same O);
+    then per (a, b, c): A = X X^T, B = b A + c A A, X = a X + B X. Each product
+    accumulates in float32 and rounds once to ``dtype`` (``baddbmm`` fuses the b A and
+    a X terms, as the kernels do). Returns a tensor of ``dtype`` shaped like ``matrix``.
+
+    On the CPU a bf16/fp16 product is computed either by PyTorch's native low-precision
+    matmul (``cpu_products="native"``) or in float32 on the (exactly representable)
+    low-precision operands, rounded to ``dtype`` after each product (``"emulated"``): the
+    same arithmetic up to accumulation order. None picks by the CPU's capability
+    (``default_cpu_products``).
+    """
+    x, rounded, transpose = _ns_start(matrix, eps, dtype, cpu_products)
     for a, b, c in schedule:
         gram = rounded(torch.bmm(x, x.mT))
         poly = rounded(torch.baddbmm(gram, gram, gram, beta=b, alpha=c))
@@ -188,6 +201,191 @@ def newton_schulz(
     if transpose:
         x = x.mT
     return x.to(dtype).reshape(matrix.shape)
+
+
+# Gram Newton-Schulz (docs/rule.md, "Gram Newton-Schulz"). ``ns_method``: "standard" (the
+# papers' iteration), "gram" (the Gram form where it takes fewer FLOPs than the standard one,
+# ``uses_gram``), "gram-always" (the Gram form for every shape).
+NS_METHODS = ("standard", "gram", "gram-always")
+# After how many steps the Gram form restarts (recomputes R = X X^T from X = Q X0), as
+# DeepSpeed's Muon does by default.
+DEFAULT_NS_RESTARTS: tuple[int, ...] = (2,)
+
+
+def gram_segments(steps: int, restarts: Sequence[int]) -> tuple[int, ...]:
+    """The lengths of the Gram form's segments: ``steps`` cut after each restart r with
+    0 < r < steps (a restart at or past the last step changes nothing and is ignored)."""
+    cuts = sorted({int(r) for r in restarts if 0 < r < steps})
+    bounds = (0, *cuts, steps)
+    return tuple(hi - lo for lo, hi in itertools.pairwise(bounds) if hi > lo)
+
+
+def newton_schulz_flops(
+    d_out: int, d_in: int, steps: int, *, gram: bool = False, restarts: Sequence[int] = (),
+    symmetric: bool = True,
+) -> int:
+    """Floating point operations of ``steps`` Newton-Schulz steps on one (d_out, d_in) matrix,
+    as the kernels compute them, with s = min, l = max. A product of a (p, k) by a (k, q)
+    matrix is 2 p q k; a symmetric one (X X^T, A A: only the upper triangle with the
+    diagonal is computed, ``symmetric``) is p (p + 1) k. Elementwise terms are not counted.
+
+    Standard, per step: X X^T (sym, s x s x l), A A (sym, s^3), B X (2 s^2 l).
+    Gram, per segment of L steps (``gram_segments``): R = X X^T (sym, s x s x l); per step
+    R R (sym, s^3); Q <- a Q + Z Q (2 s^3, none at the segment's first step, where Q = aI + Z);
+    R <- P R P as two products (4 s^3, none at the segment's last step); at the segment's end
+    X = Q X (2 s^2 l)."""
+    s, long = sorted((int(d_out), int(d_in)))
+
+    def sym(p: int, k: int) -> int:
+        return p * (p + 1) * k if symmetric else 2 * p * p * k
+
+    if not gram:
+        return steps * (sym(s, long) + sym(s, s) + 2 * s * s * long)
+    total = 0
+    for length in gram_segments(steps, restarts):
+        total += sym(s, long) + length * sym(s, s) + (length - 1) * 6 * s**3 + 2 * s * s * long
+    return total
+
+
+def uses_gram(method: str, shape: Sequence[int], steps: int, restarts: Sequence[int]) -> bool:
+    """Whether ``ns_method`` ``method`` takes the Gram form for (d_out, d_in) ``shape``:
+    never for "standard", always for "gram-always", and for "gram" where it takes fewer FLOPs
+    (``newton_schulz_flops``, symmetric products): for 5 steps and a restart after 2, where
+    the long side exceeds about twice the short side (never for square matrices)."""
+    if method not in NS_METHODS:
+        raise ValueError(f"ns_method must be one of {NS_METHODS}, got {method!r}")
+    if method != "gram":
+        return method == "gram-always"
+    d_out, d_in = shape[-2:]
+    return (newton_schulz_flops(d_out, d_in, steps, gram=True, restarts=restarts)
+            < newton_schulz_flops(d_out, d_in, steps))
+
+
+def upper_mirrored(t: Tensor) -> Tensor:
+    """``t`` (..., s, s) with its strict lower triangle replaced by the transpose of its
+    upper one: exactly symmetric (an exact operation, no rounding)."""
+    upper = torch.triu(t)
+    return upper + torch.triu(t, 1).mT
+
+
+def gram_newton_schulz(
+    matrix: Tensor,
+    schedule: Sequence[NSTriple],
+    eps: float,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    restarts: Sequence[int] = DEFAULT_NS_RESTARTS,
+    cpu_products: str | None = None,
+    observe: Callable[[int, Tensor, Tensor, Tensor], None] | None = None,
+) -> Tensor:
+    """``newton_schulz`` in its Gram form: the same polynomial of X in exact arithmetic,
+    iterated on the s x s matrix R = X X^T instead of the s x l matrix X.
+
+    Input, transposition, normalization (and its overflow guard), ``dtype`` and
+    ``cpu_products`` as in ``newton_schulz``. Then, per segment of steps (``gram_segments``:
+    the steps are cut after each iteration in ``restarts``), starting from the segment's X:
+
+    * R = X X^T;
+    * per (a, b, c): Z = b R + c R R; Q = a I + Z at the segment's first step, else
+      Q <- a Q + Z Q (Q <- P Q with P = a I + Z); unless it is the segment's last step,
+      T = a R + R Z, R <- a T + Z T (R <- P R P), then R's lower triangle is replaced by
+      the mirror of its upper one (``upper_mirrored``: R P R is symmetric only in exact
+      arithmetic, and the kernels' products take R as exactly symmetric; left asymmetric,
+      the kernels' R R^T doubled the bf16 error);
+    * X <- Q X.
+
+    O is the last segment's X (transposed back). Each of R, Z, Q, T, the new R and the new X
+    is one product (``bmm``/``baddbmm``, the a- and b-terms fused) that accumulates in
+    float32 and rounds once to ``dtype``; Q = a I + Z is one float32 add rounded once. In
+    finite precision R drifts from X X^T (P and R commute only in exact arithmetic); a
+    restart recomputes R from X (``tests/kernels/test_gram_newton_schulz.py`` measures it).
+
+    ``observe(step, R, Q, X)``, when given, is called after each step with the segment's X,
+    the current Q and R (R after this step's update; the segment's last step has none).
+    """
+    x, rounded, transpose = _ns_start(matrix, eps, dtype, cpu_products)
+    eye = torch.eye(x.shape[-2], dtype=x.dtype, device=x.device)
+    step = 0
+    for length in gram_segments(len(schedule), restarts):
+        r = rounded(torch.bmm(x, x.mT))
+        q = None
+        for j in range(length):
+            a, b, c = schedule[step]
+            z = rounded(torch.baddbmm(r, r, r, beta=b, alpha=c))
+            q = rounded(z + a * eye) if q is None else rounded(torch.baddbmm(q, z, q, beta=a, alpha=1.0))
+            if j < length - 1:
+                t = rounded(torch.baddbmm(r, r, z, beta=a, alpha=1.0))
+                r = upper_mirrored(rounded(torch.baddbmm(t, z, t, beta=a, alpha=1.0)))
+            if observe is not None:
+                observe(step, r, q, x)
+            step += 1
+        x = rounded(torch.bmm(q, x))
+    if transpose:
+        x = x.mT
+    return x.to(dtype).reshape(matrix.shape)
+
+
+# Block (per-head) Newton-Schulz (docs/rule.md, "Per-head orthogonalization"): a group's
+# ``ns_blocks = (row_blocks, col_blocks)`` cuts the (d_out, d_in) matrix into that grid of
+# equal blocks, each orthogonalized as a matrix of its own.
+DEFAULT_NS_BLOCKS: tuple[int, int] = (1, 1)
+
+
+def ns_blocks_problem(blocks: Sequence[int], shape: Sequence[int]) -> str | None:
+    """What is wrong with cutting a (d_out, d_in) ``shape`` into ``blocks`` = (row_blocks,
+    col_blocks) equal blocks (None when nothing is): each count must divide its side."""
+    (rb, cb), (d_out, d_in) = blocks, shape[-2:]
+    if d_out % rb or d_in % cb:
+        return (f"ns_blocks={(rb, cb)} must divide the (d_out, d_in) = {(d_out, d_in)} matrix "
+                f"(row_blocks divides d_out, col_blocks divides d_in)")
+    return None
+
+
+def ns_block_shape(shape: Sequence[int], blocks: Sequence[int]) -> tuple[int, int]:
+    """The (d_out / row_blocks, d_in / col_blocks) shape of each block of a (d_out, d_in)
+    matrix cut into ``blocks``."""
+    (rb, cb), (d_out, d_in) = blocks, shape[-2:]
+    if ns_blocks_problem((rb, cb), (d_out, d_in)) is not None:
+        raise ValueError(ns_blocks_problem((rb, cb), (d_out, d_in)))
+    return d_out // rb, d_in // cb
+
+
+def split_blocks(matrix: Tensor, blocks: Sequence[int]) -> Tensor:
+    """``matrix`` (..., d_out, d_in) as the stack (..., rb * cb, d_out / rb, d_in / cb) of its
+    ``blocks`` = (rb, cb) grid of blocks, row-major over the grid (block (i, j) at i * cb + j).
+
+    A split along rows only (cb = 1) is a view of a contiguous matrix (its rows are already
+    consecutive); a split along columns permutes the grid's axes, which ``reshape`` copies."""
+    rb, cb = blocks
+    bm, bn = ns_block_shape(matrix.shape, blocks)
+    lead = matrix.shape[:-2]
+    grid = matrix.reshape(*lead, rb, bm, cb, bn).movedim(-2, -3)  # (..., rb, cb, bm, bn)
+    return grid.reshape(*lead, rb * cb, bm, bn)
+
+
+def merge_blocks(stack: Tensor, blocks: Sequence[int]) -> Tensor:
+    """The inverse of ``split_blocks``: a stack (..., rb * cb, bm, bn) of blocks put back
+    into the (..., rb * bm, cb * bn) matrix, block (i, j) at rows i * bm.., columns j * bn..
+    (a view when cb = 1 and the stack is contiguous, a copy otherwise)."""
+    rb, cb = blocks
+    bm, bn = stack.shape[-2:]
+    lead = stack.shape[:-3]
+    grid = stack.reshape(*lead, rb, cb, bm, bn).movedim(-3, -2)  # (..., rb, bm, cb, bn)
+    return grid.reshape(*lead, rb * bm, cb * bn)
+
+
+def blocked_newton_schulz(
+    matrix: Tensor,
+    blocks: Sequence[int],
+    ns: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """``ns`` (``newton_schulz`` or ``gram_newton_schulz`` with their other arguments bound)
+    applied to each block of ``matrix``'s ``blocks`` grid as a matrix of its own (its own
+    Frobenius normalization, its own iteration), the results assembled into O of
+    ``matrix``'s shape, contiguous. ``blocks`` = (1, 1) is ``ns(matrix)`` unchanged."""
+    if tuple(blocks) == DEFAULT_NS_BLOCKS:
+        return ns(matrix)
+    return merge_blocks(ns(split_blocks(matrix, blocks)), blocks).contiguous()
 
 
 # --------------------------------------------------------------------------------------
@@ -201,6 +399,147 @@ def momentum_update_(momentum: Tensor, grad: Tensor, beta: float) -> None:
 def nesterov_input(momentum: Tensor, grad: Tensor, beta: float) -> Tensor:
     """(1-beta)*G + beta*M: what Newton-Schulz sees when ``nesterov=True``."""
     return grad.to(momentum.dtype).lerp(momentum, beta)
+
+
+# --------------------------------------------------------------------------------------
+# Memory-lean momentum: bf16 storage with stochastic rounding (docs/usage.md, "state_dtype")
+# --------------------------------------------------------------------------------------
+# What a matrix rule's group may set as ``state_dtype``: None (``state_dtype(param.dtype)``,
+# float32 or float64), float32 (the same for fp32/bf16/fp16 params) or bfloat16 (the momentum
+# stored in bf16, rounded stochastically; every other state entry stays float32).
+STATE_DTYPES = (None, torch.float32, torch.bfloat16)
+_MASK32 = 0xFFFFFFFF
+_GOLDEN32 = 0x9E3779B9
+BF16_MAX = torch.finfo(torch.bfloat16).max
+
+
+def momentum_dtype(group_state_dtype: torch.dtype | None, param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a matrix rule stores its momentum in: the group's ``state_dtype`` when it
+    sets one, else ``state_dtype(param_dtype)``."""
+    return group_state_dtype if group_state_dtype is not None else state_dtype(param_dtype)
+
+
+def compute_dtype(stored: torch.dtype) -> torch.dtype:
+    """The dtype the rules compute in for state stored as ``stored``: float32 for a bf16
+    momentum, the stored dtype otherwise."""
+    return torch.float32 if stored == torch.bfloat16 else stored
+
+
+def fmix32_int(h: int) -> int:
+    """MurmurHash3's 32-bit finalizer on a Python int (the host half of the hash)."""
+    h &= _MASK32
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _MASK32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
+
+
+def _mul32(h: Tensor, c: int) -> Tensor:
+    """h * c mod 2^32 for int64 ``h`` in [0, 2^32) without overflowing int64: the 32-bit
+    constant is split into 16-bit halves (each product < 2^48)."""
+    lo = h * (c & 0xFFFF)
+    hi = ((h * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _MASK32
+
+
+def fmix32(h: Tensor) -> Tensor:
+    """MurmurHash3's 32-bit finalizer elementwise on an int64 tensor of values in [0, 2^32):
+    the same integer operations as the kernels' uint32 ``fmix32`` (wraparound as masks)."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def sr_seed32(seed: int) -> int:
+    """A seed of any size >= 0 folded to 32 bits (both halves of a 64-bit seed count)."""
+    return (seed ^ (seed >> 32)) & _MASK32
+
+
+def sr_matrix_key(seed: int, param_index: int, expert: int = 0) -> int:
+    """The 32-bit key of one matrix's random stream: the optimizer's seed, the parameter's
+    index in the optimizer (its place in the param groups, the same on every rank) and, for
+    an expert stack, the expert's global index."""
+    h = fmix32_int(sr_seed32(seed) ^ _GOLDEN32)
+    h = fmix32_int(h ^ (param_index & _MASK32))
+    return fmix32_int(h ^ (expert & _MASK32))
+
+
+def sr_stream(key: int, step: int) -> int:
+    """The 32-bit stream of a matrix at step t: fmix32(key ^ fmix32(t)). The kernels compute
+    it from the key and the device step counter with the same operations."""
+    return fmix32_int(key ^ fmix32_int(step))
+
+
+def sr_bits(shape: Sequence[int], stream: int | Tensor, *, row0: int = 0, col0: int = 0,
+            d_in: int | None = None, device: torch.device | str = "cpu") -> Tensor:
+    """32 random bits (int64 in [0, 2^32)) for each element of a ``(..., rows, cols)`` block of
+    (out, in) matrices whose first element is (``row0``, ``col0``) of a matrix with ``d_in``
+    columns (default: ``cols``): fmix32(n ^ stream) with n = (row0 + i) * d_in + (col0 + j)
+    mod 2^32, the element's index in the whole matrix (so a block held by one rank gets the
+    bits the whole matrix would). ``stream``: one int, or an int64 tensor broadcastable to
+    ``(..., 1, 1)`` (one per matrix of a stack)."""
+    rows, cols = shape[-2], shape[-1]
+    d_in = cols if d_in is None else d_in
+    r = torch.arange(row0, row0 + rows, dtype=torch.int64, device=device)
+    c = torch.arange(col0, col0 + cols, dtype=torch.int64, device=device)
+    index = (r[:, None] * d_in + c[None, :]) & _MASK32
+    if isinstance(stream, Tensor):
+        stream = stream.to(device=device, dtype=torch.int64)
+    return fmix32(index ^ stream)
+
+
+def stochastic_round_bf16(x: Tensor, bits: Tensor) -> Tensor:
+    """float32 ``x`` rounded to bf16 stochastically: the low 16 random ``bits`` (int64, the
+    top half of each 32-bit value) are added below bf16's mantissa to x's bit pattern, which
+    is then truncated, so x rounds away from zero with probability (dropped bits) / 2^16 and
+    E[result] = x. Exact for bf16-representable x. A finite x never becomes inf (it
+    saturates at +-bf16 max); inf stays inf and NaN becomes bf16's canonical NaN."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"stochastic_round_bf16 takes float32, got {x.dtype}")
+    b = x.contiguous().view(torch.int32).to(torch.int64) & _MASK32
+    out = (b + (bits >> 16)) >> 16
+    magnitude = b & 0x7FFFFFFF
+    overflowed = (magnitude < 0x7F800000) & ((out & 0x7FFF) == 0x7F80)
+    out = torch.where(overflowed, (out & 0x8000) | 0x7F7F, out)
+    out = torch.where(magnitude > 0x7F800000, 0x7FC0, out)
+    out = out - ((out & 0x8000) << 1)  # as a signed 16-bit pattern
+    return out.to(torch.int16).view(torch.bfloat16).view(x.shape)
+
+
+def convert_state(value: Tensor, dtype: torch.dtype) -> Tensor:
+    """A state tensor converted to ``dtype`` once (a checkpoint or a group that changed its
+    ``state_dtype``): to bf16 by round-to-nearest-even after clamping to bf16's finite range
+    (deterministic; a finite value stays finite), any other way exactly as ``.to`` (bf16 to
+    float32 is exact). Always a new tensor."""
+    if dtype == torch.bfloat16 and value.dtype != torch.bfloat16:
+        return value.detach().clamp(-BF16_MAX, BF16_MAX).to(dtype)
+    return value.detach().to(dtype, copy=True)
+
+
+class StochasticRounding:
+    """Where the random bits of one momentum update come from: the matrix key(s)
+    (``sr_matrix_key``), the step(s) t, and the block's place in the whole (out, in) matrix.
+    ``key`` and ``step`` are ints for one matrix, or sequences (one per matrix of a stack)."""
+
+    def __init__(self, key: int | Sequence[int], step: int | Sequence[int], *, row0: int = 0,
+                 col0: int = 0, d_in: int | None = None) -> None:
+        self.key, self.step, self.row0, self.col0, self.d_in = key, step, row0, col0, d_in
+
+    def bits(self, shape: Sequence[int], device: torch.device | str) -> Tensor:
+        if isinstance(self.key, int):
+            stream: int | Tensor = sr_stream(self.key, int(self.step))
+        else:
+            steps = [self.step] * len(self.key) if isinstance(self.step, int) else self.step
+            stream = torch.tensor([sr_stream(k, int(t)) for k, t in zip(self.key, steps, strict=True)],
+                                  dtype=torch.int64).view(-1, 1, 1)
+        return sr_bits(shape, stream, row0=self.row0, col0=self.col0, d_in=self.d_in, device=device)
+
+    def round(self, x: Tensor) -> Tensor:
+        """float32 ``x`` (this block) stochastically rounded to bf16."""
+        return stochastic_round_bf16(x, self.bits(x.shape, x.device))
 
 
 # --------------------------------------------------------------------------------------
@@ -382,12 +721,16 @@ def gate_stage_(
 # --------------------------------------------------------------------------------------
 # The weight update (docs/rule.md steps 1 and 12)
 # --------------------------------------------------------------------------------------
-def widened(ortho: Tensor, dtype: torch.dtype, like: Tensor | None = None) -> Tensor:
-    """O in ``dtype`` (exact), laid out in memory like ``like`` when given (see
-    ``matrix_update``)."""
+def widened(ortho: Tensor, dtype: torch.dtype, like: Tensor | None = None,
+            factor: Tensor | float | None = None) -> Tensor:
+    """A new tensor: O in ``dtype`` (exact), laid out in memory like ``like`` when given (see
+    ``matrix_update``), times ``factor`` when given (in place: in ``dtype``). One
+    mixed-dtype multiply would save a pass but runs unvectorized on a CPU."""
     if like is not None and like.shape == ortho.shape:
-        return torch.empty_like(like, dtype=dtype).copy_(ortho)
-    return ortho.to(dtype)
+        out = torch.empty_like(like, dtype=dtype).copy_(ortho)
+    else:
+        out = ortho.to(dtype, copy=True)
+    return out if factor is None else out.mul_(factor)
 
 
 def matrix_update(
@@ -398,9 +741,9 @@ def matrix_update(
     ``like``: the parameter, whose memory layout U takes (a tall matrix's O is the transpose
     of a contiguous tensor; subtracting a U laid out otherwise from W was 4x slower on a CPU).
     The same values either way: O is widened exactly."""
-    update = widened(ortho, acc_dtype, like) * row_factor.unsqueeze(-1)
+    update = widened(ortho, acc_dtype, like, factor=row_factor.unsqueeze(-1))
     if col_gate is not None:
-        update = update * col_gate.unsqueeze(-2)
+        update.mul_(col_gate.unsqueeze(-2))
     return update
 
 
@@ -436,15 +779,40 @@ def muon_lr(lr: float | Tensor, adjust_lr_fn: str | None, d_out: int, d_in: int)
 # One eager step per rule
 # --------------------------------------------------------------------------------------
 def momentum_stage_(
-    grad: Tensor, state: MutableMapping[str, Tensor], beta1: float, nesterov: bool
+    grad: Tensor, state: MutableMapping[str, Tensor], beta1: float, nesterov: bool,
+    rounding: StochasticRounding | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Step 2 of docs/rule.md for a matrix rule: update ``state["momentum"]`` and return
-    ``(ns_input, grad_wide)``: what Newton-Schulz orthogonalizes, and G in state dtype."""
-    momentum = state["momentum"]
-    grad_wide = grad.to(momentum.dtype)
-    momentum_update_(momentum, grad_wide, beta1)
-    ns_in = nesterov_input(momentum, grad_wide, beta1) if nesterov else momentum
+    ``(ns_input, grad_wide)``: what Newton-Schulz orthogonalizes, and G in the compute dtype
+    (float32, float64 for float64 state). A bf16 momentum needs ``rounding``
+    (``momentum_stage_wide_``)."""
+    ns_in, grad_wide, _ = momentum_stage_wide_(grad, state, beta1, nesterov, rounding)
     return ns_in, grad_wide
+
+
+def momentum_stage_wide_(
+    grad: Tensor, state: MutableMapping[str, Tensor], beta1: float, nesterov: bool,
+    rounding: StochasticRounding | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``momentum_stage_`` that also returns the updated momentum in the compute dtype: the
+    stored tensor itself for float32/float64 state. A bf16 momentum (``state_dtype``) is
+    widened to float32, updated there (the same lerp), and stored rounded by ``rounding``
+    (``StochasticRounding``); the float32 value (what the kernel holds in registers) is what
+    the Nesterov input, Newton-Schulz and the column energies see."""
+    momentum = state["momentum"]
+    if momentum.dtype != torch.bfloat16:
+        grad_wide = grad.to(momentum.dtype)
+        momentum_update_(momentum, grad_wide, beta1)
+        ns_in = nesterov_input(momentum, grad_wide, beta1) if nesterov else momentum
+        return ns_in, grad_wide, momentum
+    if rounding is None:
+        raise ValueError("a bf16 momentum is updated with stochastic rounding: pass rounding=")
+    wide = momentum.to(torch.float32)
+    grad_wide = grad.to(torch.float32)
+    momentum_update_(wide, grad_wide, beta1)
+    ns_in = nesterov_input(wide, grad_wide, beta1) if nesterov else wide
+    momentum.copy_(rounding.round(wide))
+    return ns_in, grad_wide, wide
 
 
 def trasmuon_update_stage_(
@@ -489,7 +857,7 @@ def trasmuon_row_stage_(
     columns needs the whole rows' sums); returns ``(rowscale, partial ||O_base||_F^2 over
     these rows)``."""
     if sumsq is None:
-        sumsq = row_sumsq(ortho, state["momentum"].dtype)
+        sumsq = row_sumsq(ortho, compute_dtype(state["momentum"].dtype))
     row_second_moment_update_(state["row_v"], sumsq, d_in, beta2)
     rowscale = row_scale(state["row_v"], eps)
     return rowscale, o_base_sumsq(sumsq, rowscale)
@@ -504,7 +872,7 @@ def trasmuon_energy_partial(
 ) -> Tensor:
     """Step 7 over these rows: the column energies of M, G or O_base (``energy_source``
     "momentum", "grad", "update"; only "update" needs O and its rowscale)."""
-    acc = state["momentum"].dtype
+    acc = compute_dtype(state["momentum"].dtype)
     if energy_source == "update":
         return update_energy(ortho, rowscale, acc)
     return column_energy(state["momentum"] if energy_source == "momentum" else grad_wide, acc)
@@ -529,7 +897,7 @@ def trasmuon_apply_stage_(
     ``cols`` that ``param`` and ``ortho`` hold, when not all). Returns the whole gate."""
     gate = None if energy is None else gate_stage_(state, energy, step, lr, **gate_kwargs)
     gate_cols = gate if gate is None or cols is None else gate[..., cols]
-    update = matrix_update(ortho, step_size.unsqueeze(-1) * rowscale, gate_cols, state["momentum"].dtype,
+    update = matrix_update(ortho, step_size.unsqueeze(-1) * rowscale, gate_cols, compute_dtype(state["momentum"].dtype),
                            like=param)
     apply_update_(param, update, weight_decay_factor(lr, weight_decay))
     return gate
@@ -784,7 +1152,7 @@ def namo_update_stage_(
     step_up, decay = out["step_up"], out["decay"]
     if cols is not None:  # NAMO-D's per-column factors, on a block of the columns
         step_up, decay = (f[..., cols] if isinstance(f, Tensor) and f.ndim else f for f in (step_up, decay))
-    apply_update_(param, widened(ortho, v.dtype, like=param) * step_up, decay)
+    apply_update_(param, widened(ortho, v.dtype, like=param, factor=step_up), decay)
     return out
 
 
@@ -805,22 +1173,25 @@ def momentum_energy_pass_(
     nesterov: bool,
     energy_source: str | None,
     ns_dtype: torch.dtype = torch.bfloat16,
+    rounding: StochasticRounding | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
-    """Memory pass 1: ``momentum_stage_`` (momentum updated in place), then returns
+    """Memory pass 1: ``momentum_stage_`` (momentum updated in place; a bf16 momentum with
+    ``rounding``, whose keys and steps are one per matrix of the stack), then returns
     ``(x, energy, x_sqnorm)``: the Newton-Schulz input rounded to ``ns_dtype``; the column
     energies of M or G (``energy_source`` "momentum" or "grad"; None computes none, and
     "update" needs O, see ``update_energy``); and ||x||_F^2 accumulated in the state dtype
     (the square of the norm ``newton_schulz`` divides by). Where that sum overflows, x is
     first scaled by ``overflow_scale``'s power of two, as ``newton_schulz`` does."""
-    ns_in, grad_wide = momentum_stage_(grad, {"momentum": momentum}, beta, nesterov)
-    acc = momentum.dtype
+    ns_in, grad_wide, wide = momentum_stage_wide_(grad, {"momentum": momentum}, beta, nesterov,
+                                                  rounding)
+    acc = wide.dtype
     x = ns_in.to(ns_dtype).to(acc)
     sumsq = (x * x).sum(dim=-2).sum(dim=-1)
     # The kernel's rare path: where the sum overflowed, X is scaled in place and summed again.
     x = x * overflow_scale(x, sumsq[..., None, None])
     sumsq = (x * x).sum(dim=-2).sum(dim=-1)  # unchanged where the scale is 1
     if energy_source == "momentum":
-        energy = column_energy(momentum, acc)
+        energy = column_energy(wide, acc)
     elif energy_source == "grad":
         energy = column_energy(grad_wide, acc)
     elif energy_source is None:
@@ -866,12 +1237,14 @@ def weight_update_pass_(
     col_gate: Tensor | None = None,
 ) -> None:
     """Memory pass 2: W <- (1 - lr*wd)*W - r_i * c_j * O_ij, rounded once to W's dtype, with
-    r = eta_hat * rowscale (``trasmuon_update_stage_``) or one ``step_size`` for every row
-    (``muon_update_stage_``); ``col_gate`` None means no gate."""
+    r = eta_hat * rowscale (``trasmuon_update_stage_``), one ``step_size`` for every row
+    (``muon_update_stage_``) or ``step_size * rowscale``; ``col_gate`` None means no gate."""
     acc = state_dtype(param.dtype)
     if step_size is None:
         row_factor = eta_hat.unsqueeze(-1) * rowscale
     else:
         row_factor = torch.as_tensor(step_size, dtype=acc, device=param.device).expand(ortho.shape[-2])
+        if rowscale is not None:
+            row_factor = row_factor * rowscale
     update = matrix_update(ortho, row_factor, col_gate, acc, like=param)
     apply_update_(param, update, weight_decay_factor(lr, weight_decay))

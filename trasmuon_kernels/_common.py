@@ -160,15 +160,17 @@ MAX_VECTOR_BLOCK = 4096
 def vector_block_config(n: int, props: DeviceProps, block: int | None = None) -> tuple[int, int]:
     """(BLOCK, num_warps) of the one-program-per-matrix kernels (gate, k-th smallest, row
     statistics) over vectors of ``n`` float32: ``block`` if given (a power of two), else the
-    whole vector up to ``MAX_VECTOR_BLOCK``; 8 warps from 2048 values on (8 per thread), else
-    4. The same for every device kind: these kernels are latency-bound, one program per
-    matrix, and the interpreter's cost does not depend on the block either."""
+    whole vector up to ``MAX_VECTOR_BLOCK``; at most 8 values per thread (4 warps up to 1024
+    values, 8 at 2048, 16 at 4096: the selection kernels hold a 64-bit key per value, and 16
+    per thread spilled on sm_90). The same for every device kind: these kernels are
+    latency-bound, one program per matrix, and the interpreter's cost does not depend on the
+    block either."""
     del props  # no device dependence (yet); part of the signature like every config
     if block is None:
         block = min(MAX_VECTOR_BLOCK, next_pow2(n))
     elif isinstance(block, bool) or not isinstance(block, int) or block < 1 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 1, got {block!r}")
-    return block, 8 if block >= 2048 else 4
+    return block, max(4, block // (32 * 8))
 
 
 def upload_table(table: Tensor, device: torch.device) -> Tensor:
@@ -429,3 +431,39 @@ def round_to(x, DTYPE: tl.constexpr, EMULATE_BF16_RNE: tl.constexpr):
     else:
         out = x.to(DTYPE)
     return out
+
+
+# --------------------------------------------------------------------------------------
+# Stochastic rounding to bf16 (a matrix rule's momentum with state_dtype=torch.bfloat16)
+# --------------------------------------------------------------------------------------
+@device_fn
+def fmix32(h):
+    """MurmurHash3's 32-bit finalizer on uint32 (wrapping multiplies): the twin of
+    ``trasmuon.reference.fmix32``, which does the same in int64 with masks."""
+    h = h ^ (h >> 16)
+    h = h * 0x85EBCA6B
+    h = h ^ (h >> 13)
+    h = h * 0xC2B2AE35
+    h = h ^ (h >> 16)
+    return h
+
+
+@device_fn
+def sr_stream(key, step):
+    """A matrix's 32-bit stream at step t (uint32 key, float32 or integer t):
+    fmix32(key ^ fmix32(t)), as ``reference.sr_stream``."""
+    return fmix32(key ^ fmix32(step.to(tl.uint32)))
+
+
+@device_fn
+def stochastic_round_bf16(x, r):
+    """float32 ``x`` rounded to bf16 stochastically with the uint32 random ``r``: the top 16
+    bits of r are added below bf16's mantissa and the result is truncated; a finite x
+    saturates at +-bf16 max instead of becoming inf, NaN becomes 0x7FC0. The twin of
+    ``reference.stochastic_round_bf16`` (the same integer operations)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    out = (bits + (r >> 16)) >> 16
+    magnitude = bits & 0x7FFFFFFF
+    out = tl.where((magnitude < 0x7F800000) & ((out & 0x7FFF) == 0x7F80), (out & 0x8000) | 0x7F7F, out)
+    out = tl.where(magnitude > 0x7F800000, 0x7FC0, out)
+    return out.to(tl.uint16).to(tl.bfloat16, bitcast=True)

@@ -39,6 +39,7 @@ can ask for the config an H200 would get while running on a CPU.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -58,6 +59,8 @@ __all__ = [
     "TorchLaunch",
     "capture_launches",
     "device_props",
+    "observe_launches",
+    "public_op",
     "record_launches",
     "run_all",
     "simulate_device",
@@ -312,15 +315,42 @@ def run_all(launches: Iterable[AnyLaunch]) -> None:
         launch()
 
 
+def public_op(prepare: Callable[..., Prepared], name: str) -> Callable[..., Any]:
+    """The public function of an op from its ``prepare_*`` function: the same arguments
+    (and signature, for ``help``), issues the launches and returns their ``result``. One
+    definition per op: the ``prepare_*`` function holds the checks and the documentation."""
+
+    @functools.wraps(prepare)
+    def op(*args: Any, **kwargs: Any) -> Any:
+        prepared = prepare(*args, **kwargs)
+        run_all(prepared)
+        return prepared.result
+
+    op.__name__ = op.__qualname__ = name
+    op.__doc__ = (f"Run :func:`{prepare.__name__}`'s launches and return its ``result``.\n\n"
+                  + inspect.cleandoc(prepare.__doc__ or ""))
+    op.__signature__ = inspect.signature(prepare).replace(  # type: ignore[attr-defined]
+        return_annotation=inspect.Signature.empty)
+    return op
+
+
+@contextlib.contextmanager
+def observe_launches(observer: Callable[[LaunchRecord], None]) -> Iterator[None]:
+    """Call ``observer`` with the :class:`LaunchRecord` of every launch issued inside the
+    block, as it is issued (before it runs)."""
+    _observers.append(observer)
+    try:
+        yield
+    finally:
+        _observers.remove(observer)
+
+
 @contextlib.contextmanager
 def record_launches() -> Iterator[list[LaunchRecord]]:
     """Collect a :class:`LaunchRecord` for every launch issued inside the block."""
     records: list[LaunchRecord] = []
-    _observers.append(records.append)
-    try:
+    with observe_launches(records.append):
         yield records
-    finally:
-        _observers.remove(records.append)
 
 
 @contextlib.contextmanager

@@ -50,7 +50,7 @@ from ._common import (
     scalar_or_tensor,
     upload_table,
 )
-from ._launch import DeviceProps, Launch, TorchLaunch, run_all
+from ._launch import DeviceProps, Launch, Prepared, TorchLaunch, public_op
 from .momentum_energy import lerp, lerp_weights
 from .update import decay_factor
 
@@ -341,9 +341,9 @@ def prepare_adamw(
     weight_decay: float,
     props: DeviceProps | None = None,
     block: int | None = None,
-) -> list[Launch]:
-    """Check the inputs and build the launch of one AdamW step for N tensors (or none when
-    there is no element to update).
+) -> Prepared:
+    """One AdamW step for N tensors in one launch (or none when there is no element to update);
+    ``result`` is None. Eager twin: ``reference.adamw_foreach_step_``.
 
     ``params``: N contiguous tensors of any shapes, one dtype among fp32/bf16/fp16, updated in
     place. ``grads``: the same shapes, contiguous, one dtype among fp32/bf16/fp16.
@@ -378,7 +378,7 @@ def prepare_adamw(
     if props is not None and not isinstance(props, DeviceProps):
         raise TypeError(f"props must be a DeviceProps or None, got {type(props).__name__}")
     if n == 0:
-        return []
+        return Prepared([], None)
     p_list, g_list, m_list, v_list = lists.values()
     check_device("params[0]", p_list[0], props)
     device = p_list[0].device
@@ -398,7 +398,7 @@ def prepare_adamw(
     counts = [triton.cdiv(k, config.block) for k in numels]
     total = sum(counts)
     if total == 0:
-        return []
+        return Prepared([], None)
     if total >= 2**31:
         raise ValueError(f"{total} programs of {config.block} elements exceed the grid; pass a larger block")
 
@@ -432,29 +432,11 @@ def prepare_adamw(
         **({"maxnreg": config.maxnreg} if config.maxnreg else {}),
     )
     keep = tuple(t for lst in (p_list, m_list, v_list) for t in lst)
-    return [AdamWLaunch(_adamw_kernel, (total,), args, meta, name="adamw", keepalive=keep)]
+    launch = AdamWLaunch(_adamw_kernel, (total,), args, meta, name="adamw", keepalive=keep)
+    return Prepared([launch], None)
 
 
-def adamw_step_(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    *,
-    steps: Tensor | int,
-    lr: float | Tensor,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-    props: DeviceProps | None = None,
-    block: int | None = None,
-) -> None:
-    """One AdamW step for N tensors in one launch: ``prepare_adamw`` and run. Eager twin:
-    ``reference.adamw_foreach_step_``."""
-    run_all(prepare_adamw(
-        params, grads, exp_avgs, exp_avg_sqs, steps=steps, lr=lr, betas=betas, eps=eps,
-        weight_decay=weight_decay, props=props, block=block,
-    ))
+adamw_step_ = public_op(prepare_adamw, "adamw_step_")
 
 
 __all__ = ["AdamWConfig", "AdamWLaunch", "adamw_config", "adamw_step_", "prepare_adamw"]

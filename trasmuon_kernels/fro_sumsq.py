@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._common import FLT32_MAX, check_device, interpreting, props_for, workspace_or_new
-from ._launch import DeviceProps, Launch, Prepared, TorchLaunch, run_all
+from ._launch import DeviceProps, Launch, Prepared, TorchLaunch, public_op
 from ._ns_jit import RESCALE_TILE, as_f32, rescale_overflowed_, tile_offset
 
 
@@ -114,9 +114,17 @@ def prepare_fro_sumsq(
     partials: torch.Tensor | None = None,
     props: DeviceProps | None = None,
 ) -> Prepared:
-    """The launches of :func:`fro_sumsq` (same arguments): the partial sums kernel and, with
-    several row tiles, the finish kernel over the partials. ``out`` and ``partials`` are
-    allocated here when not given; ``result`` is ``out``."""
+    """sum_ij bf16(x)_ij^2 per matrix of a (B, m, n) stack (any float dtype, any strides):
+    ``result`` is ``out``, the (B,) float32 sums. Where that sum overflows float32, the matrix
+    is first scaled in place by a power of two (see the module docstring) and the sum is that
+    of the scaled matrix. The launches: the partial sums kernel and, with several row tiles,
+    the finish kernel over the partials.
+
+    out: optional (B,) fp32 result buffer (allocated here when not given). partials: optional
+    preallocated contiguous fp32 buffer of at least ``fro_sumsq_partial_size(...)`` elements
+    (allocated here when needed and not given). ``props``: the device the config is chosen
+    for (default: ``x``'s).
+    """
     check_device("x", x, props)
     if x.ndim != 3:
         raise ValueError(f"fro_sumsq expects a (B, m, n) stack, got shape {tuple(x.shape)}")
@@ -160,21 +168,4 @@ def prepare_fro_sumsq(
     return Prepared(launches, out)
 
 
-def fro_sumsq(
-    x: torch.Tensor,
-    out: torch.Tensor | None = None,
-    *,
-    partials: torch.Tensor | None = None,
-    props: DeviceProps | None = None,
-) -> torch.Tensor:
-    """sum_ij bf16(x)_ij^2 per matrix of a (B, m, n) stack (any float dtype, any strides).
-    Where that sum overflows float32, the matrix is first scaled in place by a power of two
-    (see the module docstring) and the sum is that of the scaled matrix.
-
-    out: optional (B,) fp32 result buffer. partials: optional preallocated contiguous fp32
-    buffer of at least ``fro_sumsq_partial_size(...)`` elements. ``props``: the device the
-    config is chosen for (default: ``x``'s). Returns ``out``.
-    """
-    prepared = prepare_fro_sumsq(x, out, partials=partials, props=props)
-    run_all(prepared)
-    return prepared.result
+fro_sumsq = public_op(prepare_fro_sumsq, "fro_sumsq")

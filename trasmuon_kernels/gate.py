@@ -40,7 +40,7 @@ from ._common import (
     scalar_or_tensor,
     vector_block_config,
 )
-from ._launch import DeviceProps, Launch, Prepared, run_all
+from ._launch import DeviceProps, Launch, Prepared, public_op
 
 
 # --------------------------------------------------------------------------------------
@@ -221,7 +221,11 @@ def prepare_kth_smallest(
     block: int | None = None,
     props: DeviceProps | None = None,
 ) -> Prepared:
-    """The launch of :func:`kth_smallest` (same arguments); ``result`` is the (B,) values."""
+    """The k-th smallest (1-based) entry of each row of ``values`` ((B, n) float32, any
+    strides): ``result`` is the (B,) float32 values (written into ``out`` when given),
+    bit-identical to ``torch.kthvalue(values, k, dim=-1).values`` (NaN counts as the largest
+    value). ``block``: columns per register block (power of two); default min(4096,
+    next_pow2(n)). Eager twin: ``reference.kth_smallest``."""
     if not isinstance(values, Tensor) or values.ndim != 2:
         shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
         raise ValueError(f"values must be a 2D tensor (B, n), got {shape}")
@@ -243,21 +247,7 @@ def prepare_kth_smallest(
     return Prepared([launch], result)
 
 
-def kth_smallest(
-    values: Tensor,
-    k: int,
-    *,
-    out: Tensor | None = None,
-    block: int | None = None,
-    props: DeviceProps | None = None,
-) -> Tensor:
-    """The k-th smallest (1-based) entry of each row of ``values`` ((B, n) float32, any
-    strides): shape (B,), bit-identical to ``torch.kthvalue(values, k, dim=-1).values``
-    (NaN counts as the largest value). ``block``: columns per register block (power of two);
-    default min(4096, next_pow2(n))."""
-    prepared = prepare_kth_smallest(values, k, out=out, block=block, props=props)
-    run_all(prepared)
-    return prepared.result
+kth_smallest = public_op(prepare_kth_smallest, "kth_smallest")
 
 
 def _step_arg(value: int | Tensor, count: int, device: torch.device) -> tuple[Tensor | None, int, int]:
@@ -303,10 +293,30 @@ def prepare_gate_stage(
     block: int | None = None,
     props: DeviceProps | None = None,
 ) -> Prepared:
-    """The launch of :func:`gate_stage_` (same arguments); ``result`` is the applied gate.
-    ``state["energy_ref"]`` and ``out`` are created here when missing. Host scalars (``step``,
+    """docs/rule.md, steps 8-11 for a bucket of B gated matrices in one launch; ``result`` is
+    the applied gate c, (B, d_in) float32 (written into ``out``, created here when not given).
+    The arguments and state of ``reference.gate_stage_`` (its eager twin), except that the rank
+    and the schedule-free eps are given, not derived:
+
+    ``k``: the 1-based rank of E_cur among the d_in energies (``reference.quantile_rank(d_in,
+    energy_quantile)``). ``sf_eps``: added to S before dividing C by it
+    (``reference.SCHEDULE_FREE_EPS``).
+
+    ``state`` holds float32 contiguous ``c_ema`` (B, d_in) and, with ``schedule_free``,
+    ``sf_lr2_sum`` (B,), ``sf_c_lr2_sum`` and ``c_last`` (B, d_in) (``reference.init_gate_state``
+    makes them), all updated in place, and ``energy_ref`` (B,), which is created here
+    (uninitialized) when missing. ``energy``: (B, d_in) float32, any strides. ``step``: the
+    1-based t, an int, a one-element integer/float device tensor, or a (B,) device tensor of
+    per-matrix steps. ``lr``: a float or a one-element float tensor. Host scalars (``step``,
     ``lr``, a bool ``first``) are fixed in the launch: a list replayed every step takes them
-    as device tensors."""
+    as device tensors.
+
+    ``first``: whether this is the matrices' first gated step (E_ref := E_cur): a bool, or a
+    (B,) bool/integer device tensor (nonzero = first), which the kernel then clears in place.
+    None means "``energy_ref`` is not in ``state``", as the reference decides.
+    ``energy_cur_out``: optional (B,) float32 tensor to receive E_cur. ``block``: columns per
+    block (power of two); default min(4096, next_pow2(d_in)).
+    """
     if not isinstance(energy, Tensor) or energy.ndim != 2:
         shape = tuple(energy.shape) if isinstance(energy, Tensor) else type(energy).__name__
         raise ValueError(f"energy must be a 2D tensor (B, d_in), got {shape}")
@@ -401,60 +411,7 @@ def prepare_gate_stage(
     return Prepared([launch], applied)
 
 
-def gate_stage_(
-    state: MutableMapping[str, Tensor],
-    energy: Tensor,
-    step: int | Tensor,
-    lr: float | Tensor,
-    *,
-    k: int,
-    warmup_steps: int,
-    clip_period: int,
-    clip_alpha: float,
-    clip_min: float,
-    clip_trigger: float | None,
-    clip_beta: float,
-    energy_beta: float,
-    energy_eps: float,
-    schedule_free: bool,
-    sf_mix: float,
-    sf_eps: float,
-    first: bool | Tensor | None = None,
-    out: Tensor | None = None,
-    energy_cur_out: Tensor | None = None,
-    block: int | None = None,
-    props: DeviceProps | None = None,
-) -> Tensor:
-    """docs/rule.md, steps 8-11 for a bucket of B gated matrices in one launch; returns the
-    applied gate c, (B, d_in) float32. The arguments and state of ``reference.gate_stage_``
-    (its eager twin), except that the rank and the schedule-free eps are given, not derived:
-
-    ``k``: the 1-based rank of E_cur among the d_in energies (``reference.quantile_rank(d_in,
-    energy_quantile)``). ``sf_eps``: added to S before dividing C by it
-    (``reference.SCHEDULE_FREE_EPS``).
-
-    ``state`` holds float32 contiguous ``c_ema`` (B, d_in) and, with ``schedule_free``,
-    ``sf_lr2_sum`` (B,), ``sf_c_lr2_sum`` and ``c_last`` (B, d_in) (``reference.init_gate_state``
-    makes them), all updated in place, and ``energy_ref`` (B,), which is created (uninitialized)
-    when missing. ``energy``: (B, d_in) float32, any strides. ``step``: the 1-based t, an int, a
-    one-element integer/float device tensor, or a (B,) device tensor of per-matrix steps.
-    ``lr``: a float or a one-element float tensor.
-
-    ``first``: whether this is the matrices' first gated step (E_ref := E_cur): a bool, or a
-    (B,) bool/integer device tensor (nonzero = first), which the kernel then clears in place.
-    None means "``energy_ref`` is not in ``state``", as the reference decides.
-    ``energy_cur_out``: optional (B,) float32 tensor to receive E_cur. ``block``: columns per
-    block (power of two); default min(4096, next_pow2(d_in)).
-    """
-    prepared = prepare_gate_stage(
-        state, energy, step, lr, k=k, warmup_steps=warmup_steps, clip_period=clip_period,
-        clip_alpha=clip_alpha, clip_min=clip_min, clip_trigger=clip_trigger,
-        clip_beta=clip_beta, energy_beta=energy_beta, energy_eps=energy_eps,
-        schedule_free=schedule_free, sf_mix=sf_mix, sf_eps=sf_eps, first=first, out=out,
-        energy_cur_out=energy_cur_out, block=block, props=props,
-    )
-    run_all(prepared)
-    return prepared.result
+gate_stage_ = public_op(prepare_gate_stage, "gate_stage_")
 
 
 __all__ = ["gate_stage_", "kth_smallest", "prepare_gate_stage", "prepare_kth_smallest"]

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_device, interpreting, props_for
-from ._launch import DeviceProps, Launch, Prepared, run_all
+from ._launch import DeviceProps, Launch, Prepared, public_op
 from ._ns_jit import as_f32, dot_k_loop, round_to_bf16, tile_offset, upper_tile
 
 
@@ -231,9 +231,15 @@ def prepare_sym_gram(
     config: GramConfig | None = None,
     props: DeviceProps | None = None,
 ) -> Prepared:
-    """The launch of :func:`sym_gram` (same arguments): input checks, config and the full
-    argument list; ``result`` is ``out``. ``props``: the device the config is chosen for
-    (default: ``z``'s)."""
+    """out = alpha * s^2 * Z Z^T + beta * bias, written for upper tiles and mirrored: one
+    launch; ``result`` is ``out``.
+
+    z: (B, d, k) of any float dtype (rounded to bf16 on load), any strides; with
+    ``transposed=True`` z is (B, k, d) and Z = z^T (the product is z^T z, read without a
+    copy). out: (B, d, d) bf16, fully overwritten, exactly symmetric. bias: (B, d, d),
+    exactly symmetric (e.g. a previous output of this function). fro_sumsq: (B,) fp32 sums of
+    squares; when given, s = 1 / (sqrt(fro_sumsq) + eps), else s = 1 (not together with
+    ``bias``). ``props``: the device the default config is chosen for (default: ``z``'s)."""
     if z.ndim != 3 or out.ndim != 3:
         raise ValueError("sym_gram expects (B, d, k) inputs and a (B, d, d) output")
     check_device("z", z, props)
@@ -288,32 +294,4 @@ def prepare_sym_gram(
     return Prepared([launch], out)
 
 
-def sym_gram(
-    z: torch.Tensor,
-    out: torch.Tensor,
-    *,
-    transposed: bool = False,
-    alpha: float = 1.0,
-    bias: torch.Tensor | None = None,
-    beta: float = 0.0,
-    fro_sumsq: torch.Tensor | None = None,
-    eps: float = 0.0,
-    config: GramConfig | None = None,
-    props: DeviceProps | None = None,
-) -> torch.Tensor:
-    """out = alpha * s^2 * Z Z^T + beta * bias, written for upper tiles and mirrored.
-
-    z: (B, d, k) of any float dtype (rounded to bf16 on load), any strides; with
-    ``transposed=True`` z is (B, k, d) and Z = z^T (the product is z^T z, read without a
-    copy). out: (B, d, d) bf16, fully overwritten, exactly symmetric. bias: (B, d, d),
-    exactly symmetric (e.g. a previous output of this function). fro_sumsq: (B,) fp32 sums of
-    squares; when given, s = 1 / (sqrt(fro_sumsq) + eps), else s = 1 (not together with
-    ``bias``). ``props``: the device
-    the default config is chosen for (default: ``z``'s). Returns ``out``.
-    """
-    prepared = prepare_sym_gram(
-        z, out, transposed=transposed, alpha=alpha, bias=bias, beta=beta,
-        fro_sumsq=fro_sumsq, eps=eps, config=config, props=props,
-    )
-    run_all(prepared)
-    return prepared.result
+sym_gram = public_op(prepare_sym_gram, "sym_gram")

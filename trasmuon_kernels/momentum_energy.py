@@ -26,6 +26,7 @@ finalize kernel) with every buffer allocated, for callers that replay them every
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -47,6 +48,7 @@ from ._common import (
     default_config,
     device_fn,
     f32,
+    fmix32,
     interpreting,
     matrix_base,
     next_pow2,
@@ -54,10 +56,14 @@ from ._common import (
     props_for,
     round_to,
     saturate,
+    sr_stream,
+    stochastic_round_bf16,
     workspace_or_new,
 )
-from ._launch import DeviceProps, Launch, Prepared, TorchLaunch, run_all
+from ._launch import DeviceProps, Launch, Prepared, TorchLaunch, public_op
 from ._ns_jit import RESCALE_TILE, rescale_overflowed_
+
+_SR_TWO_SUMS_MAXNREG = 96
 
 # Energy sources of the rule (docs/rule.md, step 7): S = M, G or O_base. This pass computes
 # the first two; "update" (O_base) exists only after Newton-Schulz (``column_energy``), and
@@ -101,11 +107,12 @@ def _momentum_energy_kernel(
     d_out, d_in, rows_per_split, n_splits, n_cb,
     sgb, sgr, sgc, smb, smr, smc, sxb, sxr, sxc,
     w, w_m1, nw, nw_m1,
+    sr_key_ptr, sr_step_ptr, sr_row0, sr_col0, sr_d_in,
     G_TABLE: tl.constexpr, G_ALIGNED: tl.constexpr,
     M_TABLE: tl.constexpr, M_ALIGNED: tl.constexpr,
     SMALL_W: tl.constexpr, NESTEROV: tl.constexpr, SMALL_NW: tl.constexpr,
     ENERGY: tl.constexpr, INPUT_ENERGY: tl.constexpr, EMULATE_BF16_RNE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    SR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # One program: matrix b, a range of rows (a split), one block of columns. Column energies
     # and ||X||^2 are reduced over the split's rows in registers and written as partials that
@@ -126,6 +133,11 @@ def _momentum_energy_kernel(
     e_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     f_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     n_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    if SR:
+        # bf16 momentum: this matrix's random stream at its step, and each element's index in
+        # the whole (out, in) matrix (a block starts at (sr_row0, sr_col0) of it).
+        stream = sr_stream(tl.load(sr_key_ptr + b).to(tl.uint32, bitcast=True), tl.load(sr_step_ptr + b))
+        sr_cols = sr_col0 + cols64
     r_start = split * rows_per_split
     r_end = tl.minimum(r_start + rows_per_split, d_out)
     for r0 in range(r_start, r_end, BLOCK_R):
@@ -135,9 +147,13 @@ def _momentum_energy_kernel(
         g = tl.load(g_ptr + rows64 * sgr + cols64[None, :] * sgc, mask=mask, other=0.0)
         g = g.to(tl.float32)  # all arithmetic in float32, as the reference (and bf16 is garbage in the interpreter)
         m_off = rows64 * smr + cols64[None, :] * smc
-        m = tl.load(m_ptr + m_off, mask=mask, other=0.0)
+        m = tl.load(m_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
         m = lerp(m, g, w, w_m1, SMALL_W)
-        tl.store(m_ptr + m_off, m, mask=mask)
+        if SR:  # stored rounded stochastically; everything below uses the float32 m
+            index = ((sr_row0 + rows64) * sr_d_in + sr_cols[None, :]).to(tl.uint32)
+            tl.store(m_ptr + m_off, stochastic_round_bf16(m, fmix32(index ^ stream)), mask=mask)
+        else:
+            tl.store(m_ptr + m_off, m, mask=mask)
         if NESTEROV:
             ns_in = lerp(g, m, nw, nw_m1, SMALL_NW)
         else:
@@ -246,6 +262,27 @@ def _zero_launches(*outputs: Tensor | None) -> list[TorchLaunch]:
     return [TorchLaunch("zero", t.zero_, (t,)) for t in outputs if t is not None and t.numel()]
 
 
+def _check_rounding(keys: Tensor | None, steps: Tensor | None, offset: tuple[int, int],
+                    d_in: int | None, count: int, device: torch.device) -> None:
+    """The arguments of a bf16 momentum's stochastic rounding (see
+    ``prepare_momentum_energy_pass``)."""
+    if keys is None or steps is None:
+        raise TypeError("momentum has dtype torch.bfloat16; a bf16 momentum is stored with "
+                        "stochastic rounding: pass sr_keys ((B,) int32) and sr_steps ((B,) "
+                        "float32 or int32), or a float32 momentum")
+    for name, t, dtypes in (("sr_keys", keys, (torch.int32,)),
+                            ("sr_steps", steps, (torch.float32, torch.int32))):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        check_shape(name, t, (count,))
+        check_dtype(name, t, dtypes)
+        check_same_device(name, t, device)
+    if len(offset) != 2 or any(not isinstance(v, int) or v < 0 for v in offset):
+        raise ValueError(f"sr_offset must be two ints >= 0, got {offset!r}")
+    if d_in is not None and (not isinstance(d_in, int) or d_in < 1):
+        raise ValueError(f"sr_d_in must be None or an int >= 1, got {d_in!r}")
+
+
 class MomentumEnergyResult(NamedTuple):
     x: Tensor  # (B, d_out, d_in) ns_dtype: the Newton-Schulz input (maybe stored transposed)
     energy: Tensor | None  # (B, d_in) float32 column energies, or None
@@ -334,20 +371,54 @@ def prepare_momentum_energy_pass(
     workspace: Tensor | None = None,
     config: PassConfig | None = None,
     props: DeviceProps | None = None,
+    sr_keys: Tensor | None = None,
+    sr_steps: Tensor | None = None,
+    sr_offset: tuple[int, int] = (0, 0),
+    sr_d_in: int | None = None,
 ) -> Prepared:
-    """The two launches of :func:`momentum_energy_pass_` (same arguments): the pass and the
-    fixed-order finalize of its partial sums. Outputs and partials are allocated here when not
-    given (``workspace``: a contiguous float32 buffer of at least ``pass_workspace_size(...)``
-    elements for the partials); ``result`` is the ``MomentumEnergyResult``."""
+    """Memory pass 1 (docs/backends.md, stage 1) for a bucket of B same-shape matrices: the pass
+    and the fixed-order finalize of its partial sums. ``result`` is the
+    ``MomentumEnergyResult`` ``(x, energy, x_sqnorm, input_energy)``; outputs and partials
+    are allocated here when not given. Eager twin: ``reference.momentum_energy_pass_``.
+
+    ``grad``: (B, d_out, d_in) fp32/bf16/fp16 stack or list of 2D tensors. ``momentum``: same
+    shape, float32, stack or list; updated in place. ``beta``: b1. ``nesterov``: X is built from
+    (1-b1)*G + b1*M instead of M. ``energy_source``: "momentum", "grad" or None (no energies:
+    for "update" call ``column_energy`` after Newton-Schulz). ``ns_dtype``: dtype of X.
+    ``transpose_tall``: for d_out > d_in, store X as the contiguous (B, d_in, d_out) matrix that
+    Newton-Schulz iterates on; the returned ``x`` is always indexed (B, d_out, d_in) (then a
+    ``.mT`` view), so ``x.mT`` is the pre-transposed contiguous operand. ``x_out``: a
+    (B, d_out, d_in) tensor of ``ns_dtype`` with any strides to write X into. ``workspace``:
+    optional preallocated contiguous float32 partials of at least ``pass_workspace_size(...)``
+    elements. ``props``: the device the config is chosen for (default: ``grad``'s).
+    ``input_energy`` (or ``input_energy_out``, (B, d_in) float32): also the column energies of
+    the float32 Newton-Schulz input (M, or the Nesterov blend) before it is rounded to
+    ``ns_dtype`` (NAMO's ||N_:,j||^2), in a second fixed-order finalize. ``rescale_overflow``:
+    where ||X||_F^2 overflows float32, scale that X in place by a power of two and return the
+    sum of the scaled X (``reference.overflow_scale``); off for a block of a matrix's rows (a
+    row shard), whose Newton-Schulz normalizes the whole assembled matrix instead (where
+    ||X||_F^2 may then be inf and is not used).
+
+    A bf16 ``momentum`` (``state_dtype=torch.bfloat16``) is widened to float32, updated there,
+    and stored rounded stochastically (``_common.stochastic_round_bf16``); X, the energies and
+    the Nesterov blend use the float32 value. Its random bits need ``sr_keys`` ((B,) int32:
+    each matrix's ``reference.sr_matrix_key`` as a bit pattern), ``sr_steps`` ((B,) float32
+    or int32 device tensor: each matrix's step t), and for a block of a larger matrix
+    ``sr_offset`` (its first row and column there) and ``sr_d_in`` (that matrix's columns);
+    the twin is ``reference.momentum_energy_pass_(..., rounding=StochasticRounding(...))``.
+    """
     g = TensorBucket.of(grad, "grad", props)
     m = TensorBucket.of(momentum, "momentum", props)
     check_dtype("grad", g.base, FLOAT_DTYPES)
-    check_dtype("momentum", m.base, (torch.float32,))
+    check_dtype("momentum", m.base, (torch.float32, torch.bfloat16))
     if m.count != g.count or m.shape != g.shape:
         raise ValueError(
             f"momentum holds {m.count} matrices of {m.shape}, but grad holds {g.count} of {g.shape}"
         )
     check_same_device("momentum", m.base, g.device)
+    sr = m.dtype == torch.bfloat16
+    if sr:
+        _check_rounding(sr_keys, sr_steps, sr_offset, sr_d_in, m.count, g.device)
     if not m.uses_table:
         check_no_overlap("momentum", m.base)
     if energy_source not in PASS1_ENERGY_SOURCES:
@@ -362,7 +433,15 @@ def prepare_momentum_energy_pass(
     if not isinstance(beta, (int, float)) or isinstance(beta, bool):
         raise TypeError(f"beta must be a float, got {type(beta).__name__}")
     props = props_for(g.base, props)
-    config = config or default_config(*g.shape, props=props, reduces_columns=True)
+    if config is None:
+        config = default_config(*g.shape, props=props, reduces_columns=True)
+        if sr and (input_energy or input_energy_out is not None) and config.block_r > 1:
+            # bf16 momentum (the rounding's hash) with two column sums (NAMO's): at 16 values
+            # per thread this spilled on sm_90; half the rows keeps 8 per thread.
+            config = dataclasses.replace(config, block_r=config.block_r // 2)
+    # The same variant from fp32 params: Triton 3.6's ptxas picked 80 registers (three blocks
+    # per SM) and spilled 8 bytes; a cap of 96 gives it 88, no spill, two blocks.
+    maxnreg = _SR_TWO_SUMS_MAXNREG if sr and (input_energy or input_energy_out is not None) else None
     config.check()
 
     count, (d_out, d_in) = g.count, g.shape
@@ -409,16 +488,20 @@ def prepare_momentum_energy_pass(
             d_out, d_in, rows_per_split, n_splits, n_cb,
             sg[0], sg[1], sg[2], sm[0], sm[1], sm[2], sx[0], sx[1], sx[2],
             w, w_m1, nw, nw_m1,
+            sr_keys if sr else fpart, sr_steps if sr else fpart,
+            sr_offset[0] if sr else 0, sr_offset[1] if sr else 0,
+            (d_in if sr_d_in is None else sr_d_in) if sr else 0,
         ),
         dict(
             G_TABLE=g.uses_table, G_ALIGNED=g.aligned, M_TABLE=m.uses_table, M_ALIGNED=m.aligned,
             SMALL_W=small_w, NESTEROV=bool(nesterov), SMALL_NW=small_nw,
             ENERGY={"momentum": _ENERGY_MOMENTUM, "grad": _ENERGY_GRAD, None: _ENERGY_NONE}[energy_source],
-            INPUT_ENERGY=n_energy is not None, EMULATE_BF16_RNE=interpreting(),
+            INPUT_ENERGY=n_energy is not None, EMULATE_BF16_RNE=interpreting(), SR=sr,
             BLOCK_R=config.block_r, BLOCK_C=config.block_c,
             num_warps=config.num_warps, enable_fp_fusion=False,
+            **({"maxnreg": maxnreg} if maxnreg and props.is_cuda else {}),
         ),
-        keepalive=(g, m),
+        keepalive=(g, m, sr_keys, sr_steps),
     )
     launches = [launch, _finalize_launch(epart, fpart, energy, sqnorm, count, d_in, n_splits,
                                          n_splits * n_cb, x_out if rescale_overflow else None)]
@@ -427,55 +510,7 @@ def prepare_momentum_energy_pass(
     return Prepared(launches, result)
 
 
-def momentum_energy_pass_(
-    grad: BucketLike,
-    momentum: BucketLike,
-    beta: float,
-    *,
-    nesterov: bool = False,
-    energy_source: str | None = "momentum",
-    ns_dtype: torch.dtype = torch.bfloat16,
-    transpose_tall: bool = False,
-    x_out: Tensor | None = None,
-    energy_out: Tensor | None = None,
-    sqnorm_out: Tensor | None = None,
-    input_energy_out: Tensor | None = None,
-    input_energy: bool = False,
-    rescale_overflow: bool = True,
-    workspace: Tensor | None = None,
-    config: PassConfig | None = None,
-    props: DeviceProps | None = None,
-) -> MomentumEnergyResult:
-    """Memory pass 1 (docs/backends.md, stage 1) for a bucket of B same-shape matrices.
-
-    ``grad``: (B, d_out, d_in) fp32/bf16/fp16 stack or list of 2D tensors. ``momentum``: same
-    shape, float32, stack or list; updated in place. ``beta``: b1. ``nesterov``: X is built from
-    (1-b1)*G + b1*M instead of M. ``energy_source``: "momentum", "grad" or None (no energies:
-    for "update" call ``column_energy`` after Newton-Schulz). ``ns_dtype``: dtype of X.
-    ``transpose_tall``: for d_out > d_in, store X as the contiguous (B, d_in, d_out) matrix that
-    Newton-Schulz iterates on; the returned ``x`` is always indexed (B, d_out, d_in) (then a
-    ``.mT`` view), so ``x.mT`` is the pre-transposed contiguous operand. ``x_out``: a
-    (B, d_out, d_in) tensor of ``ns_dtype`` with any strides to write X into. ``workspace``:
-    optional preallocated float32 partials (``pass_workspace_size``). ``props``: the device the
-    config is chosen for (default: ``grad``'s). ``input_energy`` (or ``input_energy_out``,
-    (B, d_in) float32): also the column energies of the float32 Newton-Schulz input (M, or the
-    Nesterov blend) before it is rounded to ``ns_dtype`` (NAMO's ||N_:,j||^2), in a second
-    fixed-order finalize. ``rescale_overflow``: where ||X||_F^2 overflows float32, scale that X
-    in place by a power of two and return the sum of the scaled X (``reference.overflow_scale``);
-    off for a block of a matrix's rows (a row shard), whose Newton-Schulz normalizes the whole
-    assembled matrix instead (where ||X||_F^2 may then be inf and is not used).
-
-    Returns ``(x, energy, x_sqnorm, input_energy)``; eager twin:
-    ``reference.momentum_energy_pass_``.
-    """
-    prepared = prepare_momentum_energy_pass(
-        grad, momentum, beta, nesterov=nesterov, energy_source=energy_source, ns_dtype=ns_dtype,
-        transpose_tall=transpose_tall, x_out=x_out, energy_out=energy_out, sqnorm_out=sqnorm_out,
-        input_energy_out=input_energy_out, input_energy=input_energy,
-        rescale_overflow=rescale_overflow, workspace=workspace, config=config, props=props,
-    )
-    run_all(prepared)
-    return prepared.result
+momentum_energy_pass_ = public_op(prepare_momentum_energy_pass, "momentum_energy_pass_")
 
 
 def prepare_column_energy(
@@ -487,7 +522,16 @@ def prepare_column_energy(
     config: PassConfig | None = None,
     props: DeviceProps | None = None,
 ) -> Prepared:
-    """The two launches of :func:`column_energy` (same arguments); ``result`` is the energy."""
+    """E_j = sum_i (rs_i * S_ij)^2 in float32 for a (B, d_out, d_in) stack of any strides and
+    dtype fp32/bf16/fp16; ``row_scale`` (B, d_out) float32 or None (rs = 1). ``result`` is
+    the (B, d_in) float32 energy (written into ``out`` when given). The launches: the pass and
+    the fixed-order finalize of its partial sums.
+
+    With ``source`` = Newton-Schulz output O and ``row_scale`` = 1/(sqrt(v)+eps) this is the
+    ``energy_source="update"`` energy of O_base (eager twin: ``reference.update_energy``);
+    without a row scale it is ``reference.column_energy``. ``workspace``: optional
+    preallocated float32 partials (``pass_workspace_size(..., energy=True, sqnorm=False)``).
+    """
     check_stack("source", source, props)
     count, d_out, d_in = source.shape
     device = source.device
@@ -529,28 +573,7 @@ def prepare_column_energy(
     return Prepared([launch, finalize], energy)
 
 
-def column_energy(
-    source: Tensor,
-    *,
-    row_scale: Tensor | None = None,
-    out: Tensor | None = None,
-    workspace: Tensor | None = None,
-    config: PassConfig | None = None,
-    props: DeviceProps | None = None,
-) -> Tensor:
-    """E_j = sum_i (rs_i * S_ij)^2 in float32 for a (B, d_out, d_in) stack of any strides and
-    dtype fp32/bf16/fp16; ``row_scale`` (B, d_out) float32 or None (rs = 1).
-
-    With ``source`` = Newton-Schulz output O and ``row_scale`` = 1/(sqrt(v)+eps) this is the
-    ``energy_source="update"`` energy of O_base (eager twin: ``reference.update_energy``);
-    without a row scale it is ``reference.column_energy``. ``workspace``: optional
-    preallocated float32 partials (``pass_workspace_size(..., energy=True, sqnorm=False)``).
-    """
-    prepared = prepare_column_energy(
-        source, row_scale=row_scale, out=out, workspace=workspace, config=config, props=props
-    )
-    run_all(prepared)
-    return prepared.result
+column_energy = public_op(prepare_column_energy, "column_energy")
 
 
 __all__ = [

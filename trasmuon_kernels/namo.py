@@ -15,7 +15,8 @@ matrices), the program
   > 0 (the mean of the unclamped d: a first pass over the columns), then base * d_j;
 * writes the update step min(s * shape, 1) and the decay factor: max(1 - wd min(s, 1), 0)
   ("adaptive") or 1 - lr wd ("lr"), per matrix or per column, for the update pass
-  (``update.update_pass_(step_size=..., decay=...)`` or ``col_gate=..., decay=...``).
+  (``update.update_pass_(row=StepSize(step_up), decay=DecayPerMatrix(...))``, or
+  ``row=StepSize(1.0), col_gate=step_up, decay=DecayPerColumn(...)``).
 
 Eager twin: ``trasmuon.reference.namo_factors_``. It computes the bias corrections in double
 on the host, so the two agree to float32 rounding.
@@ -42,7 +43,7 @@ from ._common import (
     scalar_or_tensor,
     vector_block_config,
 )
-from ._launch import DeviceProps, Launch, Prepared, run_all
+from ._launch import DeviceProps, Launch, Prepared, public_op
 
 WEIGHT_DECAY_MODES = ("adaptive", "lr")
 # Columns per block: NAMO-D loops over the columns twice (mean, then clamp); at 2048 values
@@ -156,7 +157,17 @@ def prepare_namo_factors(
     block: int | None = None,
     props: DeviceProps | None = None,
 ) -> Prepared:
-    """The launch of :func:`namo_factors_` (same arguments); ``result`` is (decay, step)."""
+    """NAMO's (``clamp=None``) or NAMO-D's factors for B matrices in one launch; ``result`` is
+    (decay, step_up), (B,) for NAMO and (B, d_in) for NAMO-D, float32 (written into
+    ``decay_out`` and ``step_out``, allocated here when not given).
+
+    ``grad_col_sumsq``, ``n_col_sumsq``: (B, d_in) float32 column sums of squares of G and of N
+    over all rows. ``v``: the second moment, updated in place: (B,) for NAMO, (B, d_in) for
+    NAMO-D. ``steps``: (B,) device tensor of each matrix's t (>= 1). ``lr``: a one-element
+    device tensor. ``scale_shape``: scale * sqrt(max(d_out, d_in)). ``bias_eps``: added to the
+    first-moment bias correction before dividing (``reference.NAMO_BIAS_EPS``). Eager twin:
+    ``reference.namo_factors_``.
+    """
     if not isinstance(grad_col_sumsq, Tensor) or grad_col_sumsq.ndim != 2:
         raise ValueError("grad_col_sumsq must be a (B, d_in) tensor")
     count, n = grad_col_sumsq.shape
@@ -209,42 +220,7 @@ def prepare_namo_factors(
     return Prepared([launch], (decay, step))
 
 
-def namo_factors_(
-    v: Tensor,
-    grad_col_sumsq: Tensor,
-    n_col_sumsq: Tensor,
-    steps: Tensor,
-    lr: Tensor,
-    *,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-    scale_shape: float,
-    weight_decay_mode: str,
-    clamp: float | None,
-    bias_eps: float,
-    decay_out: Tensor | None = None,
-    step_out: Tensor | None = None,
-    block: int | None = None,
-    props: DeviceProps | None = None,
-) -> tuple[Tensor, Tensor]:
-    """NAMO's (``clamp=None``) or NAMO-D's factors for B matrices in one launch.
-
-    ``grad_col_sumsq``, ``n_col_sumsq``: (B, d_in) float32 column sums of squares of G and of N
-    over all rows. ``v``: the second moment, updated in place: (B,) for NAMO, (B, d_in) for
-    NAMO-D. ``steps``: (B,) device tensor of each matrix's t (>= 1). ``lr``: a one-element
-    device tensor. ``scale_shape``: scale * sqrt(max(d_out, d_in)). ``bias_eps``: added to the
-    first-moment bias correction before dividing (``reference.NAMO_BIAS_EPS``). Returns
-    (decay, step_up), (B,) for NAMO and (B, d_in) for NAMO-D, float32. Eager twin:
-    ``reference.namo_factors_``.
-    """
-    prepared = prepare_namo_factors(
-        v, grad_col_sumsq, n_col_sumsq, steps, lr, betas=betas, eps=eps,
-        weight_decay=weight_decay, scale_shape=scale_shape, weight_decay_mode=weight_decay_mode,
-        clamp=clamp, bias_eps=bias_eps, decay_out=decay_out, step_out=step_out, block=block,
-        props=props)
-    run_all(prepared)
-    return prepared.result
+namo_factors_ = public_op(prepare_namo_factors, "namo_factors_")
 
 
 __all__ = ["WEIGHT_DECAY_MODES", "namo_factors_", "prepare_namo_factors"]

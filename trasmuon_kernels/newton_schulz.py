@@ -518,7 +518,8 @@ def _(x, coefficients, eps, fro_sumsq, out, row_sumsq_out):
 
 
 # --------------------------------------------------------------------------------------
-# Public launcher
+# Public launcher (hand-written, not ``public_op``: it also autotunes on request and goes
+# through the torch.library op under torch.compile)
 # --------------------------------------------------------------------------------------
 def newton_schulz(
     x: torch.Tensor,

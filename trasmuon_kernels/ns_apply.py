@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_device, interpreting, props_for, workspace_or_new
-from ._launch import DeviceProps, Launch, Prepared, TorchLaunch, run_all
+from ._launch import DeviceProps, Launch, Prepared, TorchLaunch, public_op
 from ._ns_jit import as_f32, bf16_to_f32, dot_k_loop, round_to_bf16, tile_offset
 from .gram import TWO_BLOCKS_MAXNREG
 
@@ -252,10 +252,17 @@ def prepare_ns_apply(
     config: ApplyConfig | None = None,
     props: DeviceProps | None = None,
 ) -> Prepared:
-    """The launches of :func:`ns_apply` (same arguments): the product kernel and, when the
-    row sums span several column tiles, the ``torch.sum`` over their partials (a
-    ``TorchLaunch``). ``row_partials`` is allocated here when needed and not given; ``result``
-    is ``out``."""
+    """out = s * (alpha * addend + left @ right), rounded once to bf16: the product kernel
+    and, when the row sums span several column tiles, the ``torch.sum`` over their partials
+    (a ``TorchLaunch``); ``result`` is ``out``.
+
+    left: (B, M, K), right: (B, K, N), addend: (B, M, N), any float dtype (rounded to bf16 on
+    load) and any strides; out: (B, M, N) bf16, must not overlap the inputs. fro_sumsq:
+    (B,) fp32, s = 1 / (sqrt(fro_sumsq) + eps) when given, else 1. row_sumsq_out: (B, M)
+    fp32, receives sum_j out_ij^2 of the bf16 output. row_partials: optional preallocated
+    contiguous fp32 buffer of at least ``row_partial_size(B, M, N, config)`` elements for the
+    partial row sums (allocated here when needed and not given). ``props``: the device the
+    default config is chosen for (default: ``left``'s)."""
     check_device("left", left, props)
     if not (left.ndim == right.ndim == addend.ndim == out.ndim == 3):
         raise ValueError("ns_apply expects 3D (B, rows, cols) tensors")
@@ -330,33 +337,4 @@ def prepare_ns_apply(
     return Prepared(launches, out)
 
 
-def ns_apply(
-    left: torch.Tensor,
-    right: torch.Tensor,
-    addend: torch.Tensor,
-    out: torch.Tensor,
-    *,
-    alpha: float,
-    fro_sumsq: torch.Tensor | None = None,
-    eps: float = 0.0,
-    row_sumsq_out: torch.Tensor | None = None,
-    row_partials: torch.Tensor | None = None,
-    config: ApplyConfig | None = None,
-    props: DeviceProps | None = None,
-) -> torch.Tensor:
-    """out = s * (alpha * addend + left @ right), rounded once to bf16.
-
-    left: (B, M, K), right: (B, K, N), addend: (B, M, N), any float dtype (rounded to bf16 on
-    load) and any strides; out: (B, M, N) bf16, must not overlap the inputs. fro_sumsq:
-    (B,) fp32, s = 1 / (sqrt(fro_sumsq) + eps) when given, else 1. row_sumsq_out: (B, M)
-    fp32, receives sum_j out_ij^2 of the bf16 output. row_partials: optional preallocated
-    contiguous fp32 buffer of at least ``row_partial_size(B, M, N, config)`` elements for the
-    partial row sums (allocated when needed and not given). ``props``: the device the default
-    config is chosen for (default: ``left``'s). Returns ``out``.
-    """
-    prepared = prepare_ns_apply(
-        left, right, addend, out, alpha=alpha, fro_sumsq=fro_sumsq, eps=eps,
-        row_sumsq_out=row_sumsq_out, row_partials=row_partials, config=config, props=props,
-    )
-    run_all(prepared)
-    return prepared.result
+ns_apply = public_op(prepare_ns_apply, "ns_apply")

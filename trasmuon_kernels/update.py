@@ -17,6 +17,8 @@ Each launcher has a ``prepare_*`` twin returning its launch with every argument 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import triton
@@ -45,7 +47,7 @@ from ._common import (
     scalar_or_tensor,
     vector_block_config,
 )
-from ._launch import DeviceProps, Launch, Prepared, run_all
+from ._launch import DeviceProps, Launch, Prepared, public_op
 
 
 # --------------------------------------------------------------------------------------
@@ -78,7 +80,7 @@ def _row_sumsq_kernel(
 def _row_stats_kernel(
     rss_ptr, v_ptr, rs_ptr, eta_ptr, lr_ptr, sumsq_ptr,
     d_out, d_in_f, beta2, one_minus_beta2, eps, eta_eps, eta_num, s_sb,
-    LR_PTR: tl.constexpr, WRITE_SUMSQ: tl.constexpr, BLOCK: tl.constexpr,
+    LR_PTR: tl.constexpr, WRITE_SUMSQ: tl.constexpr, WRITE_ETA: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # One program per matrix; the Frobenius sum runs over row blocks in a fixed order.
     b = tl.program_id(0)
@@ -100,14 +102,15 @@ def _row_stats_kernel(
     if WRITE_SUMSQ:
         # ||O_base||_F^2, for callers that complete it across shards of the rows
         tl.store(sumsq_ptr + b.to(tl.int64) * s_sb, base_sumsq)
-    fro = tl.sqrt_rn(base_sumsq)
-    if LR_PTR:
-        # float(scale*sqrt(d_out*d_in)) * lr_tensor, then a tensor division
-        eta = tl.div_rn(eta_num * tl.load(lr_ptr).to(tl.float32), fro + eta_eps)
-    else:
-        # Python float / tensor is reciprocal(tensor) * float in torch
-        eta = tl.div_rn(1.0, fro + eta_eps) * eta_num
-    tl.store(eta_ptr + b, eta)
+    if WRITE_ETA:  # (the step forms eta_hat in the update pass, from the completed sum)
+        fro = tl.sqrt_rn(base_sumsq)
+        if LR_PTR:
+            # float(scale*sqrt(d_out*d_in)) * lr_tensor, then a tensor division
+            eta = tl.div_rn(eta_num * tl.load(lr_ptr).to(tl.float32), fro + eta_eps)
+        else:
+            # Python float / tensor is reciprocal(tensor) * float in torch
+            eta = tl.div_rn(1.0, fro + eta_eps) * eta_num
+        tl.store(eta_ptr + b, eta)
 
 
 @triton.jit
@@ -123,10 +126,11 @@ def _update_kernel(
 ):
     # One tile per program: read O and W once, write W once. All math in float32 with the
     # reference's rounding order: r = eta*rs; U = (O*r)*c; W = W*decay - U, rounded once.
-    # ROW_MODE 0: eta_hat given (eta_ptr); 2: eta_hat formed here from ||O_base||_F^2 at
-    # eta_ptr, as _row_stats_kernel forms it; 1: one step size per matrix (Muon: lr times a
-    # factor, stride 0; NAMO: its step_up). DECAY_MODE 0: 1 - lr*wd; 1: a decay per matrix;
-    # 2: a decay per column (NAMO-D), both read at decay_ptr.
+    # ROW_MODE (the launcher's row factor types): 0 EtaRows, eta_hat given (eta_ptr);
+    # 2 EtaFromSumsq, eta_hat formed here from ||O_base||_F^2 at eta_ptr, as
+    # _row_stats_kernel forms it; 1 StepSize, one step size per matrix (Muon: lr times a
+    # factor, stride 0; NAMO: its step_up); 3 StepRows, that step times rowscale_i.
+    # DECAY_MODE 0: 1 - lr*wd; 1 DecayPerMatrix; 2 DecayPerColumn (NAMO-D), at decay_ptr.
     pid = tl.program_id(0)
     cb = pid % n_cb
     rest = pid // n_cb
@@ -143,14 +147,17 @@ def _update_kernel(
 
     o = tl.load(o_ptr + b64 * sob + rows64[:, None] * sor + cols64[None, :] * soc, mask=mask, other=0.0)
     o = o.to(tl.float32)
-    if ROW_MODE == 1:
-        # Muon: one step size for every row (a device step times a host factor, as
-        # lr_tensor * float in torch)
+    if ROW_MODE == 1 or ROW_MODE == 3:
+        # One step size (a device step times a host factor, as lr_tensor * float in torch)
         if STEP_PTR:
             step = tl.load(step_ptr + b64 * ssb).to(tl.float32) * step_scale
         else:
             step = step_value
-        u = o * step
+        if ROW_MODE == 1:  # Muon, NAMO: the same for every row
+            u = o * step
+        else:  # times a per-row factor: r_i = step * rowscale_i
+            rs = tl.load(rs_ptr + b64 * srb + rows64 * srr, mask=row_mask, other=0.0)
+            u = o * (step * rs)[:, None]
     else:
         # TrasMuon / NorMuon: r_i = eta_hat * rowscale_i
         if ROW_MODE == 0:
@@ -193,7 +200,10 @@ def prepare_row_sumsq(
     config: PassConfig | None = None,
     props: DeviceProps | None = None,
 ) -> Prepared:
-    """The launch of :func:`row_sumsq` (same arguments); ``result`` is the (B, d_out) sums."""
+    """sum_j O_ij^2 accumulated in float32: ``result`` is the (B, d_out) float32 sums (written
+    into ``out`` when given). ``ortho``: (B, d_out, d_in) stack, fp32/bf16/fp16, any strides (a
+    ``.mT`` view of a pre-transposed Newton-Schulz output works). Eager twin:
+    ``reference.row_sumsq``."""
     check_stack("ortho", ortho, props)
     count, d_out, d_in = ortho.shape
     result = out_or_new("out", out, (count, d_out), torch.float32, ortho.device)
@@ -215,19 +225,7 @@ def prepare_row_sumsq(
     return Prepared([launch], result)
 
 
-def row_sumsq(
-    ortho: Tensor,
-    *,
-    out: Tensor | None = None,
-    config: PassConfig | None = None,
-    props: DeviceProps | None = None,
-) -> Tensor:
-    """sum_j O_ij^2 accumulated in float32: (B, d_out). ``ortho``: (B, d_out, d_in) stack,
-    fp32/bf16/fp16, any strides (a ``.mT`` view of a pre-transposed Newton-Schulz output
-    works). Eager twin: ``reference.row_sumsq``."""
-    prepared = prepare_row_sumsq(ortho, out=out, config=config, props=props)
-    run_all(prepared)
-    return prepared.result
+row_sumsq = public_op(prepare_row_sumsq, "row_sumsq")
 
 
 def prepare_row_stats(
@@ -243,11 +241,22 @@ def prepare_row_stats(
     rowscale_out: Tensor | None = None,
     eta_hat_out: Tensor | None = None,
     sumsq_out: Tensor | None = None,
+    with_eta_hat: bool = True,
     block: int | None = None,
     props: DeviceProps | None = None,
 ) -> Prepared:
-    """The launch of :func:`row_stats_` (same arguments); ``result`` is ``(rowscale, eta_hat)``,
-    allocated here when not given."""
+    """docs/rule.md, steps 4-6 for B matrices in one launch: updates ``row_v`` (B, d_out)
+    float32 in place; ``result`` is ``(rowscale (B, d_out), eta_hat (B,))``, float32,
+    allocated here when ``rowscale_out``/``eta_hat_out`` are not given.
+    ``rowsumsq``: (B, d_out) float32 row sums of squares of O. ``d_in``: columns of O. ``lr``:
+    float or one-element float tensor (read on device). ``eta_eps``: added to ||O_base||_F
+    before dividing (the rule's 1e-12, ``reference.ETA_HAT_EPS``). ``sumsq_out``: optional
+    (B,) float32 (any stride) receiving ||O_base||_F^2 = sum_i rowsumsq_i rowscale_i^2
+    (``reference.o_base_sumsq``), for a caller that completes it over shards of the rows and
+    forms eta_hat in the update pass (``update_pass_`` with ``EtaFromSumsq``).
+    ``with_eta_hat=False`` (with ``sumsq_out``): eta_hat is neither formed nor written
+    (``result`` holds None for it), for a step whose update pass forms it from ``sumsq_out``.
+    Eager twin: ``reference.row_stats_``."""
     for name, t in (("row_v", row_v), ("rowsumsq", rowsumsq)):
         if not isinstance(t, Tensor) or t.ndim != 2:
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
@@ -265,7 +274,11 @@ def prepare_row_stats(
     rowscale = out_or_new("rowscale_out", rowscale_out, (count, d_out), torch.float32, device)
     if not rowscale.is_contiguous():
         raise ValueError("rowscale_out must be contiguous")
-    eta = out_or_new("eta_hat_out", eta_hat_out, (count,), torch.float32, device)
+    if not isinstance(with_eta_hat, bool):
+        raise TypeError(f"with_eta_hat must be a bool, got {type(with_eta_hat).__name__}")
+    if not with_eta_hat and eta_hat_out is not None:
+        raise ValueError("with_eta_hat=False takes no eta_hat_out")
+    eta = out_or_new("eta_hat_out", eta_hat_out, (count,), torch.float32, device) if with_eta_hat else None
     sumsq = None
     if sumsq_out is not None:
         sumsq = out_or_new("sumsq_out", sumsq_out, (count,), torch.float32, device)
@@ -278,49 +291,18 @@ def prepare_row_stats(
         _row_stats_kernel,
         (count,),
         (
-            rowsumsq, row_v, rowscale, eta, lr_t if lr_t is not None else row_v,
-            sumsq if sumsq is not None else eta,
+            rowsumsq, row_v, rowscale, eta if eta is not None else rowscale,
+            lr_t if lr_t is not None else row_v, sumsq if sumsq is not None else rowscale,
             d_out, f32(d_in), f32(beta2), f32(1.0 - beta2), f32(eps), f32(eta_eps), f32(numerator),
             sumsq.stride(0) if sumsq is not None else 0,
         ),
-        dict(LR_PTR=lr_t is not None, WRITE_SUMSQ=sumsq is not None, BLOCK=blk,
+        dict(LR_PTR=lr_t is not None, WRITE_SUMSQ=sumsq is not None, WRITE_ETA=with_eta_hat, BLOCK=blk,
              num_warps=num_warps, enable_fp_fusion=False),
     )
     return Prepared([launch], (rowscale, eta))
 
 
-def row_stats_(
-    row_v: Tensor,
-    rowsumsq: Tensor,
-    *,
-    d_in: int,
-    beta2: float,
-    eps: float,
-    scale: float,
-    lr: float | Tensor,
-    eta_eps: float,
-    rowscale_out: Tensor | None = None,
-    eta_hat_out: Tensor | None = None,
-    sumsq_out: Tensor | None = None,
-    block: int | None = None,
-    props: DeviceProps | None = None,
-) -> tuple[Tensor, Tensor]:
-    """docs/rule.md, steps 4-6 for B matrices in one launch: updates ``row_v`` (B, d_out)
-    float32 in place and returns ``(rowscale (B, d_out), eta_hat (B,))``, float32.
-    ``rowsumsq``: (B, d_out) float32 row sums of squares of O. ``d_in``: columns of O. ``lr``:
-    float or one-element float tensor (read on device). ``eta_eps``: added to ||O_base||_F
-    before dividing (the rule's 1e-12, ``reference.ETA_HAT_EPS``). ``sumsq_out``: optional
-    (B,) float32 (any stride) receiving ||O_base||_F^2 = sum_i rowsumsq_i rowscale_i^2
-    (``reference.o_base_sumsq``), for a caller that completes it over shards of the rows and
-    forms eta_hat in the update pass (``update_pass_(o_base_sumsq=...)``). Eager twin:
-    ``reference.row_stats_``."""
-    prepared = prepare_row_stats(
-        row_v, rowsumsq, d_in=d_in, beta2=beta2, eps=eps, scale=scale, lr=lr, eta_eps=eta_eps,
-        rowscale_out=rowscale_out, eta_hat_out=eta_hat_out, sumsq_out=sumsq_out, block=block,
-        props=props,
-    )
-    run_all(prepared)
-    return prepared.result
+row_stats_ = public_op(prepare_row_stats, "row_stats_")
 
 
 def decay_factor(lr: float, weight_decay: float) -> float:
@@ -329,25 +311,100 @@ def decay_factor(lr: float, weight_decay: float) -> float:
     return f32(1.0 - float(lr) * float(weight_decay))
 
 
+# --------------------------------------------------------------------------------------
+# The update pass's modes: one row factor r_i (ROW_MODE) and one decay (DECAY_MODE)
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EtaRows:
+    """r_i = eta_hat * rowscale_i (TrasMuon, NorMuon): ``eta_hat`` (B,) and ``rowscale``
+    (B, d_out), float32."""
+
+    eta_hat: Tensor
+    rowscale: Tensor
+    mode: ClassVar[int] = 0
+
+
+@dataclass(frozen=True)
+class EtaFromSumsq:
+    """r_i = eta_hat * rowscale_i with eta_hat formed here from ``o_base_sumsq`` (B,) =
+    ||O_base||_F^2 (any stride) exactly as ``row_stats_`` forms it: eta_scale * lr /
+    (sqrt(o_base_sumsq) + eta_eps), ``eta_scale`` = scale*sqrt(d_out*d_in) (docs/rule.md,
+    step 6; for matrices whose rows are sharded, with the sum completed over the shards)."""
+
+    o_base_sumsq: Tensor
+    rowscale: Tensor
+    eta_scale: float
+    eta_eps: float
+    mode: ClassVar[int] = 2
+
+
+@dataclass(frozen=True)
+class StepSize:
+    """r_i = step for every row (Muon: lr times its shape factor; NAMO: its step_up):
+    ``step`` a float, a one-element device tensor, or (B,) float32, one per matrix, times
+    ``scale`` (a host float: for a tensor step, multiplied on the device in float32, as
+    ``lr_tensor * float`` in torch; for a float step, in double on the host)."""
+
+    step: float | Tensor
+    scale: float = 1.0
+    mode: ClassVar[int] = 1
+
+
+@dataclass(frozen=True)
+class StepRows:
+    """r_i = step * scale * rowscale_i: one step size (as ``StepSize``) times a per-row
+    factor ``rowscale`` (B, d_out) float32 (a Muon with per-row RMS normalization)."""
+
+    step: float | Tensor
+    rowscale: Tensor
+    scale: float = 1.0
+    mode: ClassVar[int] = 3
+
+
+RowFactor = EtaRows | EtaFromSumsq | StepSize | StepRows
+
+
+@dataclass(frozen=True)
+class DecayPerMatrix:
+    """W's decay factor read per matrix: ``decay`` (B,) float32 (NAMO)."""
+
+    decay: Tensor
+    mode: ClassVar[int] = 1
+
+
+@dataclass(frozen=True)
+class DecayPerColumn:
+    """W's decay factor read per column: ``decay`` (B, d_in) float32 (NAMO-D)."""
+
+    decay: Tensor
+    mode: ClassVar[int] = 2
+
+
+Decay = DecayPerMatrix | DecayPerColumn
+
+
 def prepare_update_pass(
     param: BucketLike,
     ortho: Tensor,
     *,
     lr: float | Tensor,
+    row: RowFactor,
     weight_decay: float = 0.0,
-    eta_hat: Tensor | None = None,
-    rowscale: Tensor | None = None,
-    o_base_sumsq: Tensor | None = None,
-    eta_scale: float | None = None,
-    eta_eps: float | None = None,
-    step_size: float | Tensor | None = None,
-    step_scale: float = 1.0,
+    decay: Decay | None = None,
     col_gate: Tensor | None = None,
-    decay: Tensor | None = None,
     config: PassConfig | None = None,
     props: DeviceProps | None = None,
 ) -> Prepared:
-    """The launch of :func:`update_pass_` (same arguments); ``result`` is None."""
+    """Memory pass 2 (docs/backends.md, stage 5): W <- decay*W - r_i * c_j * O_ij in place, in
+    float32, rounded once to W's dtype (eager twin: ``reference.weight_update_pass_``).
+
+    ``param``: B matrices (3D stack of any strides, list of 2D tensors, or ``TensorBucket``),
+    fp32/bf16/fp16. ``ortho``: (B, d_out, d_in) fp32/bf16/fp16 stack, any strides. ``row``:
+    the row factor r (``EtaRows``, ``EtaFromSumsq``, ``StepSize``, ``StepRows``).
+    ``col_gate``: (B, d_in) float32 or None (no gate). ``decay``: None for decoupled weight
+    decay 1 - lr*wd (docs/rule.md, step 1: for a float lr computed in double on the host and
+    rounded once, ``decay_factor``; for a one-element tensor lr in float32 on the device), or
+    a decay read per matrix or per column. ``result`` is None."""
     w = TensorBucket.of(param, "param", props)
     check_dtype("param", w.base, FLOAT_DTYPES)
     if not w.uses_table:
@@ -366,49 +423,38 @@ def prepare_update_pass(
         check_same_device(name, t, device)
 
     lr_t, _ = scalar_or_tensor("lr", lr, device)
-    modes = [eta_hat is not None, o_base_sumsq is not None, step_size is not None]
-    if sum(modes) != 1:
-        raise ValueError(
-            "give one row factor: eta_hat and rowscale (TrasMuon/NorMuon), o_base_sumsq, eta_scale, "
-            "eta_eps and rowscale (eta_hat formed here), or step_size (Muon)"
-        )
-    eta_arg, eta_stride, eta_num = None, 0, 0.0
-    step_t, step_v = None, 0.0
-    if step_size is None:
-        if rowscale is None:
-            raise ValueError("the TrasMuon/NorMuon row factor needs rowscale")
+    if not isinstance(row, (EtaRows, EtaFromSumsq, StepSize, StepRows)):
+        raise TypeError("row must be EtaRows, EtaFromSumsq, StepSize or StepRows, got "
+                        f"{type(row).__name__}")
+    rowscale = None if isinstance(row, StepSize) else row.rowscale
+    if not isinstance(row, StepSize):
         vector("rowscale", rowscale, (count, d_out))
-        if eta_hat is not None:
-            vector("eta_hat", eta_hat, (count,))
-            eta_arg, row_mode = eta_hat, 0
+    eta_arg, eta_num, eta_eps = None, 0.0, 0.0
+    step_t, step_v, step_scale = None, 0.0, 1.0
+    if isinstance(row, EtaRows):
+        vector("eta_hat", row.eta_hat, (count,))
+        eta_arg = row.eta_hat
+    elif isinstance(row, EtaFromSumsq):
+        vector("o_base_sumsq", row.o_base_sumsq, (count,))
+        eta_arg, eta_eps = row.o_base_sumsq, float(row.eta_eps)
+        # As row_stats_: (scale*sqrt(d_out*d_in)) * lr in double for a float lr.
+        eta_num = float(row.eta_scale) * (float(lr) if lr_t is None else 1.0)
+    else:  # StepSize, StepRows
+        step, step_scale = row.step, float(row.scale)
+        if isinstance(step, Tensor) and step.ndim == 1 and step.numel() > 1:
+            vector("step", step, (count,))  # one step per matrix
+            step_t = step
         else:
-            vector("o_base_sumsq", o_base_sumsq, (count,))
-            if eta_scale is None or eta_eps is None:
-                raise ValueError("o_base_sumsq needs eta_scale (scale*sqrt(d_out*d_in)) and eta_eps")
-            eta_arg, row_mode = o_base_sumsq, 2
-            # As row_stats_: (scale*sqrt(d_out*d_in)) * lr in double for a float lr.
-            eta_num = float(eta_scale) * (float(lr) if lr_t is None else 1.0)
-        eta_stride = eta_arg.stride(0)
-    else:
-        if rowscale is not None:
-            raise ValueError("step_size (Muon) excludes rowscale; give one row factor")
-        if isinstance(step_size, Tensor) and step_size.ndim == 1 and step_size.numel() > 1:
-            vector("step_size", step_size, (count,))  # one step per matrix
-            step_t, step_v = step_size, 0.0
-        else:
-            step_t, step_v = scalar_or_tensor("step_size", step_size, device)
+            step_t, step_v = scalar_or_tensor("step", step, device)
         if step_t is None:
-            step_v = f32(float(step_size) * float(step_scale))  # one product in double
-        row_mode = 1
+            step_v = f32(float(step) * step_scale)  # one product in double
+    eta_stride = eta_arg.stride(0) if eta_arg is not None else 0
     step_stride = step_t.stride(0) if step_t is not None and step_t.ndim == 1 else 0
-    decay_mode = 0
     if decay is not None:
-        if isinstance(decay, Tensor) and decay.ndim == 2:
-            vector("decay", decay, (count, d_in))
-            decay_mode = 2
-        else:
-            vector("decay", decay, (count,))
-            decay_mode = 1
+        if not isinstance(decay, (DecayPerMatrix, DecayPerColumn)):
+            raise TypeError(f"decay must be None, DecayPerMatrix or DecayPerColumn, got {type(decay).__name__}")
+        vector("decay", decay.decay, (count,) if isinstance(decay, DecayPerMatrix) else (count, d_in))
+    decay_t = decay.decay if decay is not None else None
     if col_gate is not None:
         vector("col_gate", col_gate, (count, d_in))
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)):
@@ -434,7 +480,7 @@ def prepare_update_pass(
             col_gate if col_gate is not None else any_t,
             step_t if step_t is not None else any_t,
             lr_t if lr_t is not None else any_t,
-            decay if decay is not None else any_t,
+            decay_t if decay_t is not None else any_t,
             d_out, d_in, n_rb, n_cb,
             sw[0], sw[1], sw[2], so[0], so[1], so[2],
             rowscale.stride(0) if rowscale is not None else 0,
@@ -442,15 +488,15 @@ def prepare_update_pass(
             col_gate.stride(0) if col_gate is not None else 0,
             col_gate.stride(1) if col_gate is not None else 0,
             eta_stride, step_stride,
-            decay.stride(0) if decay is not None else 0,
-            decay.stride(1) if decay is not None and decay.ndim == 2 else 0,
-            step_v, f32(step_scale), decay_v, f32(weight_decay),
-            f32(eta_num), f32(eta_eps if eta_eps is not None else 0.0),
+            decay_t.stride(0) if decay_t is not None else 0,
+            decay_t.stride(1) if decay_t is not None and decay_t.ndim == 2 else 0,
+            step_v, f32(step_scale), decay_v, f32(weight_decay), f32(eta_num), f32(eta_eps),
         ),
         dict(
             W_TABLE=w.uses_table, W_ALIGNED=w.aligned,
-            ROW_MODE=row_mode, HAS_GATE=col_gate is not None,
-            STEP_PTR=step_t is not None, LR_PTR=lr_t is not None, DECAY_MODE=decay_mode,
+            ROW_MODE=row.mode, HAS_GATE=col_gate is not None,
+            STEP_PTR=step_t is not None, LR_PTR=lr_t is not None,
+            DECAY_MODE=decay.mode if decay is not None else 0,
             EMULATE_BF16_RNE=interpreting(), BLOCK_R=config.block_r, BLOCK_C=config.block_c,
             num_warps=config.num_warps, enable_fp_fusion=False,
         ),
@@ -459,51 +505,18 @@ def prepare_update_pass(
     return Prepared([launch], None)
 
 
-def update_pass_(
-    param: BucketLike,
-    ortho: Tensor,
-    *,
-    lr: float | Tensor,
-    weight_decay: float = 0.0,
-    eta_hat: Tensor | None = None,
-    rowscale: Tensor | None = None,
-    o_base_sumsq: Tensor | None = None,
-    eta_scale: float | None = None,
-    eta_eps: float | None = None,
-    step_size: float | Tensor | None = None,
-    step_scale: float = 1.0,
-    col_gate: Tensor | None = None,
-    decay: Tensor | None = None,
-    config: PassConfig | None = None,
-    props: DeviceProps | None = None,
-) -> None:
-    """Memory pass 2 (docs/backends.md, stage 5): W <- (1 - lr*wd)*W - r_i * c_j * O_ij in place.
-
-    ``param``: B matrices (3D stack of any strides, list of 2D tensors, or ``TensorBucket``),
-    fp32/bf16/fp16. ``ortho``: (B, d_out, d_in) fp32/bf16/fp16 stack, any strides. Row factor,
-    one of:
-
-    * ``eta_hat`` (B,) and ``rowscale`` (B, d_out) float32: r_i = eta_hat*rowscale_i;
-    * ``o_base_sumsq`` (B,) float32 ||O_base||_F^2 (any stride), ``eta_scale`` =
-      scale*sqrt(d_out*d_in), ``eta_eps`` and ``rowscale``: eta_hat = eta_scale*lr /
-      (sqrt(o_base_sumsq) + eta_eps) formed here exactly as ``row_stats_`` forms it (docs/rule.md,
-      step 6; for matrices whose rows are sharded, with the sum completed over the shards);
-    * ``step_size`` (Muon: a float or a one-element device tensor) times ``step_scale`` (a
-      host float: lr * scale for a tensor lr, computed in float32 as torch does).
-
-    ``col_gate``: (B, d_in) float32 or None (no gate). ``lr`` (float or one-element tensor)
-    and ``weight_decay`` give the decoupled decay factor 1 - lr*wd (docs/rule.md, step 1): for
-    a float lr computed in double on the host and rounded once (``decay_factor``), for a
-    tensor lr in float32 on the device. Eager twin: ``reference.weight_update_pass_``.
-    """
-    run_all(prepare_update_pass(
-        param, ortho, lr=lr, weight_decay=weight_decay, eta_hat=eta_hat, rowscale=rowscale,
-        o_base_sumsq=o_base_sumsq, eta_scale=eta_scale, eta_eps=eta_eps, step_size=step_size,
-        step_scale=step_scale, col_gate=col_gate, decay=decay, config=config, props=props,
-    ))
+update_pass_ = public_op(prepare_update_pass, "update_pass_")
 
 
 __all__ = [
+    "Decay",
+    "DecayPerColumn",
+    "DecayPerMatrix",
+    "EtaFromSumsq",
+    "EtaRows",
+    "RowFactor",
+    "StepRows",
+    "StepSize",
     "decay_factor",
     "prepare_row_stats",
     "prepare_row_sumsq",

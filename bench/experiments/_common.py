@@ -128,6 +128,7 @@ def make_optimizer(
     weight_decay: float = 0.0,
     diagnostics: bool = False,
     head: Any = "auto",
+    state_dtype: torch.dtype | None = None,
 ) -> trasmuon.MatrixOptimizer:
     """One compared optimizer for ``model``, built the same way for every name.
 
@@ -140,7 +141,9 @@ def make_optimizer(
     so one lr means the same nominal update size for all five orthogonalized rules. NAMO and
     NAMO-D decay their weights by their adaptive step (the authors' form); ``namo_lr`` and
     ``namo_d_lr`` decay by lr (the ablation). The AdamW baseline puts every param on AdamW
-    with the same betas.
+    with the same betas. ``state_dtype``: the matrix rules' momentum dtype (None: float32;
+    torch.bfloat16: bf16 with stochastic rounding, seeded by the run's seed); AdamW's moments
+    stay float32.
     """
     adamw_options = dict(lr=lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=weight_decay)
     # (1-D params too: the recorded runs decay every AdamW param alike)
@@ -149,6 +152,8 @@ def make_optimizer(
     kw = dict(lr=lr, weight_decay=weight_decay, diagnostics=diagnostics)
     if name == "adamw":
         return trasmuon.AdamW(groups, betas=ADAMW_BETAS, eps=ADAMW_EPS, **kw)
+    if state_dtype is not None:
+        kw["state_dtype"] = state_dtype
     if name == "muon":
         return trasmuon.Muon(groups, adjust_lr_fn="match_rms_adamw", **kw)
     if name == "normuon":

@@ -14,6 +14,7 @@ and 1.73x without), final training and validation loss, and a PNG of the curves.
     python bench/experiments/lm.py --quick      # seconds: a smoke test
     python bench/experiments/lm.py --device cuda          # a larger model, more steps
     python bench/experiments/lm.py --full       # + a per-optimizer lr sweep first
+    python bench/experiments/lm.py --state-dtype bfloat16   # matrix momentum in bf16 (SR)
 """
 
 from __future__ import annotations
@@ -213,11 +214,12 @@ def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]])
 def train_one(
     opt_name: str, schedule: str, cfg: Config, seed: int, lr: float, train_data: torch.Tensor,
     val_batches: list, final_batches: list, device: torch.device, show_progress: bool,
+    state_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     C.seed_everything(seed)
     model = ByteLM(cfg).to(device)
     opt = C.make_optimizer(opt_name, model, lr, weight_decay=cfg.weight_decay,
-                           diagnostics=opt_name == "trasmuon")
+                           diagnostics=opt_name == "trasmuon", state_dtype=state_dtype)
     base_lrs = [g["lr"] for g in opt.param_groups]
     warmup_frac = cfg.warmup_frac if schedule == "warmup" else 0.0
     data = Batches(train_data, cfg.ctx, cfg.batch, seed, device)
@@ -335,8 +337,10 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     """The first seed's curves."""
     plt = C.pyplot()
     seed = result["seeds"][0]
-    fig, axes = plt.subplots(1, len(SCHEDULES), figsize=(6 * len(SCHEDULES), 4.2), sharey=True)
-    for ax, schedule in zip(axes, SCHEDULES, strict=True):
+    schedules = result.get("schedules", SCHEDULES)
+    fig, axes = plt.subplots(1, len(schedules), figsize=(6 * len(schedules), 4.2), sharey=True,
+                             squeeze=False)
+    for ax, schedule in zip(axes[0], schedules, strict=True):
         metrics = result["metrics"][str(seed)][schedule]
         for r in result["runs"]:
             if r["schedule"] != schedule or r["seed"] != seed or not r["train_loss_ema"]:
@@ -363,9 +367,10 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 
 def summary_table(result: dict[str, Any], seed: int) -> str:
     by_schedule = result["metrics"][str(seed)]
-    keys = list(by_schedule[SCHEDULES[0]])
+    schedules = result.get("schedules", SCHEDULES)
+    keys = list(by_schedule[schedules[0]])
     rows = []
-    for schedule in SCHEDULES:
+    for schedule in schedules:
         metrics = by_schedule[schedule]
         for r in result["runs"]:
             if r["schedule"] != schedule or r["seed"] != seed:
@@ -390,15 +395,15 @@ def summary_table(result: dict[str, Any], seed: int) -> str:
     lines = [C.fmt_table(header, rows),
              "ratio = the optimizer's steps to the threshold / TrasMuon's (> 1: TrasMuon is faster)"]
     for key in keys:
-        thr = ", ".join(f"{s} {by_schedule[s][key]['threshold']:.4f}" for s in SCHEDULES)
-        lines.append(f"thr[{key}] ({by_schedule[SCHEDULES[0]][key]['rule']}): {thr}")
+        thr = ", ".join(f"{s} {by_schedule[s][key]['threshold']:.4f}" for s in schedules)
+        lines.append(f"thr[{key}] ({by_schedule[schedules[0]][key]['rule']}): {thr}")
     return f"seed {seed}:\n" + "\n".join(lines)
 
 
 def ratio_summary(result: dict[str, Any]) -> dict[str, Any]:
     """Mean, min and max over seeds of each ratio (lower bounds count at their bound)."""
     out: dict[str, Any] = {}
-    for schedule in SCHEDULES:
+    for schedule in result.get("schedules", SCHEDULES):
         for key in result["metrics"][str(result["seeds"][0])][schedule]:
             for name in OPTIMIZERS:
                 vals = [result["metrics"][str(s)][schedule][key]["ratios_vs_trasmuon"].get(name)
@@ -424,6 +429,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--weight-decay", type=float, default=None,
                         help="override the config's weight decay (the same for every optimizer); "
                              "results then go to lm_wd<value>.json")
+    parser.add_argument("--state-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the matrix rules' momentum: float32 (the default) or bf16 with "
+                             "stochastic rounding; results then go to lm_state-bfloat16.json")
+    parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES,
+                        help="the lr schedules to run (default: both)")
     parser.add_argument("--full", action="store_true",
                         help="first sweep lr in {lr/3, lr, 3lr} per optimizer, then compare "
                              "each at its best lr")
@@ -457,29 +467,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sweep = lr_sweep(cfg, seeds[0], train_data, val_batches, final_batches, args.device, show)
         lrs = {name: sweep["best_lr"][name] for name in args.optimizers}
 
+    state_dtype = None if args.state_dtype == "float32" else getattr(torch, args.state_dtype)
     runs = []
     for seed in seeds:
-        for schedule in SCHEDULES:
+        for schedule in args.schedules:
             for name in args.optimizers:
                 r = train_one(name, schedule, cfg, seed, lrs[name], train_data, val_batches,
-                              final_batches, args.device, show)
+                              final_batches, args.device, show, state_dtype)
                 print(f"seed {seed} {schedule:>9} {C.LABELS[name]:>8}: final train "
                       f"{r['final_train_loss_ema']:.4f}  val {r['final_val_loss']:.4f}  "
                       f"({r['seconds']:.1f}s)")
                 runs.append(r)
     metrics = {str(seed): {s: threshold_metrics(
         [r for r in runs if r["schedule"] == s and r["seed"] == seed], args.threshold)
-        for s in SCHEDULES} for seed in seeds}
+        for s in args.schedules} for seed in seeds}
     result: dict[str, Any] = {
         "experiment": NAME, "config_name": key, "config": asdict(cfg), "seeds": seeds,
         "lr_per_optimizer": lrs, "lr_rule": "one shared lr; Muon with adjust_lr_fn="
         "'match_rms_adamw'" + ("; per-optimizer best of the --full sweep" if args.full else ""),
         "corpus": corpus, "n_params": n_params, "versions": C.versions(args.device),
         "metrics": metrics, "paper_ratios": PAPER_RATIOS, "lr_sweep": sweep, "runs": runs,
+        "state_dtype": args.state_dtype, "schedules": args.schedules,
         "wall_seconds": clock(),
     }
     result["ratio_summary"] = ratio_summary(result) if len(seeds) > 1 else None
     wd_tag = f"_wd{args.weight_decay:g}" if args.weight_decay is not None else ""
+    if args.state_dtype != "float32":
+        wd_tag += f"_state-{args.state_dtype}"
     stem = C.result_name(NAME + ("_full" if args.full else "") + wd_tag, args.quick)
     save_json = C.save_json(args.out / f"{stem}.json", result)
     for seed in seeds:

@@ -2,9 +2,14 @@
 evaluation of the same inputs (the table's tolerance of each output's dtype), and the float32
 eager step (what the eager backend computes).
 
-Exactness under the interpreter: exp_avg and exp_avg_sq are bit-identical to the float32 eager
-step on the CPU (ATen's fma-form lerp and its fma'd addcmul). W agrees to float32 rounding: the
-bias corrections are computed on the device in float32 (the reference: in double on the host).
+Exactness: exp_avg and exp_avg_sq are bit-identical to the float32 eager step where
+``trasmuon_kernels.testing.bitwise_twins()`` holds: under Triton's interpreter (its ``tl.fma``
+rounding once, as in Triton 3.9), on the CPU, with torch 2.11 or 2.13 (ATen's fma-form lerp and
+its fma'd addcmul; verified on both). Compiled on a GPU, torch's CUDA ops and the kernel may
+contract or not contract to FMA differently, so there the moments are judged against float64
+with the table (``assert_matches_twin``) and a TwinToleranceWarning says so. W agrees to float32
+rounding: the bias corrections are computed on the device in float32 (the reference: in double
+on the host).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from trasmuon_kernels.adamw import (
     adamw_step_,
     prepare_adamw,
 )
-from trasmuon_kernels.testing import assert_close_to_reference
+from trasmuon_kernels.testing import assert_close_to_reference, assert_matches_twin, bitwise_twins
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_CPU = DEVICE == "cpu"  # the interpreter: the eager step runs on the CPU too
@@ -118,10 +123,12 @@ def test_replayed_steps_match_reference(dtypes, wd, lr_kind):
         # The eager float32 step: the float32 tolerance for float32 outputs; half params get
         # their own (a float32 difference can flip the final rounding by one half ulp).
         _check(got, want32, f"step {k} vs float32 eager")
-        if ON_CPU:
-            for name, outs, refs in (("exp_avg", ms, want32[1]), ("exp_avg_sq", vs, want32[2])):
-                for i, (out, r) in enumerate(zip(outs, refs, strict=True)):
-                    assert torch.equal(out, r), f"step {k}: {name}[{i}] differs from the eager step"
+        # The moments against the float32 eager step: bitwise where guaranteed (see the module
+        # docstring), else (compiled) the float64 check above is the judgement, with a warning.
+        for j, name in ((1, "exp_avg"), (2, "exp_avg_sq")):
+            for i, (out, r, r64) in enumerate(zip(got[j], want32[j], want64[j], strict=True)):
+                assert_matches_twin(out, r, r64.double(), what=f"step {k}: {name}[{i}]")
+        if bitwise_twins()[0]:
             if param_dtype != torch.float32:
                 # W's float32 value is within a few ulp of the eager one, so its final rounding
                 # agrees almost everywhere (a truncating bf16 cast would miss half the time).

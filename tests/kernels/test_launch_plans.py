@@ -153,9 +153,9 @@ def test_memory_pass_configs_for_an_h200():
     assert sm_count(H200) == 132 and sm_count(INTERPRETER) == 1
     assert fro_mod.fro_sumsq_config(4096, 4096, H200) == (8, 512)
     assert fro_mod.fro_sumsq_config(4096, 4096, INTERPRETER) == (16, 64)
-    assert vector_block_config(4096, H200) == (4096, 8)
+    assert vector_block_config(4096, H200) == (4096, 16)
     assert vector_block_config(768, H200) == (1024, 4)
-    assert vector_block_config(65536, H200) == (4096, 8)
+    assert vector_block_config(65536, H200) == (4096, 16)
 
 
 def test_h200_launches_for_cpu_tensors():
@@ -340,7 +340,7 @@ def test_memory_pass_replays(monkeypatch):
     w0 = _bf16(count, d_out, d_in, seed=6)
     gate = _rand(count, d_in, gen=gen)
     w_public, w_prepared = w0.clone(), w0.clone()
-    kw = dict(lr=0.02, weight_decay=0.1, eta_hat=eta, rowscale=rowscale, col_gate=gate)
+    kw = dict(lr=0.02, weight_decay=0.1, row=up_mod.EtaRows(eta, rowscale), col_gate=gate)
     prepared = up_mod.prepare_update_pass(list(w_prepared), ortho, **kw)
     for got in _replay_twice(monkeypatch, prepared, lambda: [w_prepared]):
         up_mod.update_pass_(list(w_public), ortho, **kw)

@@ -12,7 +12,7 @@ from trasmuon import reference as ref
 from trasmuon_kernels.momentum_energy import momentum_energy_pass_
 from trasmuon_kernels.namo import WEIGHT_DECAY_MODES, namo_factors_
 from trasmuon_kernels.testing import assert_close_to_reference, poison
-from trasmuon_kernels.update import update_pass_
+from trasmuon_kernels.update import DecayPerColumn, DecayPerMatrix, StepSize, update_pass_
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available(), reason="interpreter tests on CPU tensors; on a GPU run bench/gpu_memory_passes.py"
@@ -106,7 +106,7 @@ def test_update_pass_with_a_decay_and_a_step_per_matrix_or_column(columns, dtype
     want = want - o.double() * (step.double()[:, None, :] if columns else step.double()[:, None, None])
     got = w.clone()
     if columns:
-        update_pass_(got, o, lr=torch.tensor(0.02), step_size=1.0, col_gate=step, decay=decay)
+        update_pass_(got, o, lr=torch.tensor(0.02), row=StepSize(1.0), col_gate=step, decay=DecayPerColumn(decay))
     else:
-        update_pass_(got, o, lr=torch.tensor(0.02), step_size=step, decay=decay)
+        update_pass_(got, o, lr=torch.tensor(0.02), row=StepSize(step), decay=DecayPerMatrix(decay))
     assert_close_to_reference(got, want, what="W")

@@ -18,10 +18,17 @@ from trasmuon_kernels.adamw import adamw_step_
 from trasmuon_kernels.fro_sumsq import fro_sumsq
 from trasmuon_kernels.momentum_energy import momentum_energy_pass_
 from trasmuon_kernels.newton_schulz import newton_schulz
-from trasmuon_kernels.testing import TOLERANCES, poison, relative_fro_error
+from trasmuon_kernels.testing import TOLERANCES, bitwise_twins, poison, relative_fro_error
 
+# Bit-equality with the eager twins holds only where trasmuon_kernels.testing.bitwise_twins()
+# says so (Triton's interpreter with a tl.fma that rounds once, torch 2.11 / 2.13); elsewhere
+# these tests are skipped with that reason (their compiled parity is bench/gpu_memory_passes.py's).
+BITWISE, WHY_NOT_BITWISE = bitwise_twins()
+needs_bitwise = pytest.mark.skipif(
+    not BITWISE, reason=f"asserts bit-equality with eager twins, not guaranteed here: {WHY_NOT_BITWISE}")
 pytestmark = [
     pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter tests on CPU tensors"),
+    needs_bitwise,
     # numpy under the interpreter warns where a sum of squares overflows: that is the point.
     pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
 ]

@@ -47,12 +47,15 @@ __all__ = [
 @dataclass(frozen=True)
 class Hyperparameter:
     """One key of a param group: its default, a check, and what a valid value is (for the
-    error message)."""
+    error message). ``per_group``: a property of a group's parameters (their layout, their
+    blocks), set in the group only; every other hyperparameter is also a keyword argument of
+    the optimizer classes whose rule has it (tests/test_classes.py)."""
 
     name: str
     default: Any
     check: Check
     expected: str
+    per_group: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,13 +64,17 @@ class StateEntry:
     stored like the parameter), ``"rows"`` (d_out entries of the (out, in) matrix),
     ``"cols"`` (d_in entries) or ``"scalar"``. ``lazy`` entries are created by the rule's own
     first use (e.g. ``energy_ref`` at the first gated step), not with the rest.
-    ``nonnegative``: a mean of squares, which a loaded checkpoint may not make negative."""
+    ``nonnegative``: a mean of squares, which a loaded checkpoint may not make negative.
+    ``compact``: stored in the group's ``state_dtype`` when it sets one (a matrix rule's
+    momentum, bf16 with stochastic rounding); every other entry keeps the float32 state dtype
+    (``reference.state_dtype``)."""
 
     name: str
     extent: str
     fill: float = 0.0
     lazy: bool = False
     nonnegative: bool = False
+    compact: bool = False
 
 
 class Program:
@@ -144,6 +151,15 @@ class MatrixRule(Rule):
         """What Newton–Schulz adds to ||X||_F before dividing (the group's ``eps`` unless the
         rule fixes it)."""
         return float(group["eps"])
+
+    def shape_problem(self, group: Mapping[str, Any], shape: tuple[int, int]) -> str | None:
+        """What is wrong with a (d_out, d_in) matrix (oriented; an expert's for a stack) in
+        ``group`` (None when nothing is): the group's ``ns_blocks`` must divide it. The
+        optimizer raises it, naming the parameter, when the group is added and before a step
+        plans anew."""
+        from .. import reference as ref
+
+        return ref.ns_blocks_problem(group.get("ns_blocks", ref.DEFAULT_NS_BLOCKS), shape)
 
     def reductions(self, group: Mapping[str, Any], shape: tuple[int, int]) -> dict[str, int]:
         """Per matrix, the sums over rows the rule needs (name -> length). Length d_in: a

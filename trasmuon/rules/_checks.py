@@ -62,6 +62,20 @@ def valid_ns_coefficients(v: object) -> bool:
     )
 
 
+def valid_ns_restarts(v: object) -> bool:
+    """A tuple or list of distinct ints >= 1 (empty: no restart)."""
+    return (
+        isinstance(v, (tuple, list))
+        and all(is_int(r) and r >= 1 for r in v)
+        and len(set(v)) == len(v)
+    )
+
+
+def valid_ns_blocks(v: object) -> bool:
+    """A pair (row_blocks, col_blocks) of ints >= 1 (a tuple or a list)."""
+    return isinstance(v, (tuple, list)) and len(v) == 2 and all(is_int(b) and b >= 1 for b in v)
+
+
 def valid_lr(v: object) -> bool:
     """A finite float >= 0, or a one-element floating tensor (its value is checked by
     ``tensor_lr_problem`` when the optimizer first sees that tensor, not at every step:

@@ -4,7 +4,7 @@ the device pointer tables of their Triton programs."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,7 +20,9 @@ from ._checks import (
     one_of,
     valid_betas,
     valid_lr,
+    valid_ns_blocks,
     valid_ns_coefficients,
+    valid_ns_restarts,
 )
 
 if TYPE_CHECKING:
@@ -59,18 +61,44 @@ def ns_coefficients(default: Any) -> Hyperparameter:
 
 NS_STEPS = Hyperparameter("ns_steps", 5, lambda v: int_at_least(1)(v) and v <= 100, "an int in [1, 100]")
 NS_DTYPE = Hyperparameter("ns_dtype", torch.bfloat16, one_of(ref.NS_DTYPES), f"one of {ref.NS_DTYPES}")
+# Newton–Schulz in its Gram form (docs/rule.md, "Gram Newton–Schulz"): "standard" (the papers'
+# iteration, the default), "gram" (the Gram form where it takes fewer FLOPs: the long side
+# beyond about twice the short one, ``reference.uses_gram``), "gram-always" (every shape).
+NS_METHOD = Hyperparameter("ns_method", "standard", one_of(ref.NS_METHODS), f"one of {ref.NS_METHODS}")
+# The steps after which the Gram form recomputes R = X X^T (those >= ns_steps are ignored).
+NS_RESTARTS = Hyperparameter("ns_restarts", ref.DEFAULT_NS_RESTARTS, valid_ns_restarts,
+                             "a tuple of distinct ints >= 1 (the steps after which the Gram form "
+                             "restarts; () for none)")
+# Per-head (block) Newton–Schulz (docs/rule.md, "Per-head orthogonalization"): the (d_out,
+# d_in) matrix (in the rule's orientation) is orthogonalized as a (row_blocks, col_blocks) grid
+# of equal blocks, each a matrix of its own; everything else in the rule sees the whole O.
+# Both counts must divide their side of every matrix of the group (``ns_blocks_problem``,
+# checked when a group is added and before every step that plans anew).
+NS_BLOCKS = Hyperparameter("ns_blocks", ref.DEFAULT_NS_BLOCKS, valid_ns_blocks,
+                           "a pair (row_blocks, col_blocks) of ints >= 1 (each dividing its "
+                           "side of every (d_out, d_in) matrix of the group)", per_group=True)
 # The update RMS per unit lr (TrasMuon, NorMuon, NAMO). Bounded above so that the step size
 # scale * lr * sqrt(d_out d_in) / ||O_base||_F stays far inside float32's range.
 SCALE_MAX = 1000.0
 SCALE = Hyperparameter("scale", 0.2, in_range(0.0, SCALE_MAX, lo_open=True),
                        f"a finite float in (0, {SCALE_MAX:g}]")
-ORIENTATION = Hyperparameter("orientation", "out_in", one_of(ORIENTATIONS), f"one of {ORIENTATIONS}")
+ORIENTATION = Hyperparameter("orientation", "out_in", one_of(ORIENTATIONS), f"one of {ORIENTATIONS}",
+                             per_group=True)
 # A weight of more than two dims, (out, in, *kernel) as convolutions store theirs, is the
 # (out, in * prod(kernel)) matrix (Dion's convention for conv weights).
-FLATTEN = Hyperparameter("flatten", False, is_bool, "a bool")
+FLATTEN = Hyperparameter("flatten", False, is_bool, "a bool", per_group=True)
 # An (E, out, in) weight (or (E, in, out) with orientation="in_out") is E independent matrices,
 # as MoE layers stack their experts; every per-matrix quantity is kept per expert.
-STACKED = Hyperparameter("stacked", False, is_bool, "a bool")
+STACKED = Hyperparameter("stacked", False, is_bool, "a bool", per_group=True)
+# Memory-lean state (docs/usage.md, "state_dtype"): None keeps the momentum in
+# ``reference.state_dtype(param.dtype)``; torch.bfloat16 stores it in bf16, rounded
+# stochastically from the float32 update with random bits from ``seed`` (an int >= 0; None:
+# the optimizer's, from torch.initial_seed() at construction, written into the group once it
+# stores bf16). Every other state entry stays float32.
+STATE_DTYPE = Hyperparameter("state_dtype", None, one_of(ref.STATE_DTYPES),
+                             f"one of {ref.STATE_DTYPES}")
+SEED = Hyperparameter("seed", None, lambda v: v is None or (int_at_least(0)(v) and v < 2**64),
+                      "None or an int in [0, 2**64)")
 
 
 # --------------------------------------------------------------------------------------
@@ -85,12 +113,43 @@ def eager_lr(bucket: Bucket) -> float | Tensor:
     return float(value)
 
 
+def gram_restarts(group: Mapping[str, Any], shape: Sequence[int]) -> tuple[int, ...] | None:
+    """The restarts of the Gram form when the group's ``ns_method`` takes it for a (d_out,
+    d_in) ``shape`` (the whole matrix's), None for the standard iteration."""
+    restarts = tuple(group["ns_restarts"])
+    if ref.uses_gram(group["ns_method"], shape, group["ns_steps"], restarts):
+        return restarts
+    return None
+
+
+def ns_blocks(group: Mapping[str, Any]) -> tuple[int, int]:
+    """The group's ``ns_blocks`` as a tuple ((1, 1) for a group without the key)."""
+    rb, cb = group.get("ns_blocks", ref.DEFAULT_NS_BLOCKS)
+    return int(rb), int(cb)
+
+
+def ns_blocks_problem(group: Mapping[str, Any], shape: Sequence[int]) -> str | None:
+    """What is wrong with the group's ``ns_blocks`` for a (d_out, d_in) matrix (None: nothing)."""
+    return ref.ns_blocks_problem(ns_blocks(group), shape)
+
+
 def eager_newton_schulz(bucket: Bucket, x: Tensor) -> Tensor:
-    """The eager Newton–Schulz of one of the bucket's inputs (docs/rule.md step 3), with the
-    rule's schedule and eps."""
-    rule = bucket.rule
-    return ref.newton_schulz(x, rule.ns_schedule(bucket.group), rule.ns_eps(bucket.group),
-                             bucket.group["ns_dtype"])
+    """The eager Newton–Schulz of one of the bucket's inputs, a whole (d_out, d_in) matrix
+    (docs/rule.md step 3), with the rule's schedule and eps, in the form the group's
+    ``ns_method`` picks for the shape it iterates on: the whole matrix, or with ``ns_blocks``
+    each block (``reference.blocked_newton_schulz``: the blocks as one batch, O assembled)."""
+    rule, g = bucket.rule, bucket.group
+    blocks = ns_blocks(g)
+    shape = ref.ns_block_shape(x.shape, blocks)
+    restarts = gram_restarts(g, shape)
+    if restarts is not None:
+        def ns(t: Tensor) -> Tensor:
+            return ref.gram_newton_schulz(t, rule.ns_schedule(g), rule.ns_eps(g), g["ns_dtype"],
+                                          restarts=restarts)
+    else:
+        def ns(t: Tensor) -> Tensor:
+            return ref.newton_schulz(t, rule.ns_schedule(g), rule.ns_eps(g), g["ns_dtype"])
+    return ref.blocked_newton_schulz(x, blocks, ns)
 
 
 class EagerMatrixProgram(Program):
@@ -121,8 +180,9 @@ class EagerMatrixProgram(Program):
     def _transposed(self) -> bool:
         # A tall matrix's O is the transpose of a contiguous (d_in, d_out) tensor (Newton–
         # Schulz iterates on X^T): its blocks travel and arrive in that layout, so that sums
-        # over O round as in one process.
-        return self.bucket.shape[0] > self.bucket.shape[1]
+        # over O round as in one process. A blocked O is assembled contiguous.
+        b = self.bucket
+        return b.shape[0] > b.shape[1] and ns_blocks(b.group) == ref.DEFAULT_NS_BLOCKS
 
     def pack_input(self, i: int, out: Tensor) -> None:
         """This rank's block of matrix ``i``'s Newton–Schulz input into ``out`` (bytes)."""
@@ -186,13 +246,23 @@ class EagerOwner:
 
 def eager_momentum(bucket: Bucket, beta1: float, nesterov_: bool) -> list[Tensor]:
     """The momentum stage of every matrix (docs/rule.md step 2): updates the momenta and
-    sets ``bucket.ns_input``; returns the gradients in state dtype."""
-    wide, inputs = [], []
-    for grad, state in zip(bucket.grads(), bucket.rule_states(), strict=True):
-        ns_in, grad_wide = ref.momentum_stage_(grad, state, beta1, nesterov_)
+    sets ``bucket.ns_input`` and ``bucket.momentum_wide`` (the updated momenta in the compute
+    dtype: the state tensors themselves unless they are bf16); returns the gradients in the
+    compute dtype. A bf16 momentum is stored with stochastic rounding keyed by the matrix
+    (``bucket.sr_keys``), its step and its elements' places in the whole matrix."""
+    wide, inputs, momenta = [], [], []
+    rounding = [None] * bucket.count
+    if bucket.momentum_dtype == torch.bfloat16:
+        (r0, _), (c0, _) = bucket.block.rows, bucket.block.cols
+        rounding = [ref.StochasticRounding(key, step, row0=r0, col0=c0, d_in=bucket.shape[1])
+                    for key, step in zip(bucket.sr_keys, bucket.steps(), strict=True)]
+    for grad, state, sr in zip(bucket.grads(), bucket.rule_states(), rounding, strict=True):
+        ns_in, grad_wide, momentum = ref.momentum_stage_wide_(grad, state, beta1, nesterov_, sr)
         inputs.append(ns_in)
         wide.append(grad_wide)
+        momenta.append(momentum)
     bucket.ns_input = inputs
+    bucket.momentum_wide = momenta
     return wide
 
 

@@ -25,7 +25,8 @@ from .. import reference as ref
 from ..layout import Block, block_view, row_sums_view
 from ..plan import DTensor, ExpertState
 from . import Program
-from ._matrix import PointerTable
+from ._diagnostics import matrix_diagnostics
+from ._matrix import PointerTable, gram_restarts, ns_blocks
 
 if TYPE_CHECKING:
     from ..plan import Bucket, StepPlan
@@ -117,13 +118,19 @@ class TritonMatrixProgram(Program):
         self.row_sumsq = (torch.empty(b.count, rows, dtype=torch.float32, device=b.device)
                           if b.rule.needs_row_sumsq else None)
         b.ns_input = self.x
+        sr = {}
+        if b.momentum_dtype == torch.bfloat16:  # stochastic rounding keyed as the eager path
+            keys = [k - (1 << 32) if k >= 1 << 31 else k for k in b.sr_keys]  # int32 bit patterns
+            self.sr_keys = torch.tensor(keys, dtype=torch.int32).to(b.device)
+            sr = dict(sr_keys=self.sr_keys, sr_steps=self.steps,
+                      sr_offset=(b.block.rows[0], b.block.cols[0]), sr_d_in=b.shape[1])
         self.pass1 = prepare_momentum_energy_pass(
             self.grad_table.bucket, self.momentum_table.bucket, self.beta1(), nesterov=g["nesterov"],
             energy_source=self.energy_source, x_out=self.x,
             energy_out=self.pass1_energy_view(self.pass1_energy_out()), sqnorm_out=self.x_sqnorm,
             props=self.props, input_energy_out=self.pass1_energy_view(self.pass1_input_energy_out()),
             # A block of X must keep its scale: its owner normalizes the assembled matrix.
-            rescale_overflow=b.layout is None)
+            rescale_overflow=b.layout is None, **sr)
         # (Blocks of matrices that span ranks are orthogonalized by their owner.)
         self.ns = self._ns(self.x, self.o, self.x_sqnorm, self.row_sumsq) if b.layout is None else []
         self.build_rule()
@@ -147,10 +154,68 @@ class TritonMatrixProgram(Program):
         return None if energy is None else energy[:, self.bucket.cols]
 
     def _ns(self, x: Tensor, out: Tensor, fro: Tensor | None, row_sumsq: Tensor | None) -> list[Any]:
+        """The launches of Newton–Schulz from the (B, d_out, d_in) bf16 stack ``x`` of whole
+        matrices into ``out`` (and O's row sums of squares into ``row_sumsq`` (B, d_out)).
+        ``fro``: the matrices' ||X||_F^2 from the momentum pass, or None (the NS computes it).
+        With the group's ``ns_blocks`` every block is a matrix of its own (``_blocked_ns``)."""
+        blocks = ns_blocks(self.bucket.group)
+        if blocks != ref.DEFAULT_NS_BLOCKS:
+            return self._blocked_ns(x, out, row_sumsq, blocks)
+        return self._ns_stack(x, out, fro, row_sumsq)
+
+    def _blocked_ns(self, x: Tensor, out: Tensor, row_sumsq: Tensor | None,
+                    blocks: tuple[int, int]) -> list[Any]:
+        """Newton–Schulz of every block of every matrix of the stack as one batch of
+        (d_out / rb, d_in / cb) matrices, each normalized by its own norm (so the momentum
+        pass's per-matrix ``fro`` is not used: the NS reduces the blocks' norms itself).
+
+        Row blocks only (cb = 1): the stacks are viewed as (B * rb, d_out / rb, d_in), no copy,
+        and the blocks' row sums are the rows' sums. Column blocks: the kernels take one batch
+        stride, which cannot step over a (rb, cb) grid inside a matrix, so X is copied into a
+        block-major stack before (one torch copy), O copied back into the matrix layout after
+        (one copy), and the row sums of the cb blocks of a row are added (one torch sum)."""
+        from trasmuon_kernels._launch import TorchLaunch
+
+        count, m, n = x.shape
+        rb, cb = blocks
+        bm, bn = ref.ns_block_shape((m, n), blocks)
+        if cb == 1:
+            rs = None if row_sumsq is None else row_sumsq.view(count * rb, bm)
+            return list(self._ns_stack(x.view(count * rb, bm, n), out.view(count * rb, bm, n),
+                                       None, rs))
+        dev = x.device
+        xb = torch.empty(count * rb * cb, bm, bn, dtype=torch.bfloat16, device=dev)
+        ob = torch.empty_like(xb)
+        rs = (None if row_sumsq is None
+              else torch.empty(count * rb * cb, bm, dtype=torch.float32, device=dev))
+        # (count, rb, cb, bm, bn) block-major stacks, and the matrices seen as that grid.
+        xb_grid, ob_grid = xb.view(count, rb, cb, bm, bn), ob.view(count, rb, cb, bm, bn)
+        x_grid = x.view(count, rb, bm, cb, bn).movedim(3, 2)
+        out_grid = out.view(count, rb, bm, cb, bn).movedim(3, 2)
+        launches = [TorchLaunch("copy(ns_blocks in)", lambda: xb_grid.copy_(x_grid), (xb, x))]
+        launches += self._ns_stack(xb, ob, None, rs)
+        launches.append(TorchLaunch("copy(ns_blocks out)", lambda: out_grid.copy_(ob_grid), (out, ob)))
+        if row_sumsq is not None:
+            rs_grid, rows = rs.view(count, rb, cb, bm), row_sumsq.view(count, rb, bm)
+            launches.append(TorchLaunch("sum(ns_blocks row_sumsq)",
+                                        lambda: torch.sum(rs_grid, dim=2, out=rows), (row_sumsq, rs)))
+        return launches
+
+    def _ns_stack(self, x: Tensor, out: Tensor, fro: Tensor | None,
+                  row_sumsq: Tensor | None) -> list[Any]:
+        """Newton–Schulz of the (B, m, n) stack ``x``, each matrix as a whole, in the form the
+        group's ``ns_method`` picks for (m, n)."""
         from trasmuon_kernels.newton_schulz import prepare_newton_schulz
 
         b = self.bucket
         schedule = b.rule.ns_schedule(b.group)
+        restarts = gram_restarts(b.group, tuple(x.shape[-2:]))  # the form ns_method picks
+        if restarts is not None:
+            from trasmuon_kernels.gram_newton_schulz import prepare_gram_newton_schulz
+
+            return prepare_gram_newton_schulz(
+                x, schedule, b.rule.ns_eps(b.group), restarts=restarts, fro_sumsq=fro, out=out,
+                row_sumsq_out=row_sumsq, props=self.props)
         return prepare_newton_schulz(
             x, schedule, b.rule.ns_eps(b.group), fro_sumsq=fro, out=out, row_sumsq_out=row_sumsq,
             props=self.props, overwrite_input=len(schedule) % 2 == 1)
@@ -234,7 +299,7 @@ class TritonMuon(TritonMatrixProgram):
         return self.bucket.group["momentum"]
 
     def build_rule(self) -> None:
-        from trasmuon_kernels.update import prepare_update_pass
+        from trasmuon_kernels.update import StepSize, prepare_update_pass
 
         b = self.bucket
         g = b.group
@@ -242,7 +307,7 @@ class TritonMuon(TritonMatrixProgram):
         self.factor = factor
         self.finish_launches = prepare_update_pass(
             self.param_table.bucket, self.o, lr=self.lr, weight_decay=g["weight_decay"],
-            step_size=self.lr, step_scale=factor, props=self.props)
+            row=StepSize(self.lr, factor), props=self.props)
 
     def diagnostics(self) -> list[dict[str, Any]]:
         step = self.lr * self.factor
@@ -267,7 +332,7 @@ class TritonTrasMuon(TritonMatrixProgram):
 
     def build_rule(self) -> None:
         from trasmuon_kernels.momentum_energy import prepare_column_energy
-        from trasmuon_kernels.update import prepare_row_stats, prepare_update_pass
+        from trasmuon_kernels.update import EtaFromSumsq, prepare_row_stats, prepare_update_pass
 
         b = self.bucket
         g = b.group
@@ -279,7 +344,7 @@ class TritonTrasMuon(TritonMatrixProgram):
         post = prepare_row_stats(
             self.row_v, self.row_sumsq, d_in=d_in, beta2=g["betas"][1], eps=g["eps"],
             scale=g["scale"], lr=self.lr, eta_eps=ref.ETA_HAT_EPS, rowscale_out=self.rowscale,
-            sumsq_out=base_sumsq, props=self.props)
+            sumsq_out=base_sumsq, with_eta_hat=False, props=self.props)
         if self.gate_on and g["energy_source"] == "update":
             post += prepare_column_energy(self.o, row_scale=self.rowscale,
                                           out=self.pass1_energy_view(b.reductions["energy"]),
@@ -291,8 +356,8 @@ class TritonTrasMuon(TritonMatrixProgram):
             finish += self._gate()
         finish += prepare_update_pass(
             self.param_table.bucket, self.o, lr=self.lr, weight_decay=g["weight_decay"],
-            rowscale=self.rowscale, o_base_sumsq=base_sumsq,
-            eta_scale=ref.eta_hat_scale(g["scale"], d_out, d_in), eta_eps=ref.ETA_HAT_EPS,
+            row=EtaFromSumsq(base_sumsq, self.rowscale, ref.eta_hat_scale(g["scale"], d_out, d_in),
+                             ref.ETA_HAT_EPS),
             col_gate=None if self.gate is None else self.gate[:, b.cols], props=self.props)
         self.finish_launches = finish
 
@@ -346,7 +411,6 @@ class TritonTrasMuon(TritonMatrixProgram):
             self._pending_ref = []
 
     def diagnostics(self) -> list[dict[str, Any]]:
-        from .trasmuon import matrix_diagnostics
 
         b = self.bucket
         g = b.group

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import reference as ref
+from ._diagnostics import namo_diagnostics
 from ._triton_matrix import TritonMatrixProgram, stack_state
 
 if TYPE_CHECKING:
@@ -32,7 +33,12 @@ class TritonNAMO(TritonMatrixProgram):
 
     def build_rule(self) -> None:
         from trasmuon_kernels.namo import prepare_namo_factors
-        from trasmuon_kernels.update import prepare_update_pass
+        from trasmuon_kernels.update import (
+            DecayPerColumn,
+            DecayPerMatrix,
+            StepSize,
+            prepare_update_pass,
+        )
 
         b = self.bucket
         g = b.group
@@ -48,18 +54,18 @@ class TritonNAMO(TritonMatrixProgram):
             props=self.props)
         self.decay, self.step_up = factors.result
         if self.columns:  # column j scaled by step_up_j: the update pass's column factor
+            decay = (DecayPerColumn(self.decay[:, b.cols]) if self.decay.ndim == 2
+                     else DecayPerMatrix(self.decay))
             update = prepare_update_pass(
-                self.param_table.bucket, self.o, lr=self.lr, step_size=1.0,
-                col_gate=self.step_up[:, b.cols],
-                decay=self.decay[:, b.cols] if self.decay.ndim == 2 else self.decay, props=self.props)
+                self.param_table.bucket, self.o, lr=self.lr, row=StepSize(1.0),
+                col_gate=self.step_up[:, b.cols], decay=decay, props=self.props)
         else:
             update = prepare_update_pass(
-                self.param_table.bucket, self.o, lr=self.lr, step_size=self.step_up,
-                decay=self.decay, props=self.props)
+                self.param_table.bucket, self.o, lr=self.lr, row=StepSize(self.step_up),
+                decay=DecayPerMatrix(self.decay), props=self.props)
         self.finish_launches = [*factors, *update]
 
     def diagnostics(self) -> list[dict[str, Any]]:
-        from .namo import namo_diagnostics
 
         b = self.bucket
         g = b.group

@@ -32,7 +32,8 @@ class MuonRule(MatrixRule):
     hyperparameters = (
         M.lr(1e-3), M.weight_decay(0.1), MOMENTUM, M.nesterov(True),
         M.ns_coefficients(ref.MUON_NS_COEFFICIENTS), M.eps(1e-7), M.NS_STEPS, ADJUST_LR_FN,
-        M.NS_DTYPE, M.ORIENTATION, M.FLATTEN, M.STACKED,
+        M.NS_DTYPE, M.NS_METHOD, M.NS_RESTARTS, M.NS_BLOCKS, M.ORIENTATION, M.FLATTEN, M.STACKED,
+        M.STATE_DTYPE, M.SEED,
     )
     state_names = frozenset({"momentum"})
 
@@ -42,7 +43,7 @@ class MuonRule(MatrixRule):
             group["momentum"] = group.pop("betas")[0]
 
     def state_entries(self, group: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[StateEntry, ...]:
-        return (StateEntry("momentum", "param"),)
+        return (StateEntry("momentum", "param", compact=True),)
 
     def program(self, bucket: Bucket, backend: str, plan: StepPlan | None = None) -> Program:
         if backend == "triton":

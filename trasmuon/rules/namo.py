@@ -21,6 +21,7 @@ from .. import reference as ref
 from . import Hyperparameter, MatrixRule, Program, StateEntry, register
 from . import _matrix as M
 from ._checks import one_of
+from ._diagnostics import namo_diagnostics
 
 if TYPE_CHECKING:
     from ..plan import Bucket, StepPlan
@@ -29,8 +30,9 @@ WEIGHT_DECAY_MODE = Hyperparameter("weight_decay_mode", "adaptive", one_of(ref.W
                                    f"one of {ref.WEIGHT_DECAY_MODES}")
 HYPERPARAMETERS = (
     M.lr(1e-2), M.betas((0.95, 0.99)), M.eps(1e-8), M.weight_decay(0.1), M.nesterov(True),
-    M.ns_coefficients(ref.MUON_NS_COEFFICIENTS), M.NS_STEPS, M.NS_DTYPE, M.SCALE,
-    WEIGHT_DECAY_MODE, M.ORIENTATION, M.FLATTEN, M.STACKED,
+    M.ns_coefficients(ref.MUON_NS_COEFFICIENTS), M.NS_STEPS, M.NS_DTYPE, M.NS_METHOD,
+    M.NS_RESTARTS, M.NS_BLOCKS, M.SCALE, WEIGHT_DECAY_MODE, M.ORIENTATION, M.FLATTEN, M.STACKED,
+    M.STATE_DTYPE, M.SEED,
 )
 
 
@@ -47,7 +49,7 @@ class NAMORule(MatrixRule):
         return ref.NAMO_NS_EPS
 
     def state_entries(self, group: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[StateEntry, ...]:
-        return (StateEntry("momentum", "param"), self.second_moment)
+        return (StateEntry("momentum", "param", compact=True), self.second_moment)
 
     def reductions(self, group: Mapping[str, Any], shape: tuple[int, int]) -> dict[str, int]:
         return dict.fromkeys(self.sums, shape[1])
@@ -105,18 +107,6 @@ class EagerNAMO(M.EagerMatrixProgram):
 
     def diagnostics(self) -> list[dict[str, Any]]:
         return [namo_diagnostics(o, self.bucket.group, self.columns) for o in self._out]
-
-
-def namo_diagnostics(out: Mapping[str, Any], group: Mapping[str, Any], columns: bool) -> dict[str, Any]:
-    """NAMO: the adaptive step ``alpha`` and the two step sizes. NAMO-D: the per-column scale
-    d_j's min, mean and max, the share of columns the clamp moved (``clamped_frac``), and the
-    largest update step."""
-    if not columns:
-        return {"alpha": out["alpha"].reshape(()), "step_wd": out["step_wd"].reshape(()),
-                "step_up": out["step_up"].reshape(())}
-    d, raw = out["d"], out["d_raw"]
-    return {"d_min": d.min(), "d_mean": d.mean(), "d_max": d.max(),
-            "clamped_frac": (d != raw).to(d.dtype).mean(), "step_up_max": out["step_up"].max()}
 
 
 NAMO = register(NAMORule())

@@ -26,6 +26,7 @@ from .. import reference as ref
 from . import Hyperparameter, MatrixRule, Program, StateEntry, register
 from . import _matrix as M
 from ._checks import in_range, int_at_least, is_bool, one_of
+from ._diagnostics import matrix_diagnostics
 
 if TYPE_CHECKING:
     from ..plan import Bucket, StepPlan
@@ -54,8 +55,9 @@ GATE_KWARGS = ("warmup_steps", "clip_period", "clip_alpha", "clip_min", "clip_tr
                "sf_mix")
 NORMUON_HYPERPARAMETERS = (
     M.lr(1e-3), M.betas((0.95, 0.95)), M.eps(1e-8), M.weight_decay(0.0), M.nesterov(False),
-    M.ns_coefficients(ref.TRASMUON_NS_COEFFICIENTS), M.NS_STEPS, M.NS_DTYPE, M.SCALE,
-    M.ORIENTATION, M.FLATTEN, M.STACKED,
+    M.ns_coefficients(ref.TRASMUON_NS_COEFFICIENTS), M.NS_STEPS, M.NS_DTYPE, M.NS_METHOD,
+    M.NS_RESTARTS, M.NS_BLOCKS, M.SCALE, M.ORIENTATION, M.FLATTEN, M.STACKED,
+    M.STATE_DTYPE, M.SEED,
 )
 
 
@@ -70,7 +72,7 @@ class TrasMuonRule(MatrixRule):
         return ref.gate_is_on(group["clip"], shape[1], group["clip_min_cols"])
 
     def state_entries(self, group: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[StateEntry, ...]:
-        entries = [StateEntry("momentum", "param"), StateEntry("row_v", "rows", nonnegative=True)]
+        entries = [StateEntry("momentum", "param", compact=True), StateEntry("row_v", "rows", nonnegative=True)]
         if self.gate_on(group, shape):
             entries += [StateEntry("c_ema", "cols", 1.0), StateEntry("energy_ref", "scalar", lazy=True, nonnegative=True)]
             if group["schedule_free"]:
@@ -115,8 +117,10 @@ class EagerTrasMuon(M.EagerMatrixProgram):
         self._grads_wide = M.eager_momentum(b, g["betas"][0], g["nesterov"])
         if self.gate_on and g["energy_source"] != "update":
             energy = b.reductions["energy"]
-            for i, (grad_wide, state) in enumerate(zip(self._grads_wide, b.rule_states(), strict=True)):
-                energy[i, b.cols].copy_(ref.trasmuon_energy_partial(state, grad_wide, None, None, g["energy_source"]))
+            # (the float32 momentum of this step, also where it is stored in bf16)
+            for i, (grad_wide, momentum) in enumerate(zip(self._grads_wide, b.momentum_wide, strict=True)):
+                energy[i, b.cols].copy_(ref.trasmuon_energy_partial(
+                    {"momentum": momentum}, grad_wide, None, None, g["energy_source"]))
 
     def post(self) -> None:
         b = self.bucket
@@ -154,34 +158,6 @@ class EagerTrasMuon(M.EagerMatrixProgram):
 
     def diagnostics(self) -> list[dict[str, Any]]:
         return [matrix_diagnostics(o, self.bucket.group, self.gate_on) for o in self._out]
-
-
-def matrix_diagnostics(out: Mapping[str, Any], group: Mapping[str, Any], gate_on: bool) -> dict[str, Any]:
-    """The Appendix G observables of one matrix from its step's intermediates (device tensors,
-    no host sync): see ``MatrixOptimizer.diagnostics``."""
-    values = {"eta_hat": out["eta_hat"].reshape(())}
-    if not gate_on:
-        return values
-    state, energy, gate = out["state"], out["energy"], out["gate"]
-    d_in = energy.shape[-1]
-    energy_ref = state["energy_ref"]
-    ratio = ref.energy_ratio(energy, energy_ref, group["energy_eps"])
-    trigger = group["clip_trigger"]
-    triggered = ratio > trigger if trigger is not None else gate < 1.0
-    values.update(
-        energy_cur=ref.kth_smallest(energy, ref.quantile_rank(d_in, group["energy_quantile"])),
-        energy_ref=energy_ref.clone(),
-        r_q95=ref.kth_smallest(ratio, ref.quantile_rank(d_in, 0.95)),
-        r_max=ratio.max(),
-        c_min=gate.min(),
-        c_mean=gate.mean(),
-        triggered_frac=triggered.to(ratio.dtype).mean(),
-        c_ema_min=state["c_ema"].min(),
-    )
-    if group["schedule_free"]:
-        values["c_avg_mean"] = ref.schedule_free_average(
-            state["sf_lr2_sum"], state["sf_c_lr2_sum"]).mean()
-    return values
 
 
 TRASMUON = register(TrasMuonRule())
