@@ -86,6 +86,20 @@ def test_moe_experts_are_stacked():
     opt.step()
 
 
+def test_attention_per_head():
+    model = debug_model()
+    opt = optimizer_config("TrasMuon", lr=0.02, ns_blocks="heads").build(model_parts=[model])
+    group_of = {n: g for g in opt.optimizers[0].param_groups for n in g["param_names"]}
+    n_heads = model.layers["0"].attention.n_heads
+    assert group_of["layers.0.attention.qkv_linear.wqkv.weight"]["ns_blocks"] == (3 * n_heads, 1)
+    assert group_of["layers.0.attention.wo.weight"]["ns_blocks"] == (1, n_heads)
+    assert group_of["layers.0.feed_forward.w1.weight"]["ns_blocks"] == (1, 1)
+    assert group_of["layers.0.attention.wo.weight"]["lr"] == 0.02
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 1e-3)
+    opt.step()
+
+
 def test_an_unknown_name_is_torchtitans_error():
     with pytest.raises(NotImplementedError):
         OptimizersContainer._resolve_optimizer_factory("NoSuchOptimizer")

@@ -64,6 +64,28 @@ def _matching(model_parts: list[Any], groups: list[ParamGroupConfig]) -> list[Pa
     return kept
 
 
+def _per_head(model_parts: list[Any], groups: list[ParamGroupConfig], ns_blocks: str) -> list[ParamGroupConfig]:
+    """``groups`` with, before the catch-all (the last group), one group per distinct
+    ``ns_blocks`` of the attention projection weights (``param_groups.head_blocks``), by name,
+    with the catch-all's optimizer and settings."""
+    from .param_groups import head_blocks
+
+    if ns_blocks != "heads":
+        raise ValueError(f"ns_blocks must be None or 'heads', got {ns_blocks!r}")
+    by_blocks: dict[tuple[int, int], list[str]] = {}
+    for part in model_parts:
+        for name, blocks in head_blocks(part).values():
+            by_blocks.setdefault(blocks, []).append(name)
+    if not by_blocks:
+        raise ValueError("ns_blocks='heads': no attention projection of the model was recognised")
+    *first, catch_all = groups
+    heads = [ParamGroupConfig(pattern="^(" + "|".join(re.escape(n) for n in names) + ")$",
+                              optimizer_name=catch_all.optimizer_name,
+                              optimizer_kwargs={**catch_all.optimizer_kwargs, "ns_blocks": blocks})
+             for blocks, names in by_blocks.items()]
+    return [*first, *heads, catch_all]
+
+
 class OptimizersContainer(_TitanContainer):
     """torchtitan's ``OptimizersContainer`` with this package's optimizers among its names
     (``OPTIMIZERS``: ``optimizer_name="TrasMuon"`` and so on; torchtitan's own names still
@@ -71,12 +93,18 @@ class OptimizersContainer(_TitanContainer):
 
     @dataclass(kw_only=True, slots=True)
     class Config(_TitanContainer.Config):
-        pass
+        ns_blocks: str | None = None
+        """``"heads"``: every attention projection torchtitan's models name (``wq``, ``wk``,
+        ``wv``, ``wqkv``, ``wo``) is orthogonalized per head (docs/rule.md, ``ns_blocks``),
+        in a group of its own with the catch-all group's settings; None: whole matrices."""
 
     def __init__(self, config: Config, *, model_parts: list[Any]) -> None:
+        groups = list(config.param_groups)
+        if config.ns_blocks is not None:
+            groups = _per_head(model_parts, groups, config.ns_blocks)
         # Patterns that claim no parameter are dropped (torchtitan refuses them; not every
         # model has experts or biases).
-        super().__init__(replace(config, param_groups=_matching(model_parts, config.param_groups)),
+        super().__init__(replace(config, param_groups=_matching(model_parts, groups)),
                          model_parts=model_parts)
 
     @staticmethod
@@ -127,11 +155,13 @@ _OPTIONS = ("backend", "check_finite", "diagnostics", "process_group", "check_co
 
 
 def optimizer_config(name: str = "TrasMuon", *, lr: float, implementation: str = "fused",
-                     **kwargs: Any) -> OptimizersContainer.Config:
+                     ns_blocks: str | None = None, **kwargs: Any) -> OptimizersContainer.Config:
     """An ``OptimizersContainer.Config`` (this module's container) with
     ``param_group_configs(name, lr=lr, ...)``; the optimizer's options among ``kwargs``
     (``backend``, ``check_finite``, ``diagnostics``, ``process_group``,
-    ``check_consistency``, ``cuda_graph``) go to its constructor. ``implementation``:
+    ``check_consistency``, ``cuda_graph``) go to its constructor. ``ns_blocks="heads"``:
+    attention projections orthogonalized per head (the container's ``ns_blocks``).
+    ``implementation``:
     torchtitan's (it writes ``fused``/``foreach`` into every group; this package's
     optimizers accept and ignore them). A pattern that matches no
     parameter is dropped when the container is built (torchtitan refuses those: not every
@@ -139,7 +169,7 @@ def optimizer_config(name: str = "TrasMuon", *, lr: float, implementation: str =
     options = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
     return OptimizersContainer.Config(
         param_groups=param_group_configs(name, lr=lr, **kwargs),
-        implementation=implementation,
+        implementation=implementation, ns_blocks=ns_blocks,
         optimizer_factory_kwargs_by_name={name: options} if options else {},
     )
 

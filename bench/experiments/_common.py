@@ -129,6 +129,7 @@ def make_optimizer(
     diagnostics: bool = False,
     head: Any = "auto",
     state_dtype: torch.dtype | None = None,
+    ns_method: str | None = None,
 ) -> trasmuon.MatrixOptimizer:
     """One compared optimizer for ``model``, built the same way for every name.
 
@@ -143,7 +144,8 @@ def make_optimizer(
     ``namo_d_lr`` decay by lr (the ablation). The AdamW baseline puts every param on AdamW
     with the same betas. ``state_dtype``: the matrix rules' momentum dtype (None: float32;
     torch.bfloat16: bf16 with stochastic rounding, seeded by the run's seed); AdamW's moments
-    stay float32.
+    stay float32. ``ns_method``: the matrix rules' Newton–Schulz form (None: their default,
+    "standard"; "gram": the Gram form where it takes fewer FLOPs).
     """
     adamw_options = dict(lr=lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=weight_decay)
     # (1-D params too: the recorded runs decay every AdamW param alike)
@@ -154,6 +156,8 @@ def make_optimizer(
         return trasmuon.AdamW(groups, betas=ADAMW_BETAS, eps=ADAMW_EPS, **kw)
     if state_dtype is not None:
         kw["state_dtype"] = state_dtype
+    if ns_method is not None:
+        kw["ns_method"] = ns_method
     if name == "muon":
         return trasmuon.Muon(groups, adjust_lr_fn="match_rms_adamw", **kw)
     if name == "normuon":

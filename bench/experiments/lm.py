@@ -15,6 +15,7 @@ and 1.73x without), final training and validation loss, and a PNG of the curves.
     python bench/experiments/lm.py --device cuda          # a larger model, more steps
     python bench/experiments/lm.py --full       # + a per-optimizer lr sweep first
     python bench/experiments/lm.py --state-dtype bfloat16   # matrix momentum in bf16 (SR)
+    python bench/experiments/lm.py --ns-method gram          # Gram Newton-Schulz
 """
 
 from __future__ import annotations
@@ -214,12 +215,13 @@ def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]])
 def train_one(
     opt_name: str, schedule: str, cfg: Config, seed: int, lr: float, train_data: torch.Tensor,
     val_batches: list, final_batches: list, device: torch.device, show_progress: bool,
-    state_dtype: torch.dtype | None = None,
+    state_dtype: torch.dtype | None = None, ns_method: str | None = None,
 ) -> dict[str, Any]:
     C.seed_everything(seed)
     model = ByteLM(cfg).to(device)
     opt = C.make_optimizer(opt_name, model, lr, weight_decay=cfg.weight_decay,
-                           diagnostics=opt_name == "trasmuon", state_dtype=state_dtype)
+                           diagnostics=opt_name == "trasmuon", state_dtype=state_dtype,
+                           ns_method=ns_method)
     base_lrs = [g["lr"] for g in opt.param_groups]
     warmup_frac = cfg.warmup_frac if schedule == "warmup" else 0.0
     data = Batches(train_data, cfg.ctx, cfg.batch, seed, device)
@@ -355,10 +357,11 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         ax.set_title(f"WSD {'with' if schedule == 'warmup' else 'without'} warmup")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("loss (nats/byte); dots: validation")
+    first = axes[0][0]
+    first.set_ylabel("loss (nats/byte); dots: validation")
     lo = min(min(r["train_loss_ema"]) for r in result["runs"] if r["train_loss_ema"])
-    axes[0].set_ylim(lo - 0.1, min(5.6, lo + 3.0))
-    axes[0].legend(fontsize=8)
+    first.set_ylim(lo - 0.1, min(5.6, lo + 3.0))
+    first.legend(fontsize=8)
     cfg = result["config"]
     fig.suptitle(f"byte-level LM, d={cfg['d_model']} L={cfg['n_layers']} ctx={cfg['ctx']}, "
                  f"lr={cfg['lr']:g}, seed {seed}", fontsize=10)
@@ -432,6 +435,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--state-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="the matrix rules' momentum: float32 (the default) or bf16 with "
                              "stochastic rounding; results then go to lm_state-bfloat16.json")
+    parser.add_argument("--ns-method", choices=("standard", "gram"), default="standard",
+                        help="the matrix rules' Newton-Schulz form (docs/rule.md, ns_method)")
     parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES,
                         help="the lr schedules to run (default: both)")
     parser.add_argument("--full", action="store_true",
@@ -473,7 +478,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for schedule in args.schedules:
             for name in args.optimizers:
                 r = train_one(name, schedule, cfg, seed, lrs[name], train_data, val_batches,
-                              final_batches, args.device, show, state_dtype)
+                              final_batches, args.device, show, state_dtype,
+                              None if args.ns_method == "standard" else args.ns_method)
                 print(f"seed {seed} {schedule:>9} {C.LABELS[name]:>8}: final train "
                       f"{r['final_train_loss_ema']:.4f}  val {r['final_val_loss']:.4f}  "
                       f"({r['seconds']:.1f}s)")
@@ -487,13 +493,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "'match_rms_adamw'" + ("; per-optimizer best of the --full sweep" if args.full else ""),
         "corpus": corpus, "n_params": n_params, "versions": C.versions(args.device),
         "metrics": metrics, "paper_ratios": PAPER_RATIOS, "lr_sweep": sweep, "runs": runs,
-        "state_dtype": args.state_dtype, "schedules": args.schedules,
+        "state_dtype": args.state_dtype, "ns_method": args.ns_method, "schedules": args.schedules,
         "wall_seconds": clock(),
     }
     result["ratio_summary"] = ratio_summary(result) if len(seeds) > 1 else None
     wd_tag = f"_wd{args.weight_decay:g}" if args.weight_decay is not None else ""
     if args.state_dtype != "float32":
         wd_tag += f"_state-{args.state_dtype}"
+    if args.ns_method != "standard":
+        wd_tag += f"_ns-{args.ns_method}"
     stem = C.result_name(NAME + ("_full" if args.full else "") + wd_tag, args.quick)
     save_json = C.save_json(args.out / f"{stem}.json", result)
     for seed in seeds:
