@@ -342,14 +342,21 @@ def test_gram_newton_schulz_matches_eager(cls):
     truth = cls(p64, lr=0.02, ns_method="gram", ns_dtype=torch.float64, backend="eager")
     eager = cls(pe, lr=0.02, ns_method="gram", backend="eager")
     fused = cls(pf, lr=0.02, ns_method="gram", backend="triton")
+    for name, p, rel in steps_against_float64(truth, eager, fused, p64, pe, pf, w0):
+        assert rel < TOLERANCES[torch.bfloat16].fro, (cls.__name__, name, tuple(p.shape), rel)
+
+
+def steps_against_float64(truth, eager, fused, p64, pe, pf, w0, steps: int = 3):
+    """``steps`` steps of the three optimizers on the same gradients, then, per parameter
+    and bf16 run ("eager", "triton"), (name, param, its distance from the float64 run
+    relative to the distance moved from ``w0``)."""
     gen = torch.Generator().manual_seed(6)
-    for step in range(1, 4):
+    for step in range(1, steps + 1):
         grads = grads_for(step, pe, gen)
         for p, g in zip(p64, grads, strict=True):
             p.grad = g.clone()
         truth.step()
         step_both(eager, fused, pe, pf, grads)
-    for p, q, t, p0 in zip(pe, pf, p64, w0, strict=True):
-        for name, run in (("eager", p), ("triton", q)):
-            rel = rel_to_moved(run, t, p0)
-            assert rel < TOLERANCES[torch.bfloat16].fro, (cls.__name__, name, tuple(p.shape), rel)
+    return [(name, p, rel_to_moved(run, t, p0))
+            for p, q, t, p0 in zip(pe, pf, p64, w0, strict=True)
+            for name, run in (("eager", p), ("triton", q))]

@@ -20,7 +20,7 @@ from trasmuon import NAMO, NAMOD, Muon, NorMuon, TrasMuon
 from trasmuon import reference as ref
 from trasmuon_kernels.testing import TOLERANCES, relative_fro_error
 
-from .test_fused_backend import grads_for, rel_to_moved, step_both
+from .test_fused_backend import grads_for, steps_against_float64
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BF16 = TOLERANCES[torch.bfloat16]
@@ -210,17 +210,8 @@ def test_full_steps_with_blocks_agree_across_backends(cls):
     truth = cls(g64, ns_dtype=torch.float64, backend="eager", **kw)
     eager = cls(ge, backend="eager", **kw)
     fused = cls(gf, backend="triton", **kw)
-    gen = torch.Generator().manual_seed(6)
-    for step in range(1, 4):
-        grads = grads_for(step, pe, gen)
-        for p, g in zip(p64, grads, strict=True):
-            p.grad = g.clone()
-        truth.step()
-        step_both(eager, fused, pe, pf, grads)
-    for p, q, t, p0 in zip(pe, pf, p64, w0, strict=True):
-        for name, run in (("eager", p), ("triton", q)):
-            rel = rel_to_moved(run, t, p0)
-            assert rel < BF16.fro, (cls.__name__, name, tuple(p.shape), rel)
+    for name, p, rel in steps_against_float64(truth, eager, fused, p64, pe, pf, w0):
+        assert rel < BF16.fro, (cls.__name__, name, tuple(p.shape), rel)
 
 
 def test_in_out_orientation_blocks_are_in_out_terms():

@@ -781,21 +781,11 @@ def muon_lr(lr: float | Tensor, adjust_lr_fn: str | None, d_out: int, d_in: int)
 def momentum_stage_(
     grad: Tensor, state: MutableMapping[str, Tensor], beta1: float, nesterov: bool,
     rounding: StochasticRounding | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Step 2 of docs/rule.md for a matrix rule: update ``state["momentum"]`` and return
-    ``(ns_input, grad_wide)``: what Newton-Schulz orthogonalizes, and G in the compute dtype
-    (float32, float64 for float64 state). A bf16 momentum needs ``rounding``
-    (``momentum_stage_wide_``)."""
-    ns_in, grad_wide, _ = momentum_stage_wide_(grad, state, beta1, nesterov, rounding)
-    return ns_in, grad_wide
-
-
-def momentum_stage_wide_(
-    grad: Tensor, state: MutableMapping[str, Tensor], beta1: float, nesterov: bool,
-    rounding: StochasticRounding | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``momentum_stage_`` that also returns the updated momentum in the compute dtype: the
-    stored tensor itself for float32/float64 state. A bf16 momentum (``state_dtype``) is
+    """Step 2 of docs/rule.md for a matrix rule: update ``state["momentum"]`` and return
+    ``(ns_input, grad_wide, momentum)``: what Newton-Schulz orthogonalizes, G and the updated
+    momentum in the compute dtype (float32, float64 for float64 state; the momentum is the
+    stored tensor itself for float32/float64 state). A bf16 momentum (``state_dtype``) is
     widened to float32, updated there (the same lerp), and stored rounded by ``rounding``
     (``StochasticRounding``); the float32 value (what the kernel holds in registers) is what
     the Nesterov input, Newton-Schulz and the column energies see."""
@@ -858,9 +848,20 @@ def trasmuon_row_stage_(
     these rows)``."""
     if sumsq is None:
         sumsq = row_sumsq(ortho, compute_dtype(state["momentum"].dtype))
-    row_second_moment_update_(state["row_v"], sumsq, d_in, beta2)
-    rowscale = row_scale(state["row_v"], eps)
+    rowscale = row_normalization_stage_(ortho, state, d_in, beta2=beta2, eps=eps, sumsq=sumsq)
     return rowscale, o_base_sumsq(sumsq, rowscale)
+
+
+def row_normalization_stage_(
+    ortho: Tensor, state: MutableMapping[str, Tensor], d_in: int, *, beta2: float, eps: float,
+    sumsq: Tensor | None = None,
+) -> Tensor:
+    """Steps 4-5 alone: updates ``state["row_v"]`` from O's row sums of squares (``sumsq``, or
+    summed here from ``ortho``) and returns rowscale = 1 / (sqrt(v) + eps)."""
+    if sumsq is None:
+        sumsq = row_sumsq(ortho, compute_dtype(state["momentum"].dtype))
+    row_second_moment_update_(state["row_v"], sumsq, d_in, beta2)
+    return row_scale(state["row_v"], eps)
 
 
 def trasmuon_energy_partial(
@@ -941,7 +942,7 @@ def trasmuon_matrix_step_(
 ) -> dict[str, Tensor | None]:
     """One whole TrasMuon/NorMuon step for one matrix (or a stack), steps 1-12 of docs/rule.md:
     ``momentum_stage_``, ``newton_schulz``, ``trasmuon_update_stage_``."""
-    ns_in, grad_wide = momentum_stage_(grad, state, betas[0], nesterov)
+    ns_in, grad_wide, _ = momentum_stage_(grad, state, betas[0], nesterov)
     ortho = newton_schulz(ns_in, ns_schedule_, eps, ns_dtype)
     return trasmuon_update_stage_(
         param, grad_wide, ortho, state, step, lr, betas=betas, eps=eps,
@@ -1182,8 +1183,7 @@ def momentum_energy_pass_(
     "update" needs O, see ``update_energy``); and ||x||_F^2 accumulated in the state dtype
     (the square of the norm ``newton_schulz`` divides by). Where that sum overflows, x is
     first scaled by ``overflow_scale``'s power of two, as ``newton_schulz`` does."""
-    ns_in, grad_wide, wide = momentum_stage_wide_(grad, {"momentum": momentum}, beta, nesterov,
-                                                  rounding)
+    ns_in, grad_wide, wide = momentum_stage_(grad, {"momentum": momentum}, beta, nesterov, rounding)
     acc = wide.dtype
     x = ns_in.to(ns_dtype).to(acc)
     sumsq = (x * x).sum(dim=-2).sum(dim=-1)

@@ -38,8 +38,9 @@ from ._common import check_device, interpreting, props_for
 from ._launch import DeviceProps, Launch, Prepared, device_props, public_op
 from ._ns_jit import as_f32, round_to_bf16, tile_offset, upper_tile
 from .fro_sumsq import fro_sumsq_partial_size, prepare_fro_sumsq
-from .gram import GramConfig, num_upper_tiles, prepare_sym_gram
+from .gram import num_upper_tiles, prepare_sym_gram
 from .newton_schulz import (
+    NSConfig,
     NSTriple,
     _buffer,
     _checked_out,
@@ -64,18 +65,13 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class GramNSConfig:
-    """Tile configs: the Gram product X X^T (inner size l), the polynomial R R (inner s),
-    the (m, n) product Q X (inner s), the s x s products of Q and R (``square``), and, for
-    a 4-byte input, the first segment's Gram and Q X (None: the same as ``gram``/``apply``)."""
+@dataclass(frozen=True, kw_only=True)
+class GramNSConfig(NSConfig):
+    """The standard form's configs (``NSConfig``: the Gram product X X^T, the polynomial
+    R R, the (m, n) product Q X as ``apply``, the first segment's for a 4-byte input) and
+    the s x s products of Q and R (``square``)."""
 
-    gram: GramConfig
-    poly: GramConfig
-    apply: ApplyConfig
     square: ApplyConfig
-    first_gram: GramConfig | None = None
-    first_apply: ApplyConfig | None = None
 
 
 @dataclass

@@ -257,7 +257,7 @@ def eager_momentum(bucket: Bucket, beta1: float, nesterov_: bool) -> list[Tensor
         rounding = [ref.StochasticRounding(key, step, row0=r0, col0=c0, d_in=bucket.shape[1])
                     for key, step in zip(bucket.sr_keys, bucket.steps(), strict=True)]
     for grad, state, sr in zip(bucket.grads(), bucket.rule_states(), rounding, strict=True):
-        ns_in, grad_wide, momentum = ref.momentum_stage_wide_(grad, state, beta1, nesterov_, sr)
+        ns_in, grad_wide, momentum = ref.momentum_stage_(grad, state, beta1, nesterov_, sr)
         inputs.append(ns_in)
         wide.append(grad_wide)
         momenta.append(momentum)

@@ -10,7 +10,7 @@ RMS step size (docs/rule.md, "Muon with row normalization"):
     W <- (1 - lr wd) W - r_i O_ij.
 
 Everything is an existing stage: Muon's momentum pass and Newton–Schulz with O's row sums,
-NorMuon's row statistics (``reference.trasmuon_row_stage_``; on Triton the row-stats kernel
+NorMuon's row statistics (``reference.row_normalization_stage_``; on Triton the row-stats kernel
 without eta_hat), and the update pass with one step size times a per-row factor
 (``reference.weight_update_pass_(step_size=..., rowscale=...)``; the kernel's ``StepRows``).
 """
@@ -56,8 +56,8 @@ class EagerMuonRows(EagerMuon):
         g = b.group
         row_sums = b.ortho_row_sumsq or [None] * b.count  # whole rows' sums, from an exchange
         self._rowscale = [
-            ref.trasmuon_row_stage_(ortho, state, b.shape[1], beta2=g["beta2"], eps=g["eps"],
-                                    sumsq=row_sums[i])[0]
+            ref.row_normalization_stage_(ortho, state, b.shape[1], beta2=g["beta2"], eps=g["eps"],
+                                         sumsq=row_sums[i])
             for i, (ortho, state) in enumerate(zip(b.ortho, b.rule_states(), strict=True))]
 
     def finish(self) -> None:
